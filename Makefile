@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: install run test lint redis-server bench bench-quick clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,speed]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# The suite starts its own redis-server on a free port; install Debian's package when it is missing.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "redis-server not found: installing Debian's redis-server package"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; \
+	  else \
+	    echo "redis-server is not on PATH. Install it (Debian/Ubuntu: sudo apt-get install -y redis-server;"; \
+	    echo "macOS: brew install redis) or set REDIS_URL to a Redis 7 you can flush."; exit 1; \
+	  fi; }
+
+run: install
+	$(VENV)/bin/presence serve
+
+test: install redis-server
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache build dist

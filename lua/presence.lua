@@ -1,0 +1,465 @@
+#!lua name=presence
+--[[
+presence: the atomic core of the presence service, as a Redis Functions library.
+
+Load it with:   redis-cli -x FUNCTION LOAD REPLACE < lua/presence.lua
+Every key a function touches is passed in KEYS; no key is built here. Per-user keys
+share the hash tag {appId:userId}, so one user's keys live in one cluster slot.
+Time always comes from the server's TIME.
+
+Inbox entries (per-user STREAM) have the fields:
+  c  command (4004, 4005, 4006, 4007, 9002)
+  d  data, the JSON of the pack
+  x  connection id to skip (sync entries skip the session that caused them)  [optional]
+  t  the only connection id to deliver to (kicks)                            [optional]
+A doorbell is PUBLISHed to <channel prefix><brokerId> with the inbox keys that got
+entries, one per line, once per gateway node per call.
+
+Errors start with PRESENCE_PARAM (bad argument) or PRESENCE_STATE (a conflict).
+]]
+
+local VERSION = '1.0.0'
+local MAX_SUB_TIME = 2592000000 -- 30 days in ms
+local MAX_CUSTOM_TEXT = 100 -- bytes
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function param_error(msg)
+  return redis.error_reply('PRESENCE_PARAM ' .. msg)
+end
+
+local function valid_user_id(u)
+  return type(u) == 'string' and #u >= 1 and #u <= 64 and not string.find(u, '[|{}]')
+end
+
+local function to_int(v)
+  local n = tonumber(v)
+  if n == nil or n ~= math.floor(n) then return nil end
+  return n
+end
+
+-- brokerId of a stored session JSON, read without decoding the whole record.
+local function broker_of(session_json)
+  return string.match(session_json, '"brokerId":"([^"]*)"')
+end
+
+local function connid_of(session_json)
+  return string.match(session_json, '"connId":"([^"]*)"')
+end
+
+-- Append one entry to an inbox and refresh its expiry; returns the entry id.
+local function inbox_add(inbox, maxlen, ttl_ms, command, data, skip, target)
+  local id
+  if target then
+    id = redis.call('XADD', inbox, 'MAXLEN', '~', maxlen, '*', 'c', command, 'd', data, 't', target)
+  elseif skip then
+    id = redis.call('XADD', inbox, 'MAXLEN', '~', maxlen, '*', 'c', command, 'd', data, 'x', skip)
+  else
+    id = redis.call('XADD', inbox, 'MAXLEN', '~', maxlen, '*', 'c', command, 'd', data)
+  end
+  redis.call('PEXPIRE', inbox, ttl_ms)
+  return id
+end
+
+-- One doorbell per node, naming the inboxes with new entries.
+local function ring(channel_prefix, by_node)
+  local n = 0
+  for node, inboxes in pairs(by_node) do
+    redis.call('PUBLISH', channel_prefix .. node, table.concat(inboxes, '\n'))
+    n = n + 1
+  end
+  return n
+end
+
+local function add_nodes(by_node, session_values, inbox)
+  for _, v in ipairs(session_values) do
+    local node = broker_of(v)
+    if node then
+      local list = by_node[node]
+      if list == nil then
+        by_node[node] = {inbox}
+      elseif list[#list] ~= inbox then
+        list[#list + 1] = inbox
+      end
+    end
+  end
+end
+
+-- Friends plus live subscribers (expired ones pruned first), without the user itself.
+local function recipients(friends_key, subscribers_key, user_id, now)
+  redis.call('ZREMRANGEBYSCORE', subscribers_key, '-inf', now)
+  local seen = {[user_id] = true}
+  local out = {}
+  for _, f in ipairs(redis.call('SMEMBERS', friends_key)) do
+    if not seen[f] then seen[f] = true; out[#out + 1] = f end
+  end
+  for _, s in ipairs(redis.call('ZRANGE', subscribers_key, 0, -1)) do
+    if not seen[s] then seen[s] = true; out[#out + 1] = s end
+  end
+  return out
+end
+
+local function status_pack(app_id, user_id, session_values)
+  local online = 2
+  if #session_values > 0 then online = 1 end
+  return '{"appId":' .. app_id .. ',"userId":' .. cjson.encode(user_id) .. ',"status":' .. online ..
+    ',"client":[' .. table.concat(session_values, ',') .. ']}', online
+end
+
+local function last_id(inbox)
+  local last = redis.call('XREVRANGE', inbox, '+', '-', 'COUNT', 1)
+  if #last == 0 then return '0-0' end
+  return last[1][1]
+end
+
+-- Which existing session (client type old_ct) a new login (client type new_ct) kicks
+-- under the app's multi-login model. WEBAPI (0) neither kicks nor is kicked.
+local function kicks(model, new_ct, old_ct)
+  if new_ct == 0 or old_ct == 0 then return false end
+  if model == 1 then return true end
+  if model == 2 then return new_ct ~= 1 and old_ct ~= 1 end
+  if model == 3 then
+    if new_ct == 1 or old_ct == 1 then return false end
+    local function group(ct) if ct == 2 or ct == 3 then return 'mobile' end return 'desktop' end
+    return group(new_ct) == group(old_ct)
+  end
+  return false
+end
+
+--[[ presence_login
+KEYS[1] sessions HASH     KEYS[2] status HASH   KEYS[3] subscribers ZSET
+KEYS[4] inbox STREAM      KEYS[5] friends SET
+ARGV[1] appId  ARGV[2] userId  ARGV[3] clientType 0..5  ARGV[4] imei  ARGV[5] connId
+ARGV[6] brokerId  ARGV[7] brokerHost  ARGV[8] version  ARGV[9] loginModel 1..4
+ARGV[10] inbox MAXLEN  ARGV[11] inbox TTL ms  ARGV[12] doorbell channel prefix
+Reply: {changed 0|1, 4004 data JSON, inbox last id, kicked count, recipient userIds...}
+  changed = 0 when the login only replaced the same device's session (a reconnect):
+  nobody is told, friends see no second "online". Kicked sessions (same device on
+  another connection, or the login model's conflicts) are removed and get a 9002 entry.
+]]
+local function presence_login(keys, args)
+  if #keys ~= 5 then return param_error('presence_login takes 5 keys') end
+  local app_id, user_id, imei, conn_id = to_int(args[1]), args[2], args[4], args[5]
+  local ct, model = to_int(args[3]), to_int(args[9])
+  local broker_id = args[6] or ''
+  if app_id == nil then return param_error('appId must be an integer') end
+  if not valid_user_id(user_id) then return param_error('userId must be 1..64 bytes without | { }') end
+  if ct == nil or ct < 0 or ct > 5 then return param_error('clientType must be 0..5') end
+  if imei == nil or #imei < 1 or #imei > 128 then return param_error('imei must be 1..128 bytes') end
+  if conn_id == nil or #conn_id < 1 or string.find(conn_id, '"') then return param_error('connId is required') end
+  if string.find(broker_id, '[^%w%._:-]') then return param_error('brokerId must be [A-Za-z0-9._:-]') end
+  if model == nil or model < 1 or model > 4 then return param_error('loginModel must be 1..4') end
+  local maxlen, ttl, prefix = args[10], args[11], args[12]
+
+  local sessions, status, subscribers, inbox, friends = keys[1], keys[2], keys[3], keys[4], keys[5]
+  local now = now_ms()
+  local field = ct .. ':' .. imei
+  local by_node = {}
+  local kicked, kicked_others, replaced = 0, 0, false
+
+  local existing = redis.call('HGETALL', sessions)
+  for i = 1, #existing, 2 do
+    local f, v = existing[i], existing[i + 1]
+    local old_conn = connid_of(v)
+    local kick = false
+    if f == field then
+      replaced = true
+      kick = old_conn ~= conn_id
+    else
+      local old_ct = to_int(string.match(f, '^(%d+):'))
+      if old_ct and kicks(model, ct, old_ct) then
+        kick = true
+        kicked_others = kicked_others + 1
+        redis.call('HDEL', sessions, f)
+      end
+    end
+    if kick then
+      kicked = kicked + 1
+      local data = '{"appId":' .. app_id .. ',"userId":' .. cjson.encode(user_id) ..
+        ',"clientType":' .. ct .. ',"imei":' .. cjson.encode(imei) .. '}'
+      inbox_add(inbox, maxlen, ttl, 9002, data, nil, old_conn)
+      add_nodes(by_node, {v}, inbox)
+    end
+  end
+  -- Only the same device coming back (a reconnect) is no change for anybody else.
+  local changed = 1
+  if replaced and kicked_others == 0 then changed = 0 end
+
+  local session = '{"appId":' .. app_id .. ',"userId":' .. cjson.encode(user_id) ..
+    ',"clientType":' .. ct .. ',"imei":' .. cjson.encode(imei) .. ',"connectState":1' ..
+    ',"brokerId":' .. cjson.encode(broker_id) .. ',"brokerHost":' .. cjson.encode(args[7] or '') ..
+    ',"version":' .. (to_int(args[8]) or 0) .. ',"loginTime":' .. now ..
+    ',"connId":' .. cjson.encode(conn_id) .. '}'
+  redis.call('HSET', sessions, field, session)
+  redis.call('HSET', status, 'lastSeen', now)
+
+  local values = redis.call('HVALS', sessions)
+  local pack = status_pack(app_id, user_id, values)
+  if changed == 1 and #values > 1 then
+    inbox_add(inbox, maxlen, ttl, 4005, pack, conn_id, nil)
+    add_nodes(by_node, values, inbox)
+  elseif redis.call('EXISTS', inbox) == 1 then
+    redis.call('PEXPIRE', inbox, ttl)
+  end
+  ring(prefix, by_node)
+
+  local reply = {changed, pack, last_id(inbox), kicked}
+  if changed == 1 then
+    for _, r in ipairs(recipients(friends, subscribers, user_id, now)) do reply[#reply + 1] = r end
+  end
+  return reply
+end
+
+--[[ presence_logout
+KEYS[1] sessions HASH     KEYS[2] status HASH   KEYS[3] subscribers ZSET
+KEYS[4] inbox STREAM      KEYS[5] friends SET
+ARGV[1] appId  ARGV[2] userId  ARGV[3] clientType  ARGV[4] imei
+ARGV[5] connId: remove only if the session still belongs to this connection ('' = any)
+ARGV[6] inbox MAXLEN  ARGV[7] inbox TTL ms  ARGV[8] doorbell channel prefix
+ARGV[9] TTL ms of the inbox once the last session is gone (undelivered kicks drain)
+Reply: {changed 0|1, 4004 data JSON, online 1|2, recipient userIds...}
+  changed = 0 (and nothing else) when the session is gone or belongs to a newer
+  connection: a late logout never removes a newer login of the same device.
+]]
+local function presence_logout(keys, args)
+  if #keys ~= 5 then return param_error('presence_logout takes 5 keys') end
+  local app_id, user_id, ct, imei, conn_id = to_int(args[1]), args[2], to_int(args[3]), args[4], args[5] or ''
+  if app_id == nil then return param_error('appId must be an integer') end
+  if not valid_user_id(user_id) then return param_error('userId must be 1..64 bytes without | { }') end
+  if ct == nil or imei == nil then return param_error('clientType and imei are required') end
+  local maxlen, ttl, prefix, idle_ttl = args[6], args[7], args[8], args[9]
+  local sessions, status, subscribers, inbox, friends = keys[1], keys[2], keys[3], keys[4], keys[5]
+
+  local field = ct .. ':' .. imei
+  local current = redis.call('HGET', sessions, field)
+  if not current then return {0} end
+  if conn_id ~= '' and connid_of(current) ~= conn_id then return {0} end
+
+  local now = now_ms()
+  redis.call('HDEL', sessions, field)
+  local values = redis.call('HVALS', sessions)
+  local pack, online = status_pack(app_id, user_id, values)
+  if #values == 0 then
+    redis.call('HSET', status, 'lastSeen', now)
+    if redis.call('EXISTS', inbox) == 1 then redis.call('PEXPIRE', inbox, idle_ttl) end
+  else
+    inbox_add(inbox, maxlen, ttl, 4005, pack, conn_id ~= '' and conn_id or nil, nil)
+    local by_node = {}
+    add_nodes(by_node, values, inbox)
+    ring(prefix, by_node)
+  end
+  local reply = {1, pack, online}
+  for _, r in ipairs(recipients(friends, subscribers, user_id, now)) do reply[#reply + 1] = r end
+  return reply
+end
+
+--[[ presence_set_custom_status
+KEYS[1] sessions HASH     KEYS[2] status HASH   KEYS[3] subscribers ZSET
+KEYS[4] inbox STREAM      KEYS[5] friends SET
+ARGV[1] appId  ARGV[2] userId  ARGV[3] customStatus (integer)  ARGV[4] customText (<= 100 bytes)
+ARGV[5] origin connId ('' = none: every session of the user gets the 4007 sync)
+ARGV[6] inbox MAXLEN  ARGV[7] inbox TTL ms  ARGV[8] doorbell channel prefix
+Reply: {1, 4006 data JSON, recipient userIds...}
+]]
+local function presence_set_custom_status(keys, args)
+  if #keys ~= 5 then return param_error('presence_set_custom_status takes 5 keys') end
+  local app_id, user_id, custom, text, origin = to_int(args[1]), args[2], to_int(args[3]), args[4] or '', args[5] or ''
+  if app_id == nil then return param_error('appId must be an integer') end
+  if not valid_user_id(user_id) then return param_error('userId must be 1..64 bytes without | { }') end
+  if custom == nil then return param_error('customStatus must be an integer') end
+  if #text > MAX_CUSTOM_TEXT then return param_error('customText must be at most 100 bytes') end
+  local maxlen, ttl, prefix = args[6], args[7], args[8]
+  local sessions, status, subscribers, inbox, friends = keys[1], keys[2], keys[3], keys[4], keys[5]
+
+  local now = now_ms()
+  redis.call('HSET', status, 'customStatus', custom, 'customText', text, 'customAt', now)
+  local pack = '{"userId":' .. cjson.encode(user_id) .. ',"customStatus":' .. custom ..
+    ',"customText":' .. cjson.encode(text) .. '}'
+  local values = redis.call('HVALS', sessions)
+  local others = #values
+  if origin ~= '' then others = others - 1 end
+  if others > 0 then
+    inbox_add(inbox, maxlen, ttl, 4007, pack, origin ~= '' and origin or nil, nil)
+    local by_node = {}
+    add_nodes(by_node, values, inbox)
+    ring(prefix, by_node)
+  end
+  local reply = {1, pack}
+  for _, r in ipairs(recipients(friends, subscribers, user_id, now)) do reply[#reply + 1] = r end
+  return reply
+end
+
+--[[ presence_fanout
+KEYS: recipient pairs  sessions_1, inbox_1, sessions_2, inbox_2, ...
+ARGV[1] command (4004 | 4006)  ARGV[2] data JSON  ARGV[3] inbox MAXLEN  ARGV[4] inbox TTL ms
+ARGV[5] doorbell channel prefix
+Reply: {entries written, doorbells published}
+  Only recipients with an online session get an entry: offline users pull on connect.
+]]
+local function presence_fanout(keys, args)
+  if #keys % 2 ~= 0 then return param_error('presence_fanout takes sessions/inbox key pairs') end
+  local command, data, maxlen, ttl, prefix = args[1], args[2], args[3], args[4], args[5]
+  local by_node = {}
+  local written = 0
+  for i = 1, #keys, 2 do
+    local values = redis.call('HVALS', keys[i])
+    if #values > 0 then
+      inbox_add(keys[i + 1], maxlen, ttl, command, data, nil, nil)
+      add_nodes(by_node, values, keys[i + 1])
+      written = written + 1
+    end
+  end
+  return {written, ring(prefix, by_node)}
+end
+
+--[[ presence_subscribe
+KEYS[1] the subscriber's subscriptions ZSET (reverse index)
+KEYS[2..n+1] each target's subscribers ZSET
+ARGV[1] subscriber userId  ARGV[2] subTime ms (1 .. 2592000000, relative)
+ARGV[3] most live subscriptions per subscriber  ARGV[4..n+3] target userIds, in KEYS order
+Reply: {expireAt ms, live subscriptions after the call}
+  Subscribing again overwrites the expiry. Expired entries are pruned first.
+]]
+local function presence_subscribe(keys, args)
+  local subscriber, sub_time, limit = args[1], to_int(args[2]), to_int(args[3])
+  local n = #keys - 1
+  if n < 1 or #args ~= n + 3 then return param_error('presence_subscribe takes one target userId per key') end
+  if not valid_user_id(subscriber) then return param_error('subscriber userId must be 1..64 bytes without | { }') end
+  if sub_time == nil or sub_time < 1 or sub_time > MAX_SUB_TIME then
+    return param_error('subTime must be between 1 and ' .. MAX_SUB_TIME .. ' ms')
+  end
+  if limit == nil or limit < 1 then return param_error('limit must be a positive integer') end
+  local now = now_ms()
+  local expire_at = now + sub_time
+  local index = keys[1]
+  redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
+  local fresh = {}
+  local added = 0
+  for i = 1, n do
+    local target = args[i + 3]
+    if not valid_user_id(target) then return param_error('subUserId must be 1..64 bytes without | { }') end
+    if target == subscriber then return param_error('subUserId must not contain the subscriber itself') end
+    if not fresh[target] and not redis.call('ZSCORE', index, target) then added = added + 1 end
+    fresh[target] = true
+  end
+  local live = redis.call('ZCARD', index) + added
+  if live > limit then
+    return param_error('at most ' .. limit .. ' live subscriptions per user, this call would make ' .. live)
+  end
+  for i = 1, n do
+    local target = args[i + 3]
+    redis.call('ZADD', index, expire_at, target)
+    redis.call('ZREMRANGEBYSCORE', keys[i + 1], '-inf', now)
+    redis.call('ZADD', keys[i + 1], expire_at, subscriber)
+  end
+  return {expire_at, live}
+end
+
+--[[ presence_unsubscribe
+KEYS[1] the subscriber's subscriptions ZSET   KEYS[2..n+1] each target's subscribers ZSET
+ARGV[1] subscriber userId   ARGV[2..n+1] target userIds, in KEYS order
+Reply: number of subscriptions removed
+]]
+local function presence_unsubscribe(keys, args)
+  local n = #keys - 1
+  if n < 1 or #args ~= n + 1 then return param_error('presence_unsubscribe takes one target userId per key') end
+  local subscriber = args[1]
+  local removed = 0
+  for i = 1, n do
+    removed = removed + redis.call('ZREM', keys[1], args[i + 1])
+    redis.call('ZREM', keys[i + 1], subscriber)
+  end
+  return removed
+end
+
+local function friends_change(keys, args, op)
+  local n = #keys - 1
+  if n < 1 or #args ~= n + 1 then return param_error('friend functions take one userId per key') end
+  local from = args[1]
+  if not valid_user_id(from) then return param_error('fromId must be 1..64 bytes without | { }') end
+  for i = 1, n do
+    local to = args[i + 1]
+    if not valid_user_id(to) then return param_error('toId must be 1..64 bytes without | { }') end
+    if to == from then return param_error('toId must differ from fromId') end
+  end
+  local changed = 0
+  for i = 1, n do
+    changed = changed + redis.call(op, keys[1], args[i + 1])
+    redis.call(op, keys[i + 1], from)
+  end
+  return changed
+end
+
+--[[ presence_friends_add
+KEYS[1] friends SET of fromId   KEYS[2..n+1] friends SET of each toId
+ARGV[1] fromId   ARGV[2..n+1] toIds, in KEYS order
+Reply: number of friendships created (mutual: both sets are written)
+]]
+local function presence_friends_add(keys, args) return friends_change(keys, args, 'SADD') end
+
+--[[ presence_friends_remove
+KEYS and ARGV as presence_friends_add.   Reply: number of friendships removed
+]]
+local function presence_friends_remove(keys, args) return friends_change(keys, args, 'SREM') end
+
+--[[ presence_query  (no-writes)
+KEYS: pairs  sessions_1, status_1, sessions_2, status_2, ...
+ARGV: userIds, in KEYS order
+Reply: one JSON object {userId: {session: [...], customStatus, customText, status 1|2, lastSeen}}
+  customStatus/customText/lastSeen are null when never set.
+]]
+local function presence_query(keys, args)
+  if #keys ~= 2 * #args then return param_error('presence_query takes a sessions/status key pair per userId') end
+  local parts = {}
+  for i = 1, #args do
+    local values = redis.call('HVALS', keys[2 * i - 1])
+    local st = redis.call('HMGET', keys[2 * i], 'customStatus', 'customText', 'lastSeen')
+    local online = 2
+    if #values > 0 then online = 1 end
+    parts[#parts + 1] = cjson.encode(args[i]) .. ':{"session":[' .. table.concat(values, ',') ..
+      '],"customStatus":' .. (st[1] or 'null') .. ',"customText":' .. (st[2] and cjson.encode(st[2]) or 'null') ..
+      ',"status":' .. online .. ',"lastSeen":' .. (st[3] or 'null') .. '}'
+  end
+  return '{' .. table.concat(parts, ',') .. '}'
+end
+
+--[[ presence_node_heartbeat
+KEYS[1] nodes ZSET   ARGV[1] node id
+Reply: {1 if the node was already registered else 0, now ms}
+  0 after the first beat means a reaper logged this node's sessions out meanwhile.
+]]
+local function presence_node_heartbeat(keys, args)
+  local now = now_ms()
+  local was = redis.call('ZSCORE', keys[1], args[1])
+  redis.call('ZADD', keys[1], now, args[1])
+  return {was and 1 or 0, now}
+end
+
+--[[ presence_nodes_expired  (no-writes)
+KEYS[1] nodes ZSET   ARGV[1] node TTL ms
+Reply: ids of nodes whose last heartbeat is older than the TTL
+]]
+local function presence_nodes_expired(keys, args)
+  return redis.call('ZRANGEBYSCORE', keys[1], '-inf', '(' .. (now_ms() - tonumber(args[1])))
+end
+
+--[[ presence_version  (no-writes)
+KEYS: none   ARGV: none   Reply: the library version string
+]]
+local function presence_version() return VERSION end
+
+redis.register_function('presence_login', presence_login)
+redis.register_function('presence_logout', presence_logout)
+redis.register_function('presence_set_custom_status', presence_set_custom_status)
+redis.register_function('presence_fanout', presence_fanout)
+redis.register_function('presence_subscribe', presence_subscribe)
+redis.register_function('presence_unsubscribe', presence_unsubscribe)
+redis.register_function('presence_friends_add', presence_friends_add)
+redis.register_function('presence_friends_remove', presence_friends_remove)
+redis.register_function{function_name = 'presence_query', callback = presence_query, flags = {'no-writes'}}
+redis.register_function('presence_node_heartbeat', presence_node_heartbeat)
+redis.register_function{function_name = 'presence_nodes_expired', callback = presence_nodes_expired, flags = {'no-writes'}}
+redis.register_function{function_name = 'presence_version', callback = presence_version, flags = {'no-writes'}}

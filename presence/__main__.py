@@ -1,0 +1,3 @@
+from presence.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""The ``presence`` command: serve, sign, functions load|show."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from presence.auth import DEFAULT_EXPIRE_S, generate_user_sign
+from presence.errors import PresenceError
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run gateway (TCP + WebSocket) and REST in one process")
+    p.add_argument("--redis", dest="redis_url", help="Redis URL [PRESENCE_REDIS_URL, REDIS_URL]; none = embedded")
+    p.add_argument("--host", help="bind address [PRESENCE_HOST] (default 127.0.0.1)")
+    p.add_argument("--tcp-port", type=int, help="TCP gateway port, 0 = disabled [PRESENCE_TCP_PORT] (9000)")
+    p.add_argument("--ws-port", type=int, help="WebSocket port, 0 = disabled [PRESENCE_WS_PORT] (19000)")
+    p.add_argument("--http-port", type=int, help="REST port, 0 = disabled [PRESENCE_HTTP_PORT] (8000)")
+    p.add_argument("--node-id", help="gateway node id [PRESENCE_NODE_ID] (default: random)")
+    p.add_argument("--heartbeat-timeout", type=float, help="seconds without PING [PRESENCE_HEARTBEAT_TIMEOUT] (30)")
+    p.add_argument("--node-ttl", type=float, help="seconds before a silent node is reaped [PRESENCE_NODE_TTL] (10)")
+    p.add_argument("--offline-grace", type=float, help="seconds before a drop is announced [PRESENCE_OFFLINE_GRACE] (3)")
+    p.add_argument("--config", help="TOML settings file [PRESENCE_CONFIG]")
+    p.add_argument("--log-level", default="INFO")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="presence", description="Redis-native presence service")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _serve_parser(sub)
+
+    s = sub.add_parser("sign", help="print a userSign")
+    s.add_argument("--app-id", type=int, required=True)
+    s.add_argument("--key", required=True, help="the app's private key")
+    s.add_argument("--user", required=True, help="the identifier (userId) to sign for")
+    s.add_argument("--expire", type=int, default=DEFAULT_EXPIRE_S, help="validity in seconds")
+
+    f = sub.add_parser("functions", help="load or print the Redis Functions library")
+    f.add_argument("action", choices=["load", "show"])
+    f.add_argument("--redis", dest="redis_url", help="Redis URL [PRESENCE_REDIS_URL, REDIS_URL]")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "sign":
+            print(generate_user_sign(args.app_id, args.key, args.user, args.expire))
+            return 0
+        if args.cmd == "functions":
+            return _functions(args.action, args.redis_url)
+        return _serve(args)
+    except PresenceError as exc:
+        print(f"presence: {exc.message}", file=sys.stderr)
+        return 2
+
+
+def _functions(action: str, redis_url: str | None) -> int:
+    from presence.config import load_settings
+    from presence.functions import ensure_library, library_source
+
+    if action == "show":
+        sys.stdout.write(library_source())
+        return 0
+    url = load_settings(redis_url=redis_url).redis_url
+    if not url:
+        print("presence: functions load needs --redis URL (or PRESENCE_REDIS_URL / REDIS_URL)", file=sys.stderr)
+        return 2
+
+    async def load() -> bool:
+        from redis.asyncio import Redis
+
+        redis = Redis.from_url(url)
+        try:
+            return await ensure_library(redis)
+        finally:
+            await redis.aclose()
+
+    loaded = asyncio.run(load())
+    print("loaded library presence" if loaded else "library presence is already up to date")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from presence.config import load_settings
+    from presence.server import run
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load_settings(
+        args.config,
+        redis_url=args.redis_url,
+        host=args.host,
+        tcp_port=args.tcp_port,
+        ws_port=args.ws_port,
+        http_port=args.http_port,
+        node_id=args.node_id,
+        heartbeat_timeout=args.heartbeat_timeout,
+        node_ttl=args.node_ttl,
+        offline_grace=args.offline_grace,
+    )
+    run(settings)
+    return 0

@@ -1,0 +1,61 @@
+"""The Redis key schema: the only place that spells a key or a channel name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class UserKeys:
+    """Every key of one user; all share the hash tag ``{appId:userId}`` (one cluster slot)."""
+
+    sessions: str
+    status: str
+    friends: str
+    subscribers: str
+    subscriptions: str
+    inbox: str
+
+    def state(self) -> list[str]:
+        """KEYS of presence_login / presence_logout / presence_set_custom_status."""
+        return [self.sessions, self.status, self.subscribers, self.inbox, self.friends]
+
+
+@dataclass(frozen=True, slots=True)
+class KeySchema:
+    prefix: str = "presence"
+
+    def user(self, app_id: int, user_id: str) -> UserKeys:
+        base = f"{self.prefix}:{{{app_id}:{user_id}}}:"
+        return UserKeys(
+            sessions=base + "sessions",
+            status=base + "status",
+            friends=base + "friends",
+            subscribers=base + "subscribers",
+            subscriptions=base + "subscriptions",
+            inbox=base + "inbox",
+        )
+
+    @property
+    def nodes(self) -> str:
+        return f"{self.prefix}:nodes"
+
+    def node_sessions(self, node_id: str) -> str:
+        return f"{self.prefix}:node:{node_id}:sessions"
+
+    @property
+    def doorbell_prefix(self) -> str:
+        return f"{self.prefix}:node:"
+
+    def doorbell(self, node_id: str) -> str:
+        return self.doorbell_prefix + node_id
+
+    def parse_inbox(self, key: str) -> tuple[int, str] | None:
+        """(appId, userId) of an inbox key, or None when it is not one of ours."""
+        head = f"{self.prefix}:{{"
+        if not (key.startswith(head) and key.endswith("}:inbox")):
+            return None
+        app, sep, user = key[len(head) : -len("}:inbox")].partition(":")
+        if not sep or not app.isdigit():
+            return None
+        return int(app), user

@@ -1,0 +1,134 @@
+"""msgspec models: stored sessions, notify packs, query results and requests."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+ONLINE = 1
+OFFLINE = 2
+
+UserId = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[^|{}]+$")]
+
+
+class Session(msgspec.Struct, kw_only=True):
+    """One online device of a user (the seed's UserSession plus loginTime and connId)."""
+
+    appId: int
+    userId: str
+    clientType: int
+    imei: str
+    connectState: int = ONLINE
+    brokerId: str = ""
+    brokerHost: str = ""
+    version: int = 0
+    loginTime: int = 0
+    connId: str = ""
+
+
+class UserStatusChangeNotifyPack(msgspec.Struct, kw_only=True):
+    """Data of 4004 (to friends and subscribers) and 4005 (to the user's other sessions)."""
+
+    appId: int
+    userId: str
+    status: int
+    client: list[Session]
+
+
+class UserCustomStatusChangeNotifyPack(msgspec.Struct, kw_only=True):
+    """Data of 4006 (to friends and subscribers) and 4007 (to the user's other sessions)."""
+
+    userId: str
+    customStatus: int
+    customText: str
+
+
+class KickPack(msgspec.Struct, kw_only=True):
+    """Data of 9002 MUTUALLOGIN: the login that displaced this connection."""
+
+    appId: int
+    userId: str
+    clientType: int
+    imei: str
+
+
+class UserOnlineStatus(msgspec.Struct, kw_only=True):
+    """Query result for one user (the seed's UserOnlineStatusResp plus status and lastSeen)."""
+
+    session: list[Session]
+    customStatus: int | None = None
+    customText: str | None = None
+    status: int = OFFLINE
+    lastSeen: int | None = None
+
+
+# --- requests (REST bodies; 4002/4003 socket data) ---
+
+
+class SubscribeUserOnlineStatusReq(msgspec.Struct, kw_only=True):
+    subUserId: list[str]
+    subTime: int
+
+
+class UnsubscribeUserOnlineStatusReq(msgspec.Struct, kw_only=True):
+    subUserId: list[str]
+
+
+class SetUserCustomerStatusReq(msgspec.Struct, kw_only=True):
+    customStatus: int
+    customText: str = ""
+    userId: str | None = None
+
+
+class PullUserOnlineStatusReq(msgspec.Struct, kw_only=True):
+    userList: list[str]
+
+
+class PullFriendOnlineStatusReq(msgspec.Struct, kw_only=True):
+    pass
+
+
+class FriendItem(msgspec.Struct, kw_only=True):
+    toId: str
+
+
+class AddFriendReq(msgspec.Struct, kw_only=True):
+    fromId: str
+    toItem: FriendItem
+
+
+class DeleteFriendReq(msgspec.Struct, kw_only=True):
+    fromId: str
+    toId: str
+
+
+class ImportFriendReq(msgspec.Struct, kw_only=True):
+    fromId: str
+    friendItem: list[FriendItem]
+
+
+class ResponseVO(msgspec.Struct):
+    """The seed's envelope."""
+
+    code: int = 200
+    msg: str = "success"
+    data: object = None
+
+
+# --- results of the service facade ---
+
+
+class ChangeResult(msgspec.Struct, kw_only=True):
+    """What one status change did."""
+
+    changed: bool
+    recipients: int = 0
+    delivered: int = 0
+    kicked: int = 0
+    inbox_last_id: str = "0-0"
+
+
+class SubscribeResult(msgspec.Struct, kw_only=True):
+    expireAt: int
+    liveSubscriptions: int

@@ -1,0 +1,290 @@
+"""The Redis Functions library, on a real redis-server and on fakeredis (the same assertions)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import msgspec
+import pytest
+from redis.asyncio import Redis
+
+from presence.errors import ParamError
+from presence.functions import ensure_library, library_source
+from presence.service import Presence
+
+APP = 10000
+WEBAPI, WEB, IOS, ANDROID, WINDOWS, MAC = range(6)
+
+
+async def login(p: Presence, user: str, ct: int = IOS, imei: str = "dev", *, model: int = 3, conn: str = "",
+                node: str = "n1"):
+    return await p.login(APP, user, ct, imei, conn_id=conn or f"c-{user}-{ct}-{imei}", node_id=node,
+                         login_model=model)
+
+
+async def inbox(p: Presence, user: str) -> list[dict[str, object]]:
+    entries = await p.redis.xrange(p.inbox_key(APP, user))
+    out = []
+    for _, fields in entries:
+        e = {k.decode(): v.decode() for k, v in fields.items()}
+        e["d"] = json.loads(e["d"])
+        out.append(e)
+    return out
+
+
+async def test_library_loads_once_and_reports_version(any_redis: Redis) -> None:
+    assert await ensure_library(any_redis) is False  # the fixture loaded this exact code already
+    assert (await any_redis.fcall_ro("presence_version", 0)) == b"1.0.0"
+
+
+async def test_login_writes_session_and_friend_gets_4004(presence: Presence) -> None:
+    await presence.add_friend(APP, "alice", "bob")
+    await login(presence, "bob")
+    result = await login(presence, "alice")
+    assert result.changed and result.recipients == 1 and result.delivered == 1
+    (entry,) = await inbox(presence, "bob")
+    assert entry["c"] == "4004"
+    assert entry["d"]["userId"] == "alice" and entry["d"]["status"] == 1
+    assert [s["imei"] for s in entry["d"]["client"]] == ["dev"]
+
+
+async def test_fanout_skips_offline_recipients(presence: Presence) -> None:
+    await presence.import_friends(APP, "alice", ["bob", "carol"])
+    await login(presence, "bob")
+    result = await login(presence, "alice")
+    assert result.recipients == 2 and result.delivered == 1
+    assert not await presence.redis.exists(presence.inbox_key(APP, "carol"))
+
+
+async def test_sync_4005_goes_to_other_sessions_only(presence: Presence) -> None:
+    await login(presence, "alice", IOS, "phone")
+    await login(presence, "alice", WINDOWS, "pc")
+    entries = await inbox(presence, "alice")
+    assert [(e["c"], e.get("x")) for e in entries] == [("4005", f"c-alice-{WINDOWS}-pc")]
+    assert {s["imei"] for s in entries[0]["d"]["client"]} == {"phone", "pc"}
+
+
+async def test_logout_last_session_sets_last_seen_and_tells_friends_offline(presence: Presence) -> None:
+    await presence.add_friend(APP, "alice", "bob")
+    await login(presence, "bob")
+    await login(presence, "alice")
+    result = await presence.logout(APP, "alice", IOS, "dev", conn_id="c-alice-2-dev", node_id="n1")
+    assert result.changed and result.delivered == 1
+    last = (await inbox(presence, "bob"))[-1]
+    assert last["c"] == "4004" and last["d"]["status"] == 2 and last["d"]["client"] == []
+    status = (await presence.query_users(APP, ["alice"]))["alice"]
+    assert status.status == 2 and status.lastSeen and status.session == []
+
+
+async def test_late_logout_of_old_connection_keeps_newer_login(presence: Presence) -> None:
+    await login(presence, "alice", conn="old")
+    await login(presence, "alice", conn="new")
+    result = await presence.logout(APP, "alice", IOS, "dev", conn_id="old")
+    assert not result.changed
+    (state,) = (await presence.query_users(APP, ["alice"])).values()
+    assert state.status == 1 and state.session[0].connId == "new"
+
+
+async def test_relogin_of_same_device_is_silent_for_friends_and_kicks_old_connection(presence: Presence) -> None:
+    await presence.add_friend(APP, "alice", "bob")
+    await login(presence, "bob")
+    await login(presence, "alice", conn="old")
+    before = len(await inbox(presence, "bob"))
+    result = await login(presence, "alice", conn="new")
+    assert not result.changed and result.kicked == 1
+    assert len(await inbox(presence, "bob")) == before
+    kick = (await inbox(presence, "alice"))[-1]
+    assert kick["c"] == "9002" and kick["t"] == "old"
+
+
+@pytest.mark.parametrize(
+    ("model", "existing", "new", "kicked"),
+    [
+        (1, [WEB, IOS, WINDOWS], ANDROID, {WEB, IOS, WINDOWS}),
+        (1, [WEBAPI], IOS, set()),
+        (2, [WEB, IOS], WINDOWS, {IOS}),
+        (2, [IOS, WINDOWS], WEB, set()),
+        (3, [IOS, WINDOWS, WEB], ANDROID, {IOS}),
+        (3, [IOS, WINDOWS, WEB], MAC, {WINDOWS}),
+        (3, [IOS, WINDOWS], WEB, set()),
+        (4, [WEB, IOS, ANDROID, WINDOWS, MAC], IOS, set()),
+    ],
+)
+async def test_multi_login_models(presence: Presence, model: int, existing: list[int], new: int,
+                                  kicked: set[int]) -> None:
+    for ct in existing:
+        await login(presence, "alice", ct, f"old{ct}", model=4)  # build the state without kicks
+    result = await login(presence, "alice", new, "newdev", model=model)
+    assert result.kicked == len(kicked)
+    entries = await inbox(presence, "alice")
+    kicks = {e["t"] for e in entries if e["c"] == "9002"}
+    assert kicks == {f"c-alice-{ct}-old{ct}" for ct in kicked}
+    (state,) = (await presence.query_users(APP, ["alice"])).values()
+    assert {s.clientType for s in state.session} == (set(existing) - kicked) | {new}
+
+
+async def test_custom_status_4006_to_friends_and_4007_to_own_sessions(presence: Presence) -> None:
+    await presence.add_friend(APP, "alice", "bob")
+    await login(presence, "bob")
+    await login(presence, "alice", IOS, "phone")
+    await login(presence, "alice", WINDOWS, "pc")
+    result = await presence.set_custom_status(APP, "alice", 3, "in a meeting", origin_conn_id="c-alice-2-phone")
+    assert result.delivered == 1
+    to_bob = (await inbox(presence, "bob"))[-1]
+    assert to_bob["c"] == "4006"
+    assert to_bob["d"] == {"userId": "alice", "customStatus": 3, "customText": "in a meeting"}
+    sync = (await inbox(presence, "alice"))[-1]
+    assert sync["c"] == "4007" and sync["x"] == "c-alice-2-phone"
+    state = (await presence.query_users(APP, ["alice"]))["alice"]
+    assert (state.customStatus, state.customText) == (3, "in a meeting")
+
+
+async def test_subscribers_are_notified_until_expiry(presence: Presence) -> None:
+    await login(presence, "carol")
+    await presence.subscribe(APP, "carol", ["alice"], 60_000)
+    assert (await login(presence, "alice")).delivered == 1
+    # An expired subscription is pruned by the next change instead of being notified.
+    sub_key = presence.user(APP, "alice").subscribers
+    await presence.redis.zadd(sub_key, {"carol": 1})
+    result = await presence.logout(APP, "alice", IOS, "dev")
+    assert result.recipients == 0 and result.delivered == 0
+    assert await presence.redis.zcard(sub_key) == 0
+
+
+async def test_resubscribe_overwrites_expiry(presence: Presence) -> None:
+    first = await presence.subscribe(APP, "carol", ["alice"], 10_000)
+    second = await presence.subscribe(APP, "carol", ["alice"], 1_000)
+    assert second.expireAt < first.expireAt and second.liveSubscriptions == 1
+    score = await presence.redis.zscore(presence.user(APP, "alice").subscribers, "carol")
+    assert int(score) == second.expireAt
+
+
+async def test_live_subscription_cap_is_enforced_in_lua(any_redis: Redis, presence: Presence) -> None:
+    keys = presence.user(APP, "carol")
+    targets = [f"u{i}" for i in range(3)]
+    await presence.fn.subscribe(keys.subscriptions, [presence.user(APP, t).subscribers for t in targets],
+                                "carol", targets, 60_000, 3)
+    with pytest.raises(ParamError, match="at most 3 live subscriptions"):
+        await presence.fn.subscribe(keys.subscriptions, [presence.user(APP, "u9").subscribers],
+                                    "carol", ["u9"], 60_000, 3)
+    # Re-subscribing to a live target does not count twice.
+    await presence.fn.subscribe(keys.subscriptions, [presence.user(APP, "u0").subscribers], "carol", ["u0"],
+                                60_000, 3)
+
+
+async def test_unsubscribe_removes_both_sides(presence: Presence) -> None:
+    await presence.subscribe(APP, "carol", ["alice", "bob"], 60_000)
+    assert await presence.unsubscribe(APP, "carol", ["alice"]) == 1
+    assert await presence.redis.zrange(presence.user(APP, "carol").subscriptions, 0, -1) == [b"bob"]
+    assert await presence.redis.zcard(presence.user(APP, "alice").subscribers) == 0
+
+
+async def test_friends_are_mutual_and_removable(presence: Presence) -> None:
+    assert await presence.import_friends(APP, "alice", ["bob", "carol"]) == 2
+    assert await presence.redis.smembers(presence.user(APP, "bob").friends) == {b"alice"}
+    assert await presence.delete_friend(APP, "bob", "alice") == 1
+    assert await presence.redis.smembers(presence.user(APP, "alice").friends) == {b"carol"}
+
+
+async def test_query_friends_returns_status_for_each_friend(presence: Presence) -> None:
+    await presence.import_friends(APP, "alice", ["bob", "carol"])
+    await login(presence, "bob")
+    await presence.set_custom_status(APP, "carol", 1, "away")
+    result = await presence.query_friends(APP, "alice")
+    assert set(result) == {"bob", "carol"}
+    assert result["bob"].status == 1 and result["bob"].session[0].userId == "bob"
+    assert result["carol"].status == 2 and result["carol"].customText == "away"
+    assert result["carol"].lastSeen is None
+
+
+async def test_doorbell_published_once_per_node(presence: Presence) -> None:
+    await presence.import_friends(APP, "alice", ["bob", "carol", "dave"])
+    await login(presence, "bob", node="n1")
+    await login(presence, "carol", node="n1")
+    await login(presence, "dave", node="n2")
+    pubsub = presence.redis.pubsub()
+    await pubsub.subscribe(presence.doorbell_channel("n1"), presence.doorbell_channel("n2"))
+    for _ in range(2):
+        await pubsub.get_message(timeout=1)  # subscribe confirmations
+    await login(presence, "alice", node="n3")
+    got = {}
+    for _ in range(2):
+        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
+        assert msg is not None
+        got[msg["channel"].decode()] = set(msg["data"].decode().split("\n"))
+    await pubsub.aclose()
+    assert got == {
+        presence.doorbell_channel("n1"): {presence.inbox_key(APP, "bob"), presence.inbox_key(APP, "carol")},
+        presence.doorbell_channel("n2"): {presence.inbox_key(APP, "dave")},
+    }
+
+
+async def test_inbox_is_trimmed(any_redis: Redis) -> None:
+    from presence.config import Settings
+
+    p = Presence(any_redis, Settings(inbox_maxlen=10))
+    await p.add_friend(APP, "alice", "bob")
+    await login(p, "bob")
+    for i in range(300):
+        await p.set_custom_status(APP, "alice", i, "")
+    length = await any_redis.xlen(p.inbox_key(APP, "bob"))
+    assert length < 300
+    assert await any_redis.pttl(p.inbox_key(APP, "bob")) > 0
+
+
+async def test_reaper_logs_out_sessions_of_a_dead_node(presence: Presence) -> None:
+    await presence.add_friend(APP, "alice", "bob")
+    await login(presence, "bob", node="live")
+    await login(presence, "alice", IOS, "phone", node="dead")
+    await login(presence, "alice", WINDOWS, "pc", node="dead")
+    assert await presence.node_heartbeat("dead") is False
+    assert await presence.node_heartbeat("dead") is True
+    await presence.redis.zadd(presence.keys.nodes, {"dead": 1})  # last beat long ago
+    assert await presence.expired_nodes(10) == ["dead"]
+    assert await presence.reap_node("dead") == 2
+    assert (await presence.query_users(APP, ["alice"]))["alice"].status == 2
+    assert (await inbox(presence, "bob"))[-1]["d"]["status"] == 2
+    assert await presence.expired_nodes(10) == []
+    assert await presence.node_sessions("dead") == 0
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda p: p.fn.call("presence_login", p.user(APP, "a").state(),
+                             [APP, "a", 9, "i", "c", "n", "", 0, 3, 100, 1000, "x:"]), "clientType must be 0..5"),
+        (lambda p: p.fn.call("presence_login", p.user(APP, "a").state(),
+                             [APP, "a", 1, "i", "c", "n", "", 0, 7, 100, 1000, "x:"]), "loginModel must be 1..4"),
+        (lambda p: p.fn.set_custom_status(p.user(APP, "a"), APP, "a", 1, "x" * 101), "customText"),
+        (lambda p: p.fn.subscribe(p.user(APP, "a").subscriptions, [p.user(APP, "b").subscribers], "a", ["b"],
+                                  0, 10), "subTime must be between 1 and 2592000000 ms"),
+        (lambda p: p.fn.friends_add(p.user(APP, "a").friends, [p.user(APP, "a").friends], "a", ["a"]),
+         "toId must differ"),
+    ],
+)
+async def test_library_rejects_bad_arguments_itself(presence: Presence, call, message: str) -> None:
+    """Other services call the functions directly, so the library validates, not only Python."""
+    with pytest.raises(ParamError, match=message):
+        await call(presence)
+    assert await presence.redis.dbsize() == 0  # nothing half-written
+
+
+async def test_query_result_decodes_to_models(presence: Presence) -> None:
+    await login(presence, "alice")
+    raw = await presence.redis.fcall_ro(
+        "presence_query", 2, presence.user(APP, "alice").sessions, presence.user(APP, "alice").status, "alice"
+    )
+    doc = msgspec.json.decode(raw)
+    assert doc["alice"]["status"] == 1 and doc["alice"]["customStatus"] is None
+
+
+def test_redis_cli_loads_the_file_as_is(redis_url: str) -> None:
+    """The README's one-liner for other services: redis-cli -x FUNCTION LOAD REPLACE < lua/presence.lua."""
+    out = subprocess.run(["redis-cli", "-u", redis_url, "-x", "FUNCTION", "LOAD", "REPLACE"],
+                         input=library_source().encode(), capture_output=True, check=True)
+    assert out.stdout.strip() == b"presence"
+    out = subprocess.run(["redis-cli", "-u", redis_url, "FCALL", "presence_version", "0"], capture_output=True,
+                         check=True)
+    assert out.stdout.strip() == b"1.0.0"
