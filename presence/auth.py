@@ -18,12 +18,7 @@ _FROM_URL = str.maketrans({"*": "+", "-": "/", "_": "="})
 
 
 def _hmac(key: str, identifier: str, app_id: int, issued_at: int, expire: int) -> str:
-    content = (
-        f"TLS.identifier:{identifier}\n"
-        f"TLS.appId:{app_id}\n"
-        f"TLS.expireTime:{issued_at}\n"
-        f"TLS.expire:{expire}\n"
-    )
+    content = f"TLS.identifier:{identifier}\nTLS.appId:{app_id}\nTLS.expireTime:{issued_at}\nTLS.expire:{expire}\n"
     digest = hmac.new(key.encode(), content.encode(), hashlib.sha256).digest()
     return base64.b64encode(digest).decode()
 
@@ -44,9 +39,7 @@ def generate_user_sign(
     return base64.b64encode(zlib.compress(raw)).decode().translate(_TO_URL)
 
 
-def verify_user_sign(
-    user_sign: str, app_id: int, key: str, identifier: str, *, now: float | None = None
-) -> None:
+def verify_user_sign(user_sign: str, app_id: int, key: str, identifier: str, *, now: float | None = None) -> None:
     """Raise AuthError (60003 invalid, 60004 expired, 60005 mismatch) unless the sign is good."""
     if not user_sign:
         raise AuthError("userSign is missing", Code.USER_SIGN_MISSING)

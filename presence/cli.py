@@ -22,7 +22,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--node-id", help="gateway node id [PRESENCE_NODE_ID] (default: random)")
     p.add_argument("--heartbeat-timeout", type=float, help="seconds without PING [PRESENCE_HEARTBEAT_TIMEOUT] (30)")
     p.add_argument("--node-ttl", type=float, help="seconds before a silent node is reaped [PRESENCE_NODE_TTL] (10)")
-    p.add_argument("--offline-grace", type=float, help="seconds before a drop is announced [PRESENCE_OFFLINE_GRACE] (3)")
+    p.add_argument(
+        "--offline-grace", type=float, help="seconds before a drop is announced [PRESENCE_OFFLINE_GRACE] (3)"
+    )
     p.add_argument("--config", help="TOML settings file [PRESENCE_CONFIG]")
     p.add_argument("--log-level", default="INFO")
 

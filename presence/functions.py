@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -12,6 +13,7 @@ from redis.exceptions import ResponseError
 
 from presence.errors import ParamError, PresenceError
 from presence.keys import UserKeys
+from presence.metrics import REDIS_LATENCY
 from presence.models import UserOnlineStatus
 from presence.resources import resource_path
 
@@ -79,10 +81,13 @@ class PresenceFunctions:
         self.inbox = inbox
 
     async def call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        started = time.perf_counter()
         try:
             return await self.redis.fcall(name, len(keys), *keys, *args)
         except ResponseError as exc:
             raise_mapped(exc)
+        finally:
+            REDIS_LATENCY.labels(name).observe(time.perf_counter() - started)
 
     @staticmethod
     def _users(raw: Sequence[bytes]) -> list[str]:
@@ -104,8 +109,7 @@ class PresenceFunctions:
         reply = await self.call(
             "presence_login",
             keys.state(),
-            self.login_args(app_id, user_id, client_type, imei, conn_id, broker_id, broker_host, version,
-                            login_model),
+            self.login_args(app_id, user_id, client_type, imei, conn_id, broker_id, broker_host, version, login_model),
         )
         return self.parse_login(reply)
 
@@ -118,16 +122,37 @@ class PresenceFunctions:
             recipients=self._users(reply[4:]),
         )
 
-    def login_args(self, app_id: int, user_id: str, client_type: int, imei: str, conn_id: str,
-                   broker_id: str, broker_host: str, version: int, login_model: int) -> list[Any]:
+    def login_args(
+        self,
+        app_id: int,
+        user_id: str,
+        client_type: int,
+        imei: str,
+        conn_id: str,
+        broker_id: str,
+        broker_host: str,
+        version: int,
+        login_model: int,
+    ) -> list[Any]:
         i = self.inbox
-        return [app_id, user_id, client_type, imei, conn_id, broker_id, broker_host, version,
-                login_model, i.maxlen, i.ttl_ms, i.doorbell_prefix]
+        return [
+            app_id,
+            user_id,
+            client_type,
+            imei,
+            conn_id,
+            broker_id,
+            broker_host,
+            version,
+            login_model,
+            i.maxlen,
+            i.ttl_ms,
+            i.doorbell_prefix,
+        ]
 
     def logout_args(self, app_id: int, user_id: str, client_type: int, imei: str, conn_id: str) -> list[Any]:
         i = self.inbox
-        return [app_id, user_id, client_type, imei, conn_id, i.maxlen, i.ttl_ms, i.doorbell_prefix,
-                i.idle_ttl_ms]
+        return [app_id, user_id, client_type, imei, conn_id, i.maxlen, i.ttl_ms, i.doorbell_prefix, i.idle_ttl_ms]
 
     @staticmethod
     def parse_logout(reply: Sequence[Any]) -> StatusChange:
@@ -149,15 +174,19 @@ class PresenceFunctions:
         return self.parse_logout(reply)
 
     async def set_custom_status(
-        self, keys: UserKeys, app_id: int, user_id: str, custom_status: int, custom_text: str,
+        self,
+        keys: UserKeys,
+        app_id: int,
+        user_id: str,
+        custom_status: int,
+        custom_text: str,
         origin_conn_id: str = "",
     ) -> StatusChange:
         i = self.inbox
         reply = await self.call(
             "presence_set_custom_status",
             keys.state(),
-            [app_id, user_id, custom_status, custom_text, origin_conn_id, i.maxlen, i.ttl_ms,
-             i.doorbell_prefix],
+            [app_id, user_id, custom_status, custom_text, origin_conn_id, i.maxlen, i.ttl_ms, i.doorbell_prefix],
         )
         return StatusChange(changed=True, data=reply[1], recipients=self._users(reply[2:]))
 
@@ -169,8 +198,13 @@ class PresenceFunctions:
         return int(reply[0]), int(reply[1])
 
     async def subscribe(
-        self, subscriptions_key: str, subscriber_keys: Sequence[str], subscriber: str,
-        targets: Sequence[str], sub_time_ms: int, limit: int,
+        self,
+        subscriptions_key: str,
+        subscriber_keys: Sequence[str],
+        subscriber: str,
+        targets: Sequence[str],
+        sub_time_ms: int,
+        limit: int,
     ) -> tuple[int, int]:
         reply = await self.call(
             "presence_subscribe", [subscriptions_key, *subscriber_keys], [subscriber, sub_time_ms, limit, *targets]
@@ -180,8 +214,9 @@ class PresenceFunctions:
     async def unsubscribe(
         self, subscriptions_key: str, subscriber_keys: Sequence[str], subscriber: str, targets: Sequence[str]
     ) -> int:
-        return int(await self.call("presence_unsubscribe", [subscriptions_key, *subscriber_keys],
-                                    [subscriber, *targets]))
+        return int(
+            await self.call("presence_unsubscribe", [subscriptions_key, *subscriber_keys], [subscriber, *targets])
+        )
 
     async def friends_add(self, from_key: str, to_keys: Sequence[str], from_id: str, to_ids: Sequence[str]) -> int:
         return int(await self.call("presence_friends_add", [from_key, *to_keys], [from_id, *to_ids]))

@@ -7,10 +7,10 @@ schema know Redis key names.
 from __future__ import annotations
 
 import secrets
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-
 from typing import Any
 
 from redis.asyncio import Redis
@@ -23,6 +23,7 @@ from presence.config import Settings
 from presence.errors import ParamError
 from presence.functions import InboxSettings, PresenceFunctions, StatusChange, ensure_library, raise_mapped
 from presence.keys import KeySchema, UserKeys
+from presence.metrics import FANOUT_ENTRIES, REDIS_LATENCY, STATUS_CHANGES
 from presence.models import ChangeResult, SubscribeResult, UserOnlineStatus
 
 NOTIFY_STATUS = 4004
@@ -117,20 +118,20 @@ class Presence:
         self._check_session(client_type, imei)
         conn_id = conn_id or new_conn_id()
         keys = self.user(app_id, user_id)
-        args = self.fn.login_args(
-            app_id, user_id, client_type, imei, conn_id, node_id, node_host, version, login_model
-        )
+        args = self.fn.login_args(app_id, user_id, client_type, imei, conn_id, node_id, node_host, version, login_model)
         if node_id:
             # Registered before the login: a crash in between leaves the reaper a harmless no-op.
+            started = time.perf_counter()
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.sadd(self.keys.node_sessions(node_id), node_member(app_id, user_id, client_type, imei, conn_id))
                 pipe.fcall("presence_login", len(keys.state()), *keys.state(), *args)
                 _, reply = await self._run(pipe)
+            REDIS_LATENCY.labels("presence_login").observe(time.perf_counter() - started)
             change = self.fn.parse_login(reply)
         else:
             reply = await self.fn.call("presence_login", keys.state(), args)
             change = self.fn.parse_login(reply)
-        return await self._spread(app_id, change, NOTIFY_STATUS)
+        return await self._spread(app_id, change, NOTIFY_STATUS, "online")
 
     async def logout(
         self, app_id: int, user_id: str, client_type: int, imei: str, *, conn_id: str = "", node_id: str = ""
@@ -145,7 +146,7 @@ class Presence:
             if node_id and conn_id:
                 pipe.srem(self.keys.node_sessions(node_id), node_member(app_id, user_id, client_type, imei, conn_id))
             replies = await self._run(pipe)
-        return await self._spread(app_id, self.fn.parse_logout(replies[0]), NOTIFY_STATUS)
+        return await self._spread(app_id, self.fn.parse_logout(replies[0]), NOTIFY_STATUS, "offline")
 
     async def set_custom_status(
         self, app_id: int, user_id: str, custom_status: int, custom_text: str = "", *, origin_conn_id: str = ""
@@ -161,12 +162,15 @@ class Presence:
         change = await self.fn.set_custom_status(
             self.user(app_id, user_id), app_id, user_id, custom_status, custom_text, origin_conn_id
         )
-        return await self._spread(app_id, change, NOTIFY_CUSTOM)
+        return await self._spread(app_id, change, NOTIFY_CUSTOM, "custom")
 
-    async def _spread(self, app_id: int, change: StatusChange, command: int) -> ChangeResult:
+    async def _spread(self, app_id: int, change: StatusChange, command: int, kind: str) -> ChangeResult:
         delivered = 0
-        if change.changed and change.recipients:
-            delivered = await self.fanout(app_id, change.recipients, command, change.data)
+        if change.changed:
+            STATUS_CHANGES.labels(kind).inc()
+            if change.recipients:
+                delivered = await self.fanout(app_id, change.recipients, command, change.data)
+                FANOUT_ENTRIES.inc(delivered)
         return ChangeResult(
             changed=change.changed,
             recipients=len(change.recipients),
@@ -196,15 +200,19 @@ class Presence:
 
     # --- subscriptions and friends ---
 
-    async def subscribe(self, app_id: int, subscriber: str, targets: Sequence[str], sub_time_ms: int) -> SubscribeResult:
+    async def subscribe(
+        self, app_id: int, subscriber: str, targets: Sequence[str], sub_time_ms: int
+    ) -> SubscribeResult:
         check_user_id("identifier", subscriber)
         if not targets:
             raise ParamError("subUserId must name at least one user")
         users = check_user_list("subUserId", targets, self.limits.subscribe_batch)
         if subscriber in users:
             raise ParamError("subUserId must not contain the subscriber itself")
-        if isinstance(sub_time_ms, bool) or not isinstance(sub_time_ms, int) or not (
-            1 <= sub_time_ms <= self.limits.sub_time_ms
+        if (
+            isinstance(sub_time_ms, bool)
+            or not isinstance(sub_time_ms, int)
+            or not (1 <= sub_time_ms <= self.limits.sub_time_ms)
         ):
             raise ParamError(f"subTime must be between 1 and {self.limits.sub_time_ms} ms")
         expire_at, live = await self.fn.subscribe(

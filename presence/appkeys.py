@@ -1,0 +1,11 @@
+"""Typed aiohttp application keys, in one place for every aiohttp app of the service."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from presence.config import Settings
+from presence.service import Presence
+
+PRESENCE = web.AppKey("presence", Presence)
+SETTINGS = web.AppKey("settings", Settings)

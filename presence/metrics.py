@@ -1,0 +1,24 @@
+"""Prometheus metrics shared by the gateway, the REST app and the service facade."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+CONNECTIONS = Gauge("presence_connections", "Open client connections", ["transport"], registry=REGISTRY)
+LOGINS = Counter("presence_logins_total", "Successful socket logins", ["transport"], registry=REGISTRY)
+LOGOUTS = Counter("presence_logouts_total", "Sessions ended, by reason", ["reason"], registry=REGISTRY)
+STATUS_CHANGES = Counter("presence_status_changes_total", "Status changes by kind", ["kind"], registry=REGISTRY)
+FANOUT_ENTRIES = Counter("presence_fanout_entries_total", "Inbox entries written by fan-out", registry=REGISTRY)
+DELIVERIES = Counter("presence_deliveries_total", "Pushes written to client connections", registry=REGISTRY)
+DOORBELLS = Counter("presence_doorbells_total", "Doorbell messages received by gateways", registry=REGISTRY)
+REAPED_SESSIONS = Counter("presence_reaped_sessions_total", "Sessions logged out for dead nodes", registry=REGISTRY)
+REDIS_LATENCY = Histogram(
+    "presence_redis_call_seconds",
+    "Latency of Redis function calls",
+    ["function"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+    registry=REGISTRY,
+)
+REST_REQUESTS = Counter("presence_rest_requests_total", "REST requests", ["route", "status"], registry=REGISTRY)
