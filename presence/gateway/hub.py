@@ -1,0 +1,365 @@
+"""The gateway node: local connections, login/logout bookkeeping and push delivery.
+
+Delivery: a doorbell (pub/sub on this node's channel) names inboxes with new entries; the delivery
+loop XREADs the dirty ones in one call from each inbox's lowest local cursor, encodes an entry once
+per wire format and writes it to every targeted local connection. A periodic sweep marks every local
+inbox dirty, so a lost doorbell only delays a push.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Protocol
+
+from presence.config import Settings
+from presence.gateway.codec import Command, encode_pack, encode_tcp, encode_ws_binary
+from presence.metrics import CONNECTIONS, DELIVERIES, DOORBELLS, LOGINS, LOGOUTS
+from presence.models import ChangeResult
+from presence.nodes import NodeKeeper
+from presence.service import Presence, new_conn_id
+
+log = logging.getLogger("presence.gateway")
+
+EventId = tuple[int, int]
+READ_COUNT = 100
+READ_BATCH = 500
+
+
+def parse_event_id(value: str | bytes) -> EventId:
+    if isinstance(value, bytes):
+        value = value.decode()
+    ms, _, seq = value.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def format_event_id(value: EventId) -> str:
+    return f"{value[0]}-{value[1]}"
+
+
+class Encoded:
+    """One entry's bytes per wire format, built on first use and shared by every connection."""
+
+    __slots__ = ("_binary", "_pack", "_tcp", "app_id", "command", "data", "event_id", "user_id")
+
+    def __init__(self, command: int, data: bytes, app_id: int, user_id: str, event_id: str | None) -> None:
+        self.command, self.data, self.app_id, self.user_id, self.event_id = command, data, app_id, user_id, event_id
+        self._tcp: bytes | None = None
+        self._pack: bytes | None = None
+        self._binary: bytes | None = None
+
+    def tcp(self) -> bytes:
+        if self._tcp is None:
+            self._tcp = encode_tcp(self.command, self.data)
+        return self._tcp
+
+    def pack(self) -> bytes:
+        if self._pack is None:
+            pack = encode_pack(self.command, self.data, app_id=self.app_id, user_id=self.user_id)
+            if self.event_id:  # ours: lets a WebSocket client resume from the last entry it saw
+                pack = pack[:-1] + b',"eventId":"' + self.event_id.encode() + b'"}'
+            self._pack = pack
+        return self._pack
+
+    def ws_binary(self) -> bytes:
+        if self._binary is None:
+            self._binary = encode_ws_binary(self.command, self.pack())
+        return self._binary
+
+
+class Connection(Protocol):
+    """What the hub needs of a client connection, whatever its transport."""
+
+    transport_name: str
+    conn_id: str
+    app_id: int
+    user_id: str
+    client_type: int
+    imei: str
+    logged_in: bool
+    ended: bool
+    cursor: EventId
+    last_active: float
+
+    def send(self, message: Encoded) -> None: ...
+
+    def close(self, code: int, reason: str) -> None: ...
+
+
+class Hub:
+    """One gateway node's view of its clients; transports call it, it calls the Presence facade."""
+
+    def __init__(self, presence: Presence, settings: Settings, node_id: str, node_host: str = "") -> None:
+        self.presence = presence
+        self.settings = settings
+        self.node_id = node_id
+        self.node_host = node_host
+        self.by_inbox: dict[str, dict[str, Connection]] = {}
+        self.connections: set[Connection] = set()
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
+        self._grace: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pending: set[asyncio.Task[object]] = set()
+        self.sweep_interval = 5.0
+        self.keeper = NodeKeeper(presence, node_id, settings.node_ttl, on_reaped=self._reaped_meanwhile)
+        self.closing = False
+
+    # --- lifecycle ---
+
+    async def start(self) -> None:
+        self.pubsub = self.presence.redis.pubsub()
+        await self.pubsub.subscribe(self.presence.doorbell_channel(self.node_id))
+        await self.keeper.beat()
+        for coro in (self._doorbells(), self._deliver(), self._sweep(), self._idle_check(), self.keeper.run()):
+            self._tasks.append(asyncio.create_task(coro))
+
+    async def stop(self, *, logout: bool = True) -> None:
+        """Tell clients we are going away, log their sessions out (so no one stays online), stop."""
+        self.closing = True
+        for conn in list(self.connections):
+            conn.close(1001, "server is shutting down")
+            await self.end(conn, "shutdown")
+        for handle in list(self._grace.values()):
+            handle.cancel()
+        pending = list(self._grace)
+        self._grace.clear()
+        if logout:
+            await asyncio.gather(*(self._logout_member(m, "shutdown") for m in pending), return_exceptions=True)
+        if self._pending:
+            await asyncio.wait(self._pending, timeout=5)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        with contextlib.suppress(Exception):
+            await self.pubsub.aclose()
+        if logout:
+            await self.presence.node_leave(self.node_id)
+
+    # --- sessions ---
+
+    def opened(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        CONNECTIONS.labels(conn.transport_name).inc()
+
+    async def login(
+        self,
+        conn: Connection,
+        app_id: int,
+        user_id: str,
+        client_type: int,
+        imei: str,
+        version: int,
+        login_model: int,
+        last_event_id: str | None,
+    ) -> tuple[str, bool | None]:
+        """Log the connection in; returns (cursor to report, resume outcome or None when not asked)."""
+        conn.conn_id = new_conn_id()
+        result: ChangeResult = await self.presence.login(
+            app_id,
+            user_id,
+            client_type,
+            imei,
+            conn_id=conn.conn_id,
+            node_id=self.node_id,
+            node_host=self.node_host,
+            version=version,
+            login_model=login_model,
+        )
+        conn.app_id, conn.user_id, conn.client_type, conn.imei = app_id, user_id, client_type, imei
+        conn.cursor = parse_event_id(result.inbox_last_id)
+        inbox = self.presence.inbox_key(app_id, user_id)
+        resumed: bool | None = None
+        if last_event_id is not None:
+            # Only a device whose session survived (a reconnect within the grace) can have missed nothing.
+            resumed = not result.changed and await self.presence.inbox_resume(inbox, last_event_id)
+            if resumed:
+                conn.cursor = min(conn.cursor, parse_event_id(last_event_id))
+        if conn.ended:  # the socket went away while we were logging in
+            await self._logout(conn, "close")
+            return format_event_id(conn.cursor), resumed
+        conn.logged_in = True
+        LOGINS.labels(conn.transport_name).inc()
+        return format_event_id(conn.cursor), resumed
+
+    def activate(self, conn: Connection) -> None:
+        """Start pushing to a logged-in connection (after its LOGINACK went out)."""
+        if conn.ended or not conn.logged_in:
+            return
+        inbox = self.presence.inbox_key(conn.app_id, conn.user_id)
+        self.by_inbox.setdefault(inbox, {})[conn.conn_id] = conn
+        self._mark(inbox)
+
+    async def end(self, conn: Connection, reason: str) -> None:
+        """The one way a connection ends: logout (at once or after the grace) exactly once."""
+        if conn.ended:
+            return
+        conn.ended = True
+        if conn in self.connections:
+            self.connections.discard(conn)
+            CONNECTIONS.labels(conn.transport_name).dec()
+        if conn.conn_id:
+            inbox = self.presence.inbox_key(conn.app_id, conn.user_id)
+            local = self.by_inbox.get(inbox)
+            if local is not None and local.pop(conn.conn_id, None) is not None and not local:
+                del self.by_inbox[inbox]
+        if not conn.logged_in:
+            return
+        grace = self.settings.offline_grace
+        if reason in ("close", "timeout", "error") and grace > 0 and not self.closing:
+            member = self._member(conn)
+            loop = asyncio.get_running_loop()
+            self._grace[member] = loop.call_later(grace, self._grace_expired, member, reason)
+            return
+        await self._logout(conn, reason)
+
+    def _member(self, conn: Connection) -> str:
+        return f"{conn.app_id}|{conn.user_id}|{conn.client_type}|{conn.imei}|{conn.conn_id}"
+
+    def _grace_expired(self, member: str, reason: str) -> None:
+        if self._grace.pop(member, None) is not None:
+            self._spawn(self._logout_member(member, reason))
+
+    async def _logout_member(self, member: str, reason: str) -> None:
+        head, _, conn_id = member.rpartition("|")
+        app, user, ct, imei = head.split("|", 3)
+        await self._do_logout(int(app), user, int(ct), imei, conn_id, reason)
+
+    async def _logout(self, conn: Connection, reason: str) -> None:
+        await self._do_logout(conn.app_id, conn.user_id, conn.client_type, conn.imei, conn.conn_id, reason)
+
+    async def _do_logout(self, app_id: int, user_id: str, ct: int, imei: str, conn_id: str, reason: str) -> None:
+        try:
+            result = await self.presence.logout(app_id, user_id, ct, imei, conn_id=conn_id, node_id=self.node_id)
+        except Exception:  # the reaper logs it out later: the node set still names it
+            log.exception("logout of %s/%s failed; the reaper will retry", user_id, imei)
+            return
+        if result.changed:
+            LOGOUTS.labels(reason).inc()
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    def touch(self, conn: Connection) -> None:
+        conn.last_active = time.monotonic()
+
+    # --- delivery ---
+
+    def _mark(self, inbox: str) -> None:
+        self._dirty.add(inbox)
+        self._wake.set()
+
+    async def _doorbells(self) -> None:
+        while True:
+            try:
+                msg = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("doorbell subscription failed; resubscribing")
+                await asyncio.sleep(1)
+                with contextlib.suppress(Exception):
+                    self.pubsub = self.presence.redis.pubsub()
+                    await self.pubsub.subscribe(self.presence.doorbell_channel(self.node_id))
+                self._mark_all()
+                continue
+            if msg is None or msg.get("type") != "message":
+                continue
+            DOORBELLS.inc()
+            for inbox in msg["data"].decode().split("\n"):
+                if inbox in self.by_inbox:
+                    self._dirty.add(inbox)
+            if self._dirty:
+                self._wake.set()
+
+    def _mark_all(self) -> None:
+        self._dirty.update(self.by_inbox)
+        if self._dirty:
+            self._wake.set()
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            self._mark_all()
+
+    async def _deliver(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._dirty:
+                batch: dict[str, str] = {}
+                while self._dirty and len(batch) < READ_BATCH:
+                    inbox = self._dirty.pop()
+                    local = self.by_inbox.get(inbox)
+                    if local:
+                        batch[inbox] = format_event_id(min(c.cursor for c in local.values()))
+                if not batch:
+                    break
+                try:
+                    replies = await self.presence.read_inboxes(batch, count=READ_COUNT)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("reading inboxes failed; the sweep retries")
+                    await asyncio.sleep(0.5)
+                    continue
+                for inbox, entries in replies:
+                    self.dispatch(inbox, entries)
+                    if len(entries) >= READ_COUNT:
+                        self._dirty.add(inbox)
+
+    def dispatch(self, inbox: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        local = self.by_inbox.get(inbox)
+        if not local:
+            return
+        conns = list(local.values())
+        sample = conns[0]
+        delivered = 0
+        for raw_id, fields in entries:
+            event_id = parse_event_id(raw_id)
+            target = fields.get(b"t")
+            skip = fields.get(b"x")
+            command = int(fields[b"c"])
+            message: Encoded | None = None
+            for conn in conns:
+                if conn.cursor >= event_id or conn.ended:
+                    continue
+                conn.cursor = event_id
+                if target is not None and target.decode() != conn.conn_id:
+                    continue
+                if skip is not None and skip.decode() == conn.conn_id:
+                    continue
+                if message is None:
+                    message = Encoded(command, fields[b"d"], sample.app_id, sample.user_id, raw_id.decode())
+                conn.send(message)
+                delivered += 1
+                if command == Command.MUTUALLOGIN:
+                    conn.close(4002, "logged in elsewhere")
+                    self._spawn(self.end(conn, "kicked"))
+        DELIVERIES.inc(delivered)
+
+    # --- liveness ---
+
+    async def _idle_check(self) -> None:
+        timeout = self.settings.heartbeat_timeout
+        if timeout <= 0:
+            return
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 3))
+            limit = time.monotonic() - timeout
+            for conn in [c for c in self.connections if c.last_active < limit]:
+                conn.close(4000, "heartbeat timeout")
+                await self.end(conn, "timeout")
+
+    async def _reaped_meanwhile(self) -> None:
+        """A peer reaped this node (we were silent too long): our sessions are gone, so reconnect all."""
+        log.warning("node %s was reaped by a peer; closing its %d connections", self.node_id, len(self.connections))
+        for conn in list(self.connections):
+            conn.logged_in = False  # its session no longer exists; nothing to log out
+            conn.close(1012, "node restarted its sessions, reconnect")
+            await self.end(conn, "reaped")

@@ -1,0 +1,160 @@
+"""One client connection's protocol logic, shared by the TCP and WebSocket transports.
+
+Frames are handled strictly in order, one at a time (a LOGIN must finish before the PING behind it
+is answered). Transports only move bytes: they call ``feed`` and implement ``_write``/``_shutdown``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections import deque
+from typing import Any
+
+import msgspec
+
+from presence.auth import verify_user_sign
+from presence.errors import AuthError, Code, ParamError, PresenceError
+from presence.gateway.codec import Command, Frame, FrameError
+from presence.gateway.hub import Encoded, EventId, Hub
+from presence.models import PullUserOnlineStatusReq, ResponseVO, SubscribeUserOnlineStatusReq
+
+log = logging.getLogger("presence.gateway")
+
+_EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+_json = msgspec.json.Encoder()
+
+
+class ClientConnection:
+    """Transport-independent state and handlers of one socket."""
+
+    transport_name = "?"
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.conn_id = ""
+        self.app_id = 0
+        self.user_id = ""
+        self.client_type = 0
+        self.imei = ""
+        self.logged_in = False
+        self.ended = False
+        self.cursor: EventId = (0, 0)
+        self.last_active = time.monotonic()
+        self._inbox: deque[Frame | FrameError] = deque()
+        self._busy = False
+        self._task: asyncio.Future[None] | None = None
+
+    # --- transport hooks ---
+
+    def send(self, message: Encoded) -> None:
+        raise NotImplementedError
+
+    def close(self, code: int, reason: str) -> None:
+        raise NotImplementedError
+
+    # --- input ---
+
+    def feed(self, frames: list[Frame], error: FrameError | None = None) -> None:
+        """Queue decoded frames (and the decoding error that followed them, if any)."""
+        self.last_active = time.monotonic()
+        self._inbox.extend(frames)
+        if error is not None:
+            self._inbox.append(error)
+        if not self._busy and self._inbox:
+            self._busy = True
+            self._task = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self._inbox and not self.ended:
+                item = self._inbox.popleft()
+                if isinstance(item, FrameError):
+                    await self.fail(item.code, item.message)
+                    return
+                try:
+                    await self.handle(item)
+                except PresenceError as exc:
+                    await self.fail(exc.code, exc.message)
+                except Exception:
+                    log.exception("frame %s from %s failed", item.command, self.user_id or "?")
+                    await self.fail(Code.SYSTEM_ERROR, "system error")
+        finally:
+            self._busy = False
+
+    async def handle(self, frame: Frame) -> None:
+        command = frame.command
+        if command == Command.PING:
+            self.reply(Command.PING, b"{}", frame)
+        elif command == Command.LOGIN:
+            await self._login(frame)
+        elif not self.logged_in:
+            await self.fail(Code.PARAMETER_ERROR, f"command {command} needs a LOGIN (9000) first")
+        elif command == Command.LOGOUT:
+            self.close(1000, "logged out")
+            await self.hub.end(self, "logout")
+        elif command in (Command.SUBSCRIBE, Command.PULL):
+            # A bad request is answered like REST answers it; the connection stays up.
+            try:
+                if command == Command.SUBSCRIBE:
+                    result = await self._subscribe(msgspec.convert(frame.data, SubscribeUserOnlineStatusReq))
+                else:
+                    result = await self._pull(frame.data)
+            except msgspec.ValidationError as exc:
+                self.reply(command, _json.encode(ResponseVO(Code.PARAMETER_ERROR, str(exc))))
+            except ParamError as exc:
+                self.reply(command, _json.encode(ResponseVO(exc.code, exc.message)))
+            else:
+                self.reply(command, _json.encode(ResponseVO(data=result)))
+
+    # --- handlers ---
+
+    async def _login(self, frame: Frame) -> None:
+        if self.logged_in:
+            raise PresenceError("this connection is already logged in", Code.PARAMETER_ERROR)
+        data = frame.data
+        user_id, user_sign, last = data.get("userId"), data.get("userSign"), data.get("lastEventId")
+        app = self.hub.settings.app(frame.appId)
+        if app is None:
+            raise AuthError(f"unknown appId {frame.appId}", Code.APP_ID_MISSING)
+        if not isinstance(user_id, str) or not user_id:
+            raise AuthError("data.userId is missing", Code.IDENTIFIER_MISSING)
+        if not (user_sign is None and app.unsigned_login):
+            verify_user_sign(user_sign if isinstance(user_sign, str) else "", frame.appId, app.private_key, user_id)
+        if last is not None and not (isinstance(last, str) and _EVENT_ID.match(last)):
+            raise PresenceError("lastEventId must be a stream id like 1700000000000-0", Code.PARAMETER_ERROR)
+        cursor, resumed = await self.hub.login(
+            self, frame.appId, user_id, frame.clientType, frame.imei, frame.version, app.login_model, last
+        )
+        if self.ended:
+            return
+        ack: dict[str, Any] = {"userId": user_id, "lastEventId": cursor}
+        if resumed is not None:
+            ack["resumed"] = resumed
+        self.reply(Command.LOGINACK, _json.encode(ack), frame)
+        self.hub.activate(self)
+
+    async def _subscribe(self, req: SubscribeUserOnlineStatusReq) -> object:
+        return await self.hub.presence.subscribe(self.app_id, self.user_id, req.subUserId, req.subTime)
+
+    async def _pull(self, data: dict[str, Any]) -> object:
+        presence = self.hub.presence
+        if "userList" in data:
+            req = msgspec.convert(data, PullUserOnlineStatusReq)
+            return await presence.query_users(self.app_id, req.userList)
+        return await presence.query_friends(self.app_id, self.user_id)
+
+    # --- output ---
+
+    def reply(self, command: int, data_json: bytes, frame: Frame | None = None) -> None:
+        user = self.user_id or (frame.data.get("userId") if frame else "") or ""
+        app = self.app_id or (frame.appId if frame else 0)
+        self.send(Encoded(command, data_json, app, str(user), None))
+
+    async def fail(self, code: int, message: str) -> None:
+        """The connection's last word: an ERROR (9100) frame with the code and reason, then close."""
+        self.reply(Command.ERROR, _json.encode({"code": int(code), "msg": message}))
+        self.close(4001, message[:120])
+        await self.hub.end(self, "error")

@@ -1,0 +1,64 @@
+"""The raw TCP transport: seed binary frames in, 8-byte-header frames out (asyncio Protocol)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from presence.gateway.codec import FrameDecoder, FrameError
+from presence.gateway.hub import Encoded, Hub
+from presence.gateway.session import ClientConnection
+
+log = logging.getLogger("presence.gateway.tcp")
+
+MAX_WRITE_BUFFER = 1 << 20  # a client this far behind is dropped rather than buffered without end
+
+
+class TcpConnection(ClientConnection, asyncio.Protocol):
+    transport_name = "tcp"
+
+    def __init__(self, hub: Hub) -> None:
+        super().__init__(hub)
+        self.decoder = FrameDecoder()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.hub.closing:
+            transport.close()
+            return
+        self.hub.opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.decoder.feed(data)
+        except FrameError as exc:
+            self.feed(exc.frames, exc)
+            return
+        self.feed(frames)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.hub._spawn(self.hub.end(self, "close"))
+
+    def send(self, message: Encoded) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(message.tcp())
+        if transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+            log.warning("dropping slow TCP client %s", self.user_id)
+            transport.abort()
+
+    def close(self, code: int, reason: str) -> None:
+        if self.transport is not None:
+            self.transport.close()  # flushes what was written first
+
+
+async def start_tcp_server(hub: Hub, host: str, port: int) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: TcpConnection(hub), host, port, reuse_address=True)

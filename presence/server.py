@@ -1,0 +1,143 @@
+"""``presence serve``: gateway (TCP + WebSocket) and REST in one process and event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from presence.auth import generate_user_sign
+from presence.config import DEV_APP_ID, Settings, with_dev_app
+from presence.gateway.hub import Hub
+from presence.gateway.tcp import start_tcp_server
+from presence.gateway.ws import create_ws_app
+from presence.service import Presence
+from presence.store import open_redis
+
+log = logging.getLogger("presence.server")
+
+
+def default_node_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:40]
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class Running:
+    """What a started server exposes: its ports (real ones when 0 was asked) and the hub."""
+
+    settings: Settings
+    presence: Presence
+    hub: Hub
+    tcp_port: int = 0
+    ws_port: int = 0
+    http_port: int = 0
+    _servers: list[asyncio.Server] = field(default_factory=list)
+    _runners: list[web.AppRunner] = field(default_factory=list)
+    embedded: bool = False
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.close()  # stop accepting first
+        await self.hub.stop()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 2)
+        for runner in self._runners:
+            await runner.cleanup()
+        await self.presence.redis.aclose()
+
+
+async def _site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    server = site._server
+    bound = server.sockets[0].getsockname()[1] if server is not None and server.sockets else port
+    return runner, bound
+
+
+async def start(settings: Settings) -> Running:
+    settings = with_dev_app(settings)
+    redis, embedded = open_redis(settings.redis_url)
+    presence = Presence(redis, settings)
+    if await presence.start():
+        log.info("loaded the presence function library into Redis")
+    node_id = settings.node_id or default_node_id()
+    hub = Hub(presence, settings, node_id, node_host=settings.host)
+    await hub.start()
+    running = Running(settings, presence, hub, embedded=embedded)
+    if _enabled(settings.tcp_port):
+        server = await start_tcp_server(hub, settings.host, settings.tcp_port)
+        running._servers.append(server)
+        running.tcp_port = server.sockets[0].getsockname()[1]
+    if _enabled(settings.ws_port):
+        runner, running.ws_port = await _site(create_ws_app(hub), settings.host, settings.ws_port)
+        running._runners.append(runner)
+    if _enabled(settings.http_port):
+        from presence.http.app import create_app
+
+        runner, running.http_port = await _site(create_app(presence, settings), settings.host, settings.http_port)
+        running._runners.append(runner)
+    _announce(running, node_id)
+    return running
+
+
+def _enabled(port: int) -> bool:
+    return port != 0  # as on the command line: 0 disables that listener
+
+
+def _announce(running: Running, node_id: str) -> None:
+    s = running.settings
+    host = "127.0.0.1" if s.host in ("0.0.0.0", "") else s.host
+    store = "embedded in-process store (fakeredis)" if running.embedded else "Redis"
+    log.info(
+        "presence node %s on %s: tcp=%s ws=%s http=%s",
+        node_id,
+        store,
+        running.tcp_port,
+        running.ws_port,
+        running.http_port,
+    )
+    # One machine-readable line: tests and scripts read the real ports from it.
+    print(f"presence listening tcp={running.tcp_port} ws={running.ws_port} http={running.http_port}", flush=True)
+    if s.dev_mode:
+        key = s.apps[DEV_APP_ID].private_key
+        sample = generate_user_sign(DEV_APP_ID, key, "alice")
+        print(
+            f"dev mode: app {DEV_APP_ID}, private key {key}\n"
+            f"  sample userSign for alice: {sample}\n"
+            f"  demo page:  http://{host}:{running.http_port}/\n"
+            f"  REST:       http://{host}:{running.http_port}/v1/...  (GET /v1/dev/userSign?userId=bob for more)\n"
+            f"  WebSocket:  ws://{host}:{running.ws_port}/ws    TCP: {host}:{running.tcp_port}",
+            flush=True,
+        )
+
+
+async def serve(settings: Settings) -> None:
+    running = await start(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: closing listeners, telling clients, logging sessions out")
+    await running.stop()
+
+
+def run(settings: Settings) -> None:
+    try:
+        import uvloop  # type: ignore[import-not-found]
+
+        uvloop.run(serve(settings))
+    except ImportError:
+        asyncio.run(serve(settings))

@@ -1,0 +1,383 @@
+"""The gateway end to end: real servers on free ports, real Redis, real TCP and WebSocket clients."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from presence.config import AppConfig, Settings
+from presence.gateway.codec import HEADER, Command, encode_client_frame
+from presence.server import Running, start
+from presence.service import Presence
+from tests.clients import APP, KEY, TcpClient, WsClient, expect, sign
+from tests.conftest import free_port
+
+WEB, IOS, ANDROID, WINDOWS, MAC = 1, 2, 3, 4, 5
+MakeNode = Callable[..., Awaitable[Running]]
+
+
+@pytest.fixture
+async def make_node(real_redis: Redis, redis_url: str) -> AsyncIterator[MakeNode]:
+    running: list[Running] = []
+
+    async def make(login_model: int = 3, node_id: str | None = None, **overrides: Any) -> Running:
+        overrides.setdefault("offline_grace", 0)
+        settings = Settings(
+            redis_url=redis_url, tcp_port=free_port(), ws_port=free_port(), http_port=0, node_id=node_id,
+            apps={APP: AppConfig(private_key=KEY, login_model=login_model)}, **overrides,
+        )
+        node = await start(settings)
+        running.append(node)
+        return node
+
+    yield make
+    for node in running:
+        await node.stop()
+
+
+@pytest.fixture
+def facade(real_redis: Redis) -> Presence:
+    return Presence(real_redis, Settings())
+
+
+async def test_tcp_login_gets_loginack(make_node: MakeNode) -> None:
+    node = await make_node()
+    alice = await TcpClient.connect(node.tcp_port)
+    ack = await alice.login("alice")
+    assert ack.command == Command.LOGINACK and ack.data["userId"] == "alice"
+    assert "-" in ack.data["lastEventId"]
+    await alice.close()
+
+
+@pytest.mark.parametrize("text", [True, False], ids=["ws-text", "ws-binary"])
+async def test_friend_fanout_reaches_websocket_and_tcp(make_node: MakeNode, facade: Presence, text: bool) -> None:
+    node = await make_node()
+    await facade.import_friends(APP, "alice", ["bob", "carol"])
+    bob = await WsClient.connect(node.ws_port, text=text)
+    await bob.login("bob")
+    carol = await TcpClient.connect(node.tcp_port)
+    await carol.login("carol")
+    alice = await TcpClient.connect(node.tcp_port, client_type=IOS, imei="alice-phone")
+    await alice.login("alice")
+    for client in (bob, carol):
+        msg = await expect(client, Command.NOTIFY)
+        assert msg.data["userId"] == "alice" and msg.data["status"] == 1
+        assert msg.data["client"][0]["imei"] == "alice-phone"
+    pack = (await asyncio.gather(alice.close(), expect(bob, Command.NOTIFY)))[1]
+    assert pack.data["status"] == 2 and pack.data["client"] == []
+    assert pack.pack["userId"] == "bob" and pack.pack["eventId"]
+    await bob.close()
+    await carol.close()
+
+
+async def test_sync_goes_to_own_other_devices_not_the_origin(make_node: MakeNode) -> None:
+    node = await make_node()
+    phone = await TcpClient.connect(node.tcp_port, client_type=IOS, imei="phone")
+    await phone.login("alice")
+    pc = await WsClient.connect(node.ws_port, client_type=WINDOWS, imei="pc")
+    await pc.login("alice")
+    sync = await expect(phone, Command.NOTIFY_SYNC)
+    assert {s["imei"] for s in sync.data["client"]} == {"phone", "pc"}
+    # The origin gets nothing: the next thing it receives is the answer to its own PING.
+    await pc.send(Command.PING)
+    await expect(pc, Command.PING)
+    await phone.close()
+    await pc.close()
+
+
+async def test_custom_status_4006_to_friends_4007_to_own_devices(make_node: MakeNode, facade: Presence) -> None:
+    node = await make_node()
+    await facade.add_friend(APP, "alice", "bob")
+    bob = await WsClient.connect(node.ws_port)
+    await bob.login("bob")
+    alice = await WsClient.connect(node.ws_port, client_type=IOS, imei="phone")
+    await alice.login("alice")
+    await expect(bob, Command.NOTIFY)
+    await facade.set_custom_status(APP, "alice", 2, "lunch")
+    custom = await expect(bob, Command.CUSTOM_NOTIFY)
+    assert custom.data == {"userId": "alice", "customStatus": 2, "customText": "lunch"}
+    own = await expect(alice, Command.CUSTOM_NOTIFY_SYNC)
+    assert own.data["customText"] == "lunch"
+    await alice.close()
+    await bob.close()
+
+
+async def test_subscription_over_socket_notifies_until_expiry(make_node: MakeNode, facade: Presence,
+                                                              real_redis: Redis) -> None:
+    node = await make_node()
+    carol = await WsClient.connect(node.ws_port)
+    await carol.login("carol")
+    await carol.send(Command.SUBSCRIBE, {"subUserId": ["alice", "dave"], "subTime": 60_000})
+    reply = await expect(carol, Command.SUBSCRIBE)
+    assert reply.data["code"] == 200 and reply.data["data"]["liveSubscriptions"] == 2
+    alice = await TcpClient.connect(node.tcp_port)
+    await alice.login("alice")
+    assert (await expect(carol, Command.NOTIFY)).data["userId"] == "alice"
+    # Expire carol's subscription to alice: alice's next change must not reach carol, dave's must.
+    await real_redis.zadd(facade.user(APP, "alice").subscribers, {"carol": 1})
+    await alice.close()
+    dave = await TcpClient.connect(node.tcp_port)
+    await dave.login("dave")
+    assert (await expect(carol, Command.NOTIFY)).data["userId"] == "dave"
+    await dave.close()
+    await carol.close()
+
+
+async def test_bad_socket_requests_get_rest_style_errors_and_keep_the_connection(make_node: MakeNode) -> None:
+    node = await make_node()
+    carol = await WsClient.connect(node.ws_port)
+    await carol.login("carol")
+    await carol.send(Command.SUBSCRIBE, {"subUserId": ["alice"], "subTime": 0})
+    reply = await expect(carol, Command.SUBSCRIBE)
+    assert reply.data["code"] == 90001 and "subTime must be between 1 and" in reply.data["msg"]
+    await carol.send(Command.PULL, {"userList": ["x"] * 501})
+    reply = await expect(carol, Command.PULL)
+    assert reply.data["code"] == 90001 and "at most 500" in reply.data["msg"]
+    await carol.send(Command.PULL, {"userList": ["carol"]})
+    reply = await expect(carol, Command.PULL)
+    assert reply.data["data"]["carol"]["status"] == 1
+    await carol.close()
+
+
+async def test_pull_friends_over_socket(make_node: MakeNode, facade: Presence) -> None:
+    node = await make_node()
+    await facade.import_friends(APP, "alice", ["bob", "carol"])
+    alice = await TcpClient.connect(node.tcp_port)
+    await alice.login("alice")
+    alice.send(Command.PULL, {})
+    reply = await expect(alice, Command.PULL)
+    assert set(reply.data["data"]) == {"bob", "carol"} and reply.data["code"] == 200
+    await alice.close()
+
+
+@pytest.mark.parametrize(
+    ("model", "first", "second", "kicked"),
+    [
+        (1, WEB, IOS, True),
+        (2, IOS, WINDOWS, True),
+        (2, IOS, WEB, False),
+        (3, IOS, ANDROID, True),
+        (3, IOS, MAC, False),
+        (4, IOS, IOS, False),
+    ],
+)
+async def test_multi_login_kicks_with_9002_then_closes(make_node: MakeNode, model: int, first: int, second: int,
+                                                        kicked: bool) -> None:
+    node = await make_node(login_model=model)
+    a = await TcpClient.connect(node.tcp_port, client_type=first, imei="first")
+    await a.login("alice")
+    b = await WsClient.connect(node.ws_port, client_type=second, imei="second")
+    await b.login("alice")
+    if kicked:
+        msg = await expect(a, Command.MUTUALLOGIN)
+        assert msg.data["clientType"] == second and msg.data["imei"] == "second"
+        assert await a.closed()
+    else:
+        assert (await expect(a, Command.NOTIFY_SYNC)).data["status"] == 1
+        a.send(Command.PING)
+        await expect(a, Command.PING)
+    await a.close()
+    await b.close()
+
+
+async def test_heartbeat_timeout_closes_and_logs_out(make_node: MakeNode, facade: Presence) -> None:
+    node = await make_node(heartbeat_timeout=0.6)
+    await facade.add_friend(APP, "alice", "bob")
+    bob = await WsClient.connect(node.ws_port)
+    await bob.login("bob")
+    alice = await TcpClient.connect(node.tcp_port)
+    await alice.login("alice")
+    await expect(bob, Command.NOTIFY)
+    # bob keeps pinging; alice goes silent and is dropped.
+    async def keep_alive() -> None:
+        while True:
+            await bob.send(Command.PING)
+            await asyncio.sleep(0.2)
+
+    pinger = asyncio.create_task(keep_alive())
+    try:
+        assert await alice.closed(timeout=5)
+        while (msg := await bob.recv()).command == Command.PING:
+            pass
+        assert msg.command == Command.NOTIFY and msg.data["status"] == 2
+    finally:
+        pinger.cancel()
+    await bob.close()
+
+
+async def test_logout_is_announced_exactly_once(make_node: MakeNode, facade: Presence) -> None:
+    node = await make_node()
+    await facade.import_friends(APP, "bob", ["alice", "dave"])
+    bob = await WsClient.connect(node.ws_port)
+    await bob.login("bob")
+    alice = await TcpClient.connect(node.tcp_port)
+    await alice.login("alice")
+    await expect(bob, Command.NOTIFY)
+    alice.send(Command.LOGOUT)
+    assert await alice.closed()
+    assert (await expect(bob, Command.NOTIFY)).data["status"] == 2
+    # The close that follows LOGOUT must not announce "offline" again: dave's login comes next.
+    dave = await TcpClient.connect(node.tcp_port)
+    await dave.login("dave")
+    msg = await expect(bob, Command.NOTIFY)
+    assert msg.data["userId"] == "dave"
+    await dave.close()
+    await bob.close()
+
+
+async def test_bad_sign_gets_readable_error_and_close(make_node: MakeNode) -> None:
+    node = await make_node()
+    c = await TcpClient.connect(node.tcp_port)
+    c.send(Command.LOGIN, {"userId": "alice", "userSign": sign("mallory")})
+    err = await expect(c, Command.ERROR)
+    assert err.data["code"] == 60005 and "does not match" in err.data["msg"]
+    assert await c.closed()
+    w = await WsClient.connect(node.ws_port)
+    await w.send(Command.LOGIN, {"userId": "alice", "userSign": sign("alice", key="wrong")})
+    err = await expect(w, Command.ERROR)
+    assert err.data["code"] == 60003
+    await w.closed()
+    await w.close()
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        (HEADER.pack(9000, 1, 1, 0, APP, 500, 2) + b"x" * 502, "imeiLength 500"),
+        (HEADER.pack(9000, 1, 1, 0, APP, 1, 70_000), "bodyLength"),
+        (HEADER.pack(9000, 1, 1, 1, APP, 0, 0), "messageType"),
+        (HEADER.pack(1234, 1, 1, 0, APP, 0, 0), "unknown command"),
+        (HEADER.pack(9000, 1, 1, 0, APP, 0, 5) + b"nope!", "JSON"),
+    ],
+)
+async def test_malformed_frame_closes_only_that_connection(make_node: MakeNode, raw: bytes, fragment: str) -> None:
+    node = await make_node()
+    good = await TcpClient.connect(node.tcp_port, imei="good")
+    await good.login("bob")
+    bad = await TcpClient.connect(node.tcp_port, imei="bad")
+    bad.send_raw(raw)
+    err = await expect(bad, Command.ERROR)
+    assert err.data["code"] == 90001 and fragment.lower() in err.data["msg"].lower()
+    assert await bad.closed()
+    good.send(Command.PING)
+    await expect(good, Command.PING)
+    await good.close()
+
+
+async def test_oversize_websocket_message_closes_only_that_connection(make_node: MakeNode) -> None:
+    node = await make_node()
+    good = await WsClient.connect(node.ws_port, imei="good")
+    await good.login("bob")
+    bad = await WsClient.connect(node.ws_port, imei="bad")
+    await bad.ws.send_str("x" * 80_000)
+    assert await bad.closed() == 1009  # message too big
+    await bad.close()
+    await good.send(Command.PING)
+    await expect(good, Command.PING)
+    await good.close()
+
+
+async def test_frames_split_across_reads_and_batched_in_one_write(make_node: MakeNode) -> None:
+    node = await make_node()
+    c = await TcpClient.connect(node.tcp_port)
+    login = encode_client_frame(Command.LOGIN, {"userId": "alice", "userSign": sign("alice")}, imei="tcp-1")
+    for i in range(len(login)):  # one byte at a time
+        c.send_raw(login[i : i + 1])
+        await c.writer.drain()
+    await expect(c, Command.LOGINACK)
+    c.send_raw(encode_client_frame(Command.PING, imei="tcp-1") * 3)
+    for _ in range(3):
+        await expect(c, Command.PING)
+    await c.close()
+
+
+async def test_commands_before_login_are_refused(make_node: MakeNode) -> None:
+    node = await make_node()
+    c = await TcpClient.connect(node.tcp_port)
+    c.send(Command.PULL, {})
+    err = await expect(c, Command.ERROR)
+    assert "LOGIN" in err.data["msg"]
+    assert await c.closed()
+
+
+async def test_resume_replays_missed_entries_within_grace(make_node: MakeNode, facade: Presence) -> None:
+    node = await make_node(offline_grace=30)
+    await facade.add_friend(APP, "alice", "bob")
+    bob = await WsClient.connect(node.ws_port, imei="bob-tab")
+    ack = await bob.login("bob")
+    first = ack.data["lastEventId"]
+    await facade.set_custom_status(APP, "alice", 1, "one")
+    seen = await expect(bob, Command.CUSTOM_NOTIFY)
+    await bob.close()  # dropped: bob stays online for the grace
+    await facade.set_custom_status(APP, "alice", 1, "two")
+    await facade.set_custom_status(APP, "alice", 1, "three")
+    bob = await WsClient.connect(node.ws_port, imei="bob-tab")
+    ack = await bob.login("bob", lastEventId=seen.pack["eventId"])
+    assert ack.data["resumed"] is True
+    assert [(await expect(bob, Command.CUSTOM_NOTIFY)).data["customText"] for _ in range(2)] == ["two", "three"]
+    await bob.close()
+    assert first
+
+
+async def test_resume_after_the_session_ended_asks_for_a_pull(make_node: MakeNode, facade: Presence) -> None:
+    node = await make_node(offline_grace=0)
+    bob = await WsClient.connect(node.ws_port, imei="bob-tab")
+    ack = await bob.login("bob")
+    await bob.send(Command.LOGOUT)
+    await bob.closed()
+    await bob.close()
+    bob = await WsClient.connect(node.ws_port, imei="bob-tab")
+    ack2 = await bob.login("bob", lastEventId=ack.data["lastEventId"])
+    assert ack2.data["resumed"] is False
+    await bob.close()
+
+
+async def test_anti_flap_reconnect_within_grace_is_invisible_to_friends(make_node: MakeNode,
+                                                                       facade: Presence) -> None:
+    node = await make_node(offline_grace=30)
+    await facade.import_friends(APP, "bob", ["alice", "dave"])
+    bob = await WsClient.connect(node.ws_port)
+    await bob.login("bob")
+    alice = await TcpClient.connect(node.tcp_port, imei="alice-phone")
+    await alice.login("alice")
+    assert (await expect(bob, Command.NOTIFY)).data["userId"] == "alice"
+    await alice.close()  # a mobile network drop, no LOGOUT
+    alice = await TcpClient.connect(node.tcp_port, imei="alice-phone")
+    await alice.login("alice")
+    dave = await TcpClient.connect(node.tcp_port)
+    await dave.login("dave")
+    # Neither alice's offline nor a second online: the next thing bob hears is dave.
+    assert (await expect(bob, Command.NOTIFY)).data["userId"] == "dave"
+    for c in (alice, dave):
+        await c.close()
+    await bob.close()
+
+
+async def test_drop_without_reconnect_is_announced_after_the_grace(make_node: MakeNode, facade: Presence) -> None:
+    node = await make_node(offline_grace=0.5)
+    await facade.add_friend(APP, "alice", "bob")
+    bob = await WsClient.connect(node.ws_port)
+    await bob.login("bob")
+    alice = await TcpClient.connect(node.tcp_port)
+    await alice.login("alice")
+    await expect(bob, Command.NOTIFY)
+    loop = asyncio.get_running_loop()
+    dropped = loop.time()
+    await alice.close()
+    msg = await expect(bob, Command.NOTIFY)
+    assert msg.data["status"] == 2 and loop.time() - dropped >= 0.45
+    await bob.close()
+
+
+async def test_node_reaped_while_alive_closes_its_clients(make_node: MakeNode, facade: Presence,
+                                                          real_redis: Redis) -> None:
+    node = await make_node(node_ttl=0.5, node_id="sleepy")
+    alice = await TcpClient.connect(node.tcp_port)
+    await alice.login("alice")
+    await facade.reap_node("sleepy")  # as a peer would after a long pause of this node
+    assert await alice.closed(timeout=5)
+    assert (await facade.query_users(APP, ["alice"]))["alice"].status == 2
