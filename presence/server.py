@@ -108,8 +108,6 @@ def _announce(running: Running, node_id: str) -> None:
         running.ws_port,
         running.http_port,
     )
-    # One machine-readable line: tests and scripts read the real ports from it.
-    print(f"presence listening tcp={running.tcp_port} ws={running.ws_port} http={running.http_port}", flush=True)
     if s.dev_mode:
         key = s.apps[DEV_APP_ID].private_key
         sample = generate_user_sign(DEV_APP_ID, key, "alice")
@@ -121,6 +119,8 @@ def _announce(running: Running, node_id: str) -> None:
             f"  WebSocket:  ws://{host}:{running.ws_port}/ws    TCP: {host}:{running.tcp_port}",
             flush=True,
         )
+    # Last, one machine-readable line: tests and scripts read the real ports from it.
+    print(f"presence listening tcp={running.tcp_port} ws={running.ws_port} http={running.http_port}", flush=True)
 
 
 async def serve(settings: Settings) -> None:

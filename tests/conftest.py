@@ -8,16 +8,19 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import fakeredis
 import pytest
 import redis
 from redis.asyncio import Redis
 
-from presence.config import Settings
+from presence.config import AppConfig, Settings
 from presence.functions import ensure_library
+from presence.server import Running, start
 from presence.service import Presence
+from tests.clients import APP, KEY
 
 
 def free_port() -> int:
@@ -91,3 +94,31 @@ async def any_redis(request: pytest.FixtureRequest, redis_url: str) -> AsyncIter
 @pytest.fixture
 def presence(any_redis: Redis) -> Presence:
     return Presence(any_redis, Settings())
+
+
+MakeNode = Callable[..., Awaitable[Running]]
+
+
+@pytest.fixture
+async def make_node(real_redis: Redis, redis_url: str) -> AsyncIterator[MakeNode]:
+    running: list[Running] = []
+
+    async def make(login_model: int = 3, node_id: str | None = None, **overrides: Any) -> Running:
+        overrides.setdefault("offline_grace", 0)
+        settings = Settings(
+            redis_url=redis_url, tcp_port=free_port(), ws_port=free_port(), http_port=0, node_id=node_id,
+            apps={APP: AppConfig(private_key=KEY, login_model=login_model)}, **overrides,
+        )
+        node = await start(settings)
+        running.append(node)
+        return node
+
+    yield make
+    for node in running:
+        await node.stop()
+
+
+@pytest.fixture
+def facade(real_redis: Redis) -> Presence:
+    return Presence(real_redis, Settings())
+

@@ -3,45 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
-from presence.config import AppConfig, Settings
 from presence.gateway.codec import HEADER, Command, encode_client_frame
-from presence.server import Running, start
 from presence.service import Presence
-from tests.clients import APP, KEY, TcpClient, WsClient, expect, sign
-from tests.conftest import free_port
+from tests.clients import APP, TcpClient, WsClient, expect, sign
+from tests.conftest import MakeNode
 
 WEB, IOS, ANDROID, WINDOWS, MAC = 1, 2, 3, 4, 5
-MakeNode = Callable[..., Awaitable[Running]]
-
-
-@pytest.fixture
-async def make_node(real_redis: Redis, redis_url: str) -> AsyncIterator[MakeNode]:
-    running: list[Running] = []
-
-    async def make(login_model: int = 3, node_id: str | None = None, **overrides: Any) -> Running:
-        overrides.setdefault("offline_grace", 0)
-        settings = Settings(
-            redis_url=redis_url, tcp_port=free_port(), ws_port=free_port(), http_port=0, node_id=node_id,
-            apps={APP: AppConfig(private_key=KEY, login_model=login_model)}, **overrides,
-        )
-        node = await start(settings)
-        running.append(node)
-        return node
-
-    yield make
-    for node in running:
-        await node.stop()
-
-
-@pytest.fixture
-def facade(real_redis: Redis) -> Presence:
-    return Presence(real_redis, Settings())
 
 
 async def test_tcp_login_gets_loginack(make_node: MakeNode) -> None:

@@ -1,0 +1,77 @@
+"""`presence serve` as a process: crash and shutdown leave no ghost presence; embedded mode works."""
+
+from __future__ import annotations
+
+import signal
+
+from presence.gateway.codec import Command
+from presence.service import Presence
+from tests.clients import APP, TcpClient, WsClient, expect
+from tests.conftest import MakeNode
+from tests.serve_process import ServeProcess
+
+
+async def test_killed_node_sessions_go_offline_within_node_ttl(make_node: MakeNode, facade: Presence,
+                                                               redis_url: str) -> None:
+    """A gateway killed with SIGKILL: a peer's reaper logs its users out; friends see "offline"."""
+    await facade.add_friend(APP, "alice", "bob")
+    survivor = await make_node(node_ttl=1.0)
+    bob = await WsClient.connect(survivor.ws_port)
+    await bob.login("bob")
+    doomed = ServeProcess(["--redis", redis_url, "--node-ttl", "1", "--offline-grace", "0", "--node-id", "doomed"])
+    try:
+        alice = await TcpClient.connect(doomed.tcp_port)
+        await alice.login("alice")
+        assert (await expect(bob, Command.NOTIFY)).data["status"] == 1
+        doomed.kill()
+        msg = await expect(bob, Command.NOTIFY, timeout=1.0 + 4.0)  # node_ttl plus a reaper round or two
+        assert msg.data["userId"] == "alice" and msg.data["status"] == 2
+        assert (await facade.query_users(APP, ["alice"]))["alice"].status == 2
+        assert await facade.node_sessions("doomed") == 0
+    finally:
+        doomed.kill()
+    await bob.close()
+
+
+async def test_sigterm_tells_clients_and_logs_sessions_out(make_node: MakeNode, facade: Presence,
+                                                          redis_url: str) -> None:
+    await facade.add_friend(APP, "alice", "bob")
+    peer = await make_node()
+    bob = await WsClient.connect(peer.ws_port)
+    await bob.login("bob")
+    node = ServeProcess(["--redis", redis_url, "--offline-grace", "3", "--node-id", "leaving"])
+    try:
+        alice = await WsClient.connect(node.ws_port)
+        await alice.login("alice")
+        await expect(bob, Command.NOTIFY)
+        node.signal(signal.SIGTERM)
+        assert await alice.closed() == 1001  # going away
+        msg = await expect(bob, Command.NOTIFY)  # at once, not after the grace: the node is leaving
+        assert msg.data["status"] == 2
+        assert node.wait() == 0
+        assert await facade.redis.zscore(facade.keys.nodes, "leaving") is None, "the node left presence:nodes"
+    finally:
+        node.kill()
+    await alice.close()
+    await bob.close()
+
+
+async def test_embedded_store_serves_tcp_websocket_and_dev_signs() -> None:
+    node = ServeProcess([], env={})  # no Redis URL, no app: embedded store in dev mode
+    try:
+        assert "embedded in-process store" in node.output()
+        key = node.dev_key()
+        alice = await TcpClient.connect(node.tcp_port)
+        ack = await alice.login("alice", key=key)
+        assert ack.command == Command.LOGINACK
+        bob = await WsClient.connect(node.ws_port)
+        await bob.login("bob", key=key)
+        await bob.send(Command.PULL, {"userList": ["alice"]})
+        reply = await expect(bob, Command.PULL)
+        assert reply.data["data"]["alice"]["status"] == 1
+        await alice.close()
+        await bob.close()
+    finally:
+        node.signal(signal.SIGTERM)
+        assert node.wait() == 0
+
