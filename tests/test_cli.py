@@ -1,0 +1,43 @@
+"""The presence command: sign, functions show|load."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from redis import Redis
+
+from presence.auth import verify_user_sign
+from presence.functions import library_source
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "presence", *args], capture_output=True, text=True, timeout=30)
+
+
+def test_sign_prints_a_verifiable_user_sign() -> None:
+    out = run("sign", "--app-id", "10000", "--key", "secret", "--user", "alice", "--expire", "60")
+    assert out.returncode == 0
+    verify_user_sign(out.stdout.strip(), 10000, "secret", "alice")
+
+
+def test_functions_show_prints_the_library() -> None:
+    out = run("functions", "show")
+    assert out.returncode == 0 and out.stdout == library_source()
+
+
+def test_functions_load_loads_once(redis_url: str) -> None:
+    client = Redis.from_url(redis_url)
+    client.function_flush()
+    first = run("functions", "load", "--redis", redis_url)
+    second = run("functions", "load", "--redis", redis_url)
+    assert first.returncode == 0 and "loaded library presence" in first.stdout
+    assert second.returncode == 0 and "already up to date" in second.stdout
+    assert client.fcall("presence_version", 0) == b"1.0.0"
+    client.close()
+
+
+def test_functions_load_without_url_explains() -> None:
+    out = subprocess.run([sys.executable, "-m", "presence", "functions", "load"], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin"}, timeout=30)
+    assert out.returncode == 2 and "needs --redis URL" in out.stderr

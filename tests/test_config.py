@@ -1,0 +1,58 @@
+"""Settings: defaults < TOML < environment < flags; apps from PRESENCE_APPS or [apps.N]; dev mode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from presence.config import DEV_APP_ID, load_settings, with_dev_app
+from presence.errors import ParamError
+
+
+def test_defaults_match_the_design() -> None:
+    s = load_settings(env={})
+    assert (s.tcp_port, s.ws_port, s.http_port) == (9000, 19000, 8000)
+    assert (s.heartbeat_timeout, s.node_ttl, s.offline_grace) == (30, 10, 3)
+    assert s.redis_url is None and s.apps == {}
+
+
+def test_precedence_toml_env_flags(tmp_path: Path) -> None:
+    conf = tmp_path / "presence.toml"
+    conf.write_text(
+        'tcp_port = 1\nws_port = 2\nnode_ttl = 5\n[apps.10001]\nprivate_key = "k1"\nadmins = ["root"]\n'
+        "login_model = 1\nunsigned_login = true\n"
+    )
+    env = {"PRESENCE_WS_PORT": "20", "REDIS_URL": "redis://b", "PRESENCE_REDIS_URL": "redis://a",
+           "PRESENCE_APPS": "10000:k0"}
+    s = load_settings(conf, env=env, tcp_port=None, node_ttl=7)
+    assert (s.tcp_port, s.ws_port, s.node_ttl, s.redis_url) == (1, 20, 7, "redis://a")
+    assert s.apps[10001].admins == ("root",) and s.apps[10001].login_model == 1 and s.apps[10001].unsigned_login
+    assert s.apps[10000].private_key == "k0" and s.apps[10000].login_model == 3
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"PRESENCE_APPS": "10000"}, "PRESENCE_APPS entries look like"),
+        ({"PRESENCE_TCP_PORT": "nine"}, "tcp_port must be a number"),
+        ({"PRESENCE_OFFLINE_GRACE": "-1"}, "offline_grace must not be negative"),
+    ],
+)
+def test_bad_settings_say_what_is_wrong(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ParamError, match=message):
+        load_settings(env=env)
+
+
+def test_bad_login_model_in_toml(tmp_path: Path) -> None:
+    conf = tmp_path / "p.toml"
+    conf.write_text('[apps.1]\nprivate_key = "k"\nlogin_model = 9\n')
+    with pytest.raises(ParamError, match=r"login_model must be 1\.\.4"):
+        load_settings(conf, env={})
+
+
+def test_dev_mode_only_without_apps() -> None:
+    dev = with_dev_app(load_settings(env={}))
+    assert dev.dev_mode and list(dev.apps) == [DEV_APP_ID] and len(dev.apps[DEV_APP_ID].private_key) > 20
+    configured = with_dev_app(load_settings(env={"PRESENCE_APPS": "5:k"}))
+    assert not configured.dev_mode and list(configured.apps) == [5]
