@@ -180,26 +180,6 @@ async def test_heartbeat_timeout_closes_and_logs_out(make_node: MakeNode, facade
     await bob.close()
 
 
-async def test_logout_is_announced_exactly_once(make_node: MakeNode, facade: Presence) -> None:
-    node = await make_node()
-    await facade.import_friends(APP, "bob", ["alice", "dave"])
-    bob = await WsClient.connect(node.ws_port)
-    await bob.login("bob")
-    alice = await TcpClient.connect(node.tcp_port)
-    await alice.login("alice")
-    await expect(bob, Command.NOTIFY)
-    alice.send(Command.LOGOUT)
-    assert await alice.closed()
-    assert (await expect(bob, Command.NOTIFY)).data["status"] == 2
-    # The close that follows LOGOUT must not announce "offline" again: dave's login comes next.
-    dave = await TcpClient.connect(node.tcp_port)
-    await dave.login("dave")
-    msg = await expect(bob, Command.NOTIFY)
-    assert msg.data["userId"] == "dave"
-    await dave.close()
-    await bob.close()
-
-
 async def test_bad_sign_gets_readable_error_and_close(make_node: MakeNode) -> None:
     node = await make_node()
     c = await TcpClient.connect(node.tcp_port)

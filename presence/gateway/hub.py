@@ -119,9 +119,10 @@ class Hub:
     async def stop(self, *, logout: bool = True) -> None:
         """Tell clients we are going away, log their sessions out (so no one stays online), stop."""
         self.closing = True
-        for conn in list(self.connections):
+        conns = list(self.connections)
+        for conn in conns:
             conn.close(1001, "server is shutting down")
-            await self.end(conn, "shutdown")
+        await asyncio.gather(*(self.end(conn, "shutdown") for conn in conns), return_exceptions=True)
         for handle in list(self._grace.values()):
             handle.cancel()
         pending = list(self._grace)
