@@ -169,8 +169,9 @@ async def test_live_subscription_cap_is_enforced_in_lua(any_redis: Redis, presen
         await presence.fn.subscribe(keys.subscriptions, [presence.user(APP, "u9").subscribers],
                                     "carol", ["u9"], 60_000, 3)
     # Re-subscribing to a live target does not count twice.
-    await presence.fn.subscribe(keys.subscriptions, [presence.user(APP, "u0").subscribers], "carol", ["u0"],
-                                60_000, 3)
+    _, live = await presence.fn.subscribe(keys.subscriptions, [presence.user(APP, "u0").subscribers], "carol",
+                                          ["u0"], 60_000, 3)
+    assert live == 3
 
 
 async def test_unsubscribe_removes_both_sides(presence: Presence) -> None:
