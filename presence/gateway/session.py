@@ -93,8 +93,9 @@ class ClientConnection:
         elif not self.logged_in:
             await self.fail(Code.PARAMETER_ERROR, f"command {command} needs a LOGIN (9000) first")
         elif command == Command.LOGOUT:
-            self.close(1000, "logged out")
+            # Logged out before the close: a client that reconnects at once finds the session gone.
             await self.hub.end(self, "logout")
+            self.close(1000, "logged out")
         elif command in (Command.SUBSCRIBE, Command.PULL):
             # A bad request is answered like REST answers it; the connection stays up.
             try:
