@@ -9,3 +9,4 @@ from presence.service import Presence
 
 PRESENCE = web.AppKey("presence", Presence)
 SETTINGS = web.AppKey("settings", Settings)
+OPENAPI_SPEC = web.AppKey("openapi_spec", bytes)  # http/openapi.yaml, read once when the REST app is built

@@ -106,3 +106,28 @@ async def test_subscription_pruning_is_by_score_not_a_scan(real_redis: Redis, fa
     assert not {"cmdstat_hgetall", "cmdstat_hkeys", "cmdstat_hscan"} & set(stats)
     assert result.recipients == 1 and await real_redis.zcard(key) == 1
     assert await real_redis.type(key) == b"zset"
+
+
+async def test_only_an_admin_sets_another_users_custom_status(real_redis: Redis) -> None:
+    """Seed: setUserCustomerStatus took userId from the body, so anyone could set anyone's status."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from presence.auth import generate_user_sign
+    from presence.config import AppConfig, Settings
+    from presence.http import create_app
+    from tests.clients import KEY
+
+    settings = Settings(apps={APP: AppConfig(private_key=KEY)})
+    presence = Presence(real_redis, settings)
+    body = {"userId": "alice", "customStatus": 1, "customText": "pwned"}
+
+    def as_user(user: str) -> dict[str, str]:
+        return {"appId": str(APP), "identifier": user, "userSign": generate_user_sign(APP, KEY, user)}
+
+    async with TestClient(TestServer(create_app(presence, settings), host="127.0.0.1", port=0)) as client:
+        resp = await client.post("/v1/user/setUserCustomerStatus", params=as_user("mallory"), json=body)
+        assert resp.status == 403 and (await resp.json())["code"] == 60006
+        assert (await presence.query_users(APP, ["alice"]))["alice"].customText is None
+        resp = await client.post("/v1/user/setUserCustomerStatus", params=as_user("admin"), json=body)
+        assert resp.status == 200
+    assert (await presence.query_users(APP, ["alice"]))["alice"].customText == "pwned"

@@ -1,0 +1,373 @@
+"""The REST app (aiohttp): one handler per endpoint; a middleware maps every error to the seed's envelope.
+
+Contract: ``http/openapi.yaml`` (served at ``GET /openapi.yaml``). Every API call is ``POST`` JSON with the
+query parameters ``appId``, ``identifier`` and ``userSign``; every answer, success or error, is
+``{"code": ..., "msg": ..., "data": ...}`` with a real HTTP status. Handlers only authenticate, decode and
+call the ``Presence`` facade, which owns validation of values and every Redis key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import NamedTuple, TypeVar
+
+import msgspec
+from aiohttp import web
+from prometheus_client import generate_latest
+
+from presence.appkeys import OPENAPI_SPEC, PRESENCE, SETTINGS
+from presence.auth import generate_user_sign, verify_user_sign
+from presence.config import DEV_APP_ID, AppConfig, Settings
+from presence.errors import AuthError, Code, ForbiddenError, ParamError, PresenceError
+from presence.metrics import REGISTRY, REST_REQUESTS
+from presence.models import (
+    AddFriendReq,
+    DeleteFriendReq,
+    ImportFriendReq,
+    PullFriendOnlineStatusReq,
+    PullUserOnlineStatusReq,
+    ResponseVO,
+    SetUserCustomerStatusReq,
+    SubscribeUserOnlineStatusReq,
+    UnsubscribeUserOnlineStatusReq,
+)
+from presence.resources import resource_path
+from presence.service import Presence, check_user_id
+
+log = logging.getLogger("presence.http")
+
+MAX_BODY_BYTES = 64 * 1024
+HEALTH_TIMEOUT_S = 2.0
+# Pinned to the text-format version every scraper accepts (prometheus_client's CONTENT_TYPE_LATEST now says 1.0.0).
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_APP_ID = re.compile(r"[0-9]{1,18}")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
+
+# Built once: msgspec decoders and the encoder are reusable and much faster than building per request.
+_ENCODER = msgspec.json.Encoder()
+_ANY = msgspec.json.Decoder()
+_SUBSCRIBE = msgspec.json.Decoder(SubscribeUserOnlineStatusReq)
+_UNSUBSCRIBE = msgspec.json.Decoder(UnsubscribeUserOnlineStatusReq)
+_SET_STATUS = msgspec.json.Decoder(SetUserCustomerStatusReq)
+_QUERY_FRIENDS = msgspec.json.Decoder(PullFriendOnlineStatusReq)
+_QUERY_USERS = msgspec.json.Decoder(PullUserOnlineStatusReq)
+_ADD_FRIEND = msgspec.json.Decoder(AddFriendReq)
+_DELETE_FRIEND = msgspec.json.Decoder(DeleteFriendReq)
+_IMPORT_FRIEND = msgspec.json.Decoder(ImportFriendReq)
+
+
+# --- response data that is not already a facade model ---
+
+
+class StatusChangeData(msgspec.Struct, kw_only=True):
+    """setUserCustomerStatus: whether the stored status changed and how many pushes it caused."""
+
+    changed: bool
+    recipients: int
+    delivered: int
+
+
+class AddedData(msgspec.Struct):
+    added: int
+
+
+class RemovedData(msgspec.Struct):
+    removed: int
+
+
+class DevSignData(msgspec.Struct):
+    appId: int
+    userId: str
+    userSign: str
+
+
+# --- helpers ---
+
+
+def envelope(data: object = None, *, code: int = Code.SUCCESS, msg: str = "success", status: int = 200) -> web.Response:
+    """The seed's ``{code, msg, data}`` as a JSON response."""
+    return web.Response(
+        body=_ENCODER.encode(ResponseVO(int(code), msg, data)),
+        status=status,
+        content_type="application/json",
+        charset="utf-8",
+    )
+
+
+class Caller(NamedTuple):
+    app_id: int
+    identifier: str
+    app: AppConfig
+
+    @property
+    def is_admin(self) -> bool:
+        return self.identifier in self.app.admins
+
+
+def authenticate(request: web.Request) -> Caller:
+    """Check ``appId``, ``identifier`` and ``userSign`` in the seed's order; AuthError (401) otherwise."""
+    query = request.query
+    raw_app = query.get("appId", "")
+    if not raw_app:
+        raise AuthError("appId is missing", Code.APP_ID_MISSING)
+    # int() alone would also take " 1", "1_0" and non-ASCII digits.
+    if not _APP_ID.fullmatch(raw_app):
+        raise AuthError(f"appId must be a decimal integer, got {raw_app[:32]!r}", Code.APP_ID_MISSING)
+    app_id = int(raw_app)
+    app = request.app[SETTINGS].app(app_id)
+    if app is None:
+        raise AuthError(f"appId {app_id} is not a configured app", Code.APP_ID_MISSING)
+    identifier = query.get("identifier", "")
+    if not identifier:
+        raise AuthError("identifier is missing", Code.IDENTIFIER_MISSING)
+    user_sign = query.get("userSign", "")
+    if not user_sign:
+        raise AuthError("userSign is missing", Code.USER_SIGN_MISSING)
+    verify_user_sign(user_sign, app_id, app.private_key, identifier)
+    check_user_id("identifier", identifier)
+    return Caller(app_id, identifier, app)
+
+
+def require_admin(caller: Caller, action: str) -> None:
+    if not caller.is_admin:
+        raise ForbiddenError(f"{action} needs an admin of app {caller.app_id}; {caller.identifier!r} is not one")
+
+
+async def decode_body(request: web.Request, decoder: msgspec.json.Decoder[T]) -> T:
+    """The JSON body as the request model; an empty body counts as ``{}``; unknown fields are ignored."""
+    # Refuse a declared oversize body before reading it; read() enforces the same limit for chunked ones.
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise web.HTTPRequestEntityTooLarge(MAX_BODY_BYTES, request.content_length)
+    raw = await request.read() or b"{}"
+    try:
+        return decoder.decode(raw)
+    except msgspec.ValidationError as exc:  # names rule and path: "Expected `int`, got `str` - at `$.subTime`"
+        if "got `float`" not in str(exc):
+            raise ParamError(str(exc)) from None
+        error = exc
+    except msgspec.DecodeError as exc:
+        raise ParamError(str(exc)) from None
+    except RecursionError:  # msgspec's answer to a deeply nested document, even in an ignored field
+        raise ParamError("JSON is nested too deeply") from None
+    # JSON Schema (and the seed's Jackson) take 3.0 as the integer 3; strict msgspec does not. Slow path only.
+    try:
+        return msgspec.convert(_integral(_ANY.decode(raw)), decoder.type)
+    except msgspec.ValidationError as exc:  # another field is wrong too
+        raise ParamError(str(exc)) from None
+    except (msgspec.DecodeError, RecursionError):
+        raise ParamError(str(error)) from None
+
+
+def _integral(value: object) -> object:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
+# --- middlewares ---
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count every request by route template (bounded label set) and final status."""
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    status = "500"
+    try:
+        response = await handler(request)
+        status = str(response.status)
+        return response
+    except web.HTTPException as exc:
+        status = str(exc.status)
+        raise
+    except asyncio.CancelledError:
+        status = "499"  # the client went away (nginx's convention)
+        raise
+    finally:
+        REST_REQUESTS.labels(route, status).inc()
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error becomes an envelope with a seed code and a real HTTP status; never a stack trace."""
+    try:
+        return await handler(request)
+    except PresenceError as exc:
+        if exc.http_status >= 500:
+            log.error("%s %s failed: %s", request.method, request.path, exc.message)
+            return envelope(code=Code.SYSTEM_ERROR, msg="system error", status=500)
+        return envelope(code=exc.code, msg=exc.message, status=exc.http_status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _http_error(request, exc)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return envelope(code=Code.SYSTEM_ERROR, msg="system error", status=500)
+
+
+def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    if exc.status == 404:
+        return envelope(code=Code.NOT_FOUND, msg=f"no such endpoint: {request.path}", status=404)
+    if exc.status == 405:
+        allowed = exc.headers.get("Allow", "")
+        response = envelope(
+            code=Code.PARAMETER_ERROR, msg=f"method {request.method} is not allowed here; use {allowed}", status=405
+        )
+        response.headers["Allow"] = allowed
+        return response
+    if exc.status == 413:
+        msg = f"request body is larger than {MAX_BODY_BYTES} bytes"
+        return envelope(code=Code.PARAMETER_ERROR, msg=msg, status=413)
+    if exc.status >= 500:
+        log.error("%s %s failed: HTTP %s %s", request.method, request.path, exc.status, exc.reason)
+        return envelope(code=Code.SYSTEM_ERROR, msg="system error", status=500)
+    return envelope(code=Code.PARAMETER_ERROR, msg=exc.reason, status=exc.status)
+
+
+# --- API handlers ---
+
+routes = web.RouteTableDef()
+
+
+@routes.post("/v1/user/subscribeUserOnlineStatus")
+async def subscribe_user_online_status(request: web.Request) -> web.Response:
+    caller = authenticate(request)
+    req = await decode_body(request, _SUBSCRIBE)
+    result = await request.app[PRESENCE].subscribe(caller.app_id, caller.identifier, req.subUserId, req.subTime)
+    return envelope(result)
+
+
+@routes.post("/v1/user/unsubscribeUserOnlineStatus")
+async def unsubscribe_user_online_status(request: web.Request) -> web.Response:
+    caller = authenticate(request)
+    req = await decode_body(request, _UNSUBSCRIBE)
+    removed = await request.app[PRESENCE].unsubscribe(caller.app_id, caller.identifier, req.subUserId)
+    return envelope(RemovedData(removed))
+
+
+@routes.post("/v1/user/setUserCustomerStatus")
+async def set_user_customer_status(request: web.Request) -> web.Response:
+    caller = authenticate(request)
+    req = await decode_body(request, _SET_STATUS)
+    # The seed took userId from the body alone, so anyone could set anyone's status.
+    user_id = caller.identifier if req.userId is None else req.userId
+    if user_id != caller.identifier:
+        require_admin(caller, "setting another user's status")
+    result = await request.app[PRESENCE].set_custom_status(caller.app_id, user_id, req.customStatus, req.customText)
+    return envelope(StatusChangeData(changed=result.changed, recipients=result.recipients, delivered=result.delivered))
+
+
+@routes.post("/v1/user/queryFriendOnlineStatus")
+async def query_friend_online_status(request: web.Request) -> web.Response:
+    caller = authenticate(request)
+    await decode_body(request, _QUERY_FRIENDS)  # no fields, but a body that is not an object is still an error
+    return envelope(await request.app[PRESENCE].query_friends(caller.app_id, caller.identifier))
+
+
+@routes.post("/v1/user/queryUserOnlineStatus")
+async def query_user_online_status(request: web.Request) -> web.Response:
+    caller = authenticate(request)
+    req = await decode_body(request, _QUERY_USERS)
+    return envelope(await request.app[PRESENCE].query_users(caller.app_id, req.userList))
+
+
+@routes.post("/v1/friendship/addFriend")
+async def add_friend(request: web.Request) -> web.Response:
+    caller = authenticate(request)
+    require_admin(caller, "addFriend")
+    req = await decode_body(request, _ADD_FRIEND)
+    return envelope(AddedData(await request.app[PRESENCE].add_friend(caller.app_id, req.fromId, req.toItem.toId)))
+
+
+@routes.post("/v1/friendship/deleteFriend")
+async def delete_friend(request: web.Request) -> web.Response:
+    caller = authenticate(request)
+    require_admin(caller, "deleteFriend")
+    req = await decode_body(request, _DELETE_FRIEND)
+    return envelope(RemovedData(await request.app[PRESENCE].delete_friend(caller.app_id, req.fromId, req.toId)))
+
+
+@routes.post("/v1/friendship/importFriend")
+async def import_friend(request: web.Request) -> web.Response:
+    caller = authenticate(request)
+    require_admin(caller, "importFriend")
+    req = await decode_body(request, _IMPORT_FRIEND)
+    to_ids = [item.toId for item in req.friendItem]
+    return envelope(AddedData(await request.app[PRESENCE].import_friends(caller.app_id, req.fromId, to_ids)))
+
+
+# --- operations ---
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    """Ready when Redis answers PING; 503 otherwise (a load balancer takes this node out)."""
+    try:
+        async with asyncio.timeout(HEALTH_TIMEOUT_S):
+            await request.app[PRESENCE].redis.ping()
+    except Exception as exc:  # any failure to reach Redis means not ready
+        log.warning("healthz: redis is unavailable: %r", exc)
+        return web.json_response({"status": "unavailable", "reason": f"redis: {type(exc).__name__}"}, status=503)
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+@routes.get("/openapi.yaml")
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI_SPEC], content_type="application/yaml", charset="utf-8")
+
+
+# --- dev mode only: the demo page needs a userSign and a friend without an admin tool ---
+
+dev_routes = web.RouteTableDef()
+
+
+def _dev_app_id(settings: Settings) -> int:
+    return DEV_APP_ID if DEV_APP_ID in settings.apps else min(settings.apps)
+
+
+@dev_routes.get("/v1/dev/userSign")
+async def dev_user_sign(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    user_id = check_user_id("userId", request.query.get("userId", ""))
+    app_id = _dev_app_id(settings)
+    key = settings.apps[app_id].private_key
+    return envelope(DevSignData(app_id, user_id, generate_user_sign(app_id, key, user_id)))
+
+
+@dev_routes.post("/v1/dev/friends")
+async def dev_friends(request: web.Request) -> web.Response:
+    user_id = check_user_id("userId", request.query.get("userId", ""))
+    friend_id = check_user_id("friendId", request.query.get("friendId", ""))
+    if friend_id == user_id:
+        raise ParamError("friendId must differ from userId")
+    app_id = _dev_app_id(request.app[SETTINGS])
+    return envelope(AddedData(await request.app[PRESENCE].add_friend(app_id, user_id, friend_id)))
+
+
+def create_app(presence: Presence, settings: Settings) -> web.Application:
+    """The REST application; run it with ``web.AppRunner`` (or ``web.run_app``) next to the gateway."""
+    app = web.Application(middlewares=[metrics_middleware, error_middleware], client_max_size=MAX_BODY_BYTES)
+    app[PRESENCE] = presence
+    app[SETTINGS] = settings
+    # Read once at start: a missing contract fails the start, not the first request for it.
+    app[OPENAPI_SPEC] = resource_path("http/openapi.yaml").read_bytes()
+    app.add_routes(routes)
+    if settings.dev_mode and settings.apps:
+        log.warning("dev mode: /v1/dev/userSign and /v1/dev/friends are open to anyone who reaches this port")
+        app.add_routes(dev_routes)
+    return app
