@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
+from presence.auth import generate_user_sign
+from presence.config import AppConfig, Settings
 from presence.errors import ParamError
 from presence.gateway.codec import Command
+from presence.http import create_app
 from presence.service import Presence
-from tests.clients import APP, TcpClient, WsClient, expect
+from tests.clients import APP, KEY, TcpClient, WsClient, expect
 from tests.conftest import MakeNode
 
 IOS = 2
@@ -110,13 +114,6 @@ async def test_subscription_pruning_is_by_score_not_a_scan(real_redis: Redis, fa
 
 async def test_only_an_admin_sets_another_users_custom_status(real_redis: Redis) -> None:
     """Seed: setUserCustomerStatus took userId from the body, so anyone could set anyone's status."""
-    from aiohttp.test_utils import TestClient, TestServer
-
-    from presence.auth import generate_user_sign
-    from presence.config import AppConfig, Settings
-    from presence.http import create_app
-    from tests.clients import KEY
-
     settings = Settings(apps={APP: AppConfig(private_key=KEY)})
     presence = Presence(real_redis, settings)
     body = {"userId": "alice", "customStatus": 1, "customText": "pwned"}

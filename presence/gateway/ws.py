@@ -8,13 +8,13 @@ from collections import deque
 
 from aiohttp import WSMsgType, web
 
+from presence.appkeys import HUB
 from presence.gateway.codec import HEADER, MAX_BODY, MAX_IMEI, FrameError, decode_binary_message, decode_text_message
 from presence.gateway.hub import Encoded, Hub
 from presence.gateway.session import ClientConnection
 
 log = logging.getLogger("presence.gateway.ws")
 
-HUB = web.AppKey("hub", Hub)
 MAX_QUEUED = 10_000  # frames waiting for a slow client before it is dropped
 
 
