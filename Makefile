@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: install run test lint redis-server bench bench-quick clean
+.PHONY: install run test lint redis-server chromium bench bench-quick clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,23 @@ redis-server:
 	    echo "macOS: brew install redis) or set REDIS_URL to a Redis 7 you can flush."; exit 1; \
 	  fi; }
 
+# The browser tests drive Debian's chromium through Playwright's Python package (from the test extra);
+# Playwright's own browser downloads are never used. PRESENCE_CHROMIUM points the tests at another binary.
+CHROMIUM ?= $(or $(PRESENCE_CHROMIUM),/usr/bin/chromium)
+chromium:
+	@[ -x "$(CHROMIUM)" ] || { \
+	  if [ "$(CHROMIUM)" = /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "$(CHROMIUM) not found: installing Debian's chromium package"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	  else \
+	    echo "$(CHROMIUM) is missing. Install Chromium (Debian: sudo apt-get install -y chromium)"; \
+	    echo "or set PRESENCE_CHROMIUM to a Chromium or Chrome binary."; exit 1; \
+	  fi; }
+
 run: install
 	$(VENV)/bin/presence serve
 
-test: install redis-server
+test: install redis-server chromium
 	$(PY) -m pytest
 
 lint: install
@@ -36,3 +49,13 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist
+
+# Benchmarks (bench/, results in BENCHMARKS.md and bench/results/): a private redis-server, real `presence serve`
+# and seed-gateway processes, WebSocket clients in separate processes. bench-quick takes about 2-3 minutes.
+bench: install redis-server
+	$(PY) -m pip install -q matplotlib py-spy
+	$(PY) -m bench.run --full
+
+bench-quick: install redis-server
+	$(PY) -m pip install -q matplotlib py-spy
+	$(PY) -m bench.run --quick

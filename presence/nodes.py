@@ -33,6 +33,7 @@ class NodeKeeper:
         self.on_reaped = on_reaped
         self.interval = min(interval, max(node_ttl / 3, 0.05))
         self._beaten = False
+        self.stopped = False  # loops also check a flag: redis-py may swallow a cancel mid-command
 
     async def beat(self) -> None:
         if self.node_id is None:
@@ -54,7 +55,7 @@ class NodeKeeper:
         return total
 
     async def run(self) -> None:
-        while True:
+        while not self.stopped:
             await asyncio.sleep(self.interval)
             try:
                 await self.beat()

@@ -131,9 +131,12 @@ class Hub:
             await asyncio.gather(*(self._logout_member(m, "shutdown") for m in pending), return_exceptions=True)
         if self._pending:
             await asyncio.wait(self._pending, timeout=5)
+        self.keeper.stopped = True
+        self._wake.set()
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # redis-py can swallow a cancel that lands mid-command; never let that hang the shutdown.
+        await asyncio.wait(self._tasks, timeout=2)
         self._tasks.clear()
         with contextlib.suppress(Exception):
             await self.pubsub.aclose()
@@ -256,7 +259,7 @@ class Hub:
         self._wake.set()
 
     async def _doorbells(self) -> None:
-        while True:
+        while not self.closing:
             try:
                 msg = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             except asyncio.CancelledError:
@@ -284,12 +287,12 @@ class Hub:
             self._wake.set()
 
     async def _sweep(self) -> None:
-        while True:
+        while not self.closing:
             await asyncio.sleep(self.sweep_interval)
             self._mark_all()
 
     async def _deliver(self) -> None:
-        while True:
+        while not self.closing:
             await self._wake.wait()
             self._wake.clear()
             while self._dirty:
@@ -350,7 +353,7 @@ class Hub:
         timeout = self.settings.heartbeat_timeout
         if timeout <= 0:
             return
-        while True:
+        while not self.closing:
             await asyncio.sleep(min(1.0, timeout / 3))
             limit = time.monotonic() - timeout
             for conn in [c for c in self.connections if c.last_active < limit]:

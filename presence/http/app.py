@@ -22,6 +22,7 @@ from presence.appkeys import OPENAPI_SPEC, PRESENCE, SETTINGS
 from presence.auth import generate_user_sign, verify_user_sign
 from presence.config import DEV_APP_ID, AppConfig, Settings
 from presence.errors import AuthError, Code, ForbiddenError, ParamError, PresenceError
+from presence.http.demo import add_demo_routes, ws_url_on_port
 from presence.metrics import REGISTRY, REST_REQUESTS
 from presence.models import (
     AddFriendReq,
@@ -370,4 +371,5 @@ def create_app(presence: Presence, settings: Settings) -> web.Application:
     if settings.dev_mode and settings.apps:
         log.warning("dev mode: /v1/dev/userSign and /v1/dev/friends are open to anyone who reaches this port")
         app.add_routes(dev_routes)
+        add_demo_routes(app, ws_url_for=ws_url_on_port(settings.ws_port))
     return app
