@@ -5,7 +5,7 @@
  * One ES module, no build step, no dependencies. It speaks the gateway's WebSocket JSON text mode
  * (gateway/PROTOCOL-frames.md): LOGIN, PING on an interval, a watchdog that drops a silent socket,
  * reconnection with jittered exponential backoff, resume from the last seen eventId, and
- * SUBSCRIBE / PULL requests over the socket. API reference: gateway/CLIENT-JS.md.
+ * SUBSCRIBE / PULL requests over the socket. API reference: gateway/PROTOCOL.md, section 8.
  *
  * @example
  *   import { PresenceClient } from "./presence-client.js";
