@@ -93,25 +93,9 @@ class PresenceFunctions:
     def _users(raw: Sequence[bytes]) -> list[str]:
         return [r.decode() for r in raw]
 
-    async def login(
-        self,
-        keys: UserKeys,
-        app_id: int,
-        user_id: str,
-        client_type: int,
-        imei: str,
-        conn_id: str,
-        broker_id: str,
-        broker_host: str,
-        version: int,
-        login_model: int,
-    ) -> StatusChange:
-        reply = await self.call(
-            "presence_login",
-            keys.state(),
-            self.login_args(app_id, user_id, client_type, imei, conn_id, broker_id, broker_host, version, login_model),
-        )
-        return self.parse_login(reply)
+    async def login(self, keys: UserKeys, args: Sequence[Any]) -> StatusChange:
+        """``args`` from ``login_args`` (the service pipelines the same call with its node bookkeeping)."""
+        return self.parse_login(await self.call("presence_login", keys.state(), args))
 
     def parse_login(self, reply: Sequence[Any]) -> StatusChange:
         return StatusChange(

@@ -129,8 +129,7 @@ class Presence:
             REDIS_LATENCY.labels("presence_login").observe(time.perf_counter() - started)
             change = self.fn.parse_login(reply)
         else:
-            reply = await self.fn.call("presence_login", keys.state(), args)
-            change = self.fn.parse_login(reply)
+            change = await self.fn.login(keys, args)
         return await self._spread(app_id, change, NOTIFY_STATUS, "online")
 
     async def logout(

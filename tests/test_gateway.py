@@ -8,11 +8,23 @@ import pytest
 from redis.asyncio import Redis
 
 from presence.gateway.codec import HEADER, Command, encode_client_frame
+from presence.server import Running
 from presence.service import Presence
 from tests.clients import APP, TcpClient, WsClient, expect, sign
 from tests.conftest import MakeNode
 
 WEB, IOS, ANDROID, WINDOWS, MAC = 1, 2, 3, 4, 5
+
+
+async def friends_online(node: Running, facade: Presence) -> tuple[WsClient, TcpClient]:
+    """bob (WebSocket) and alice (TCP), friends, both logged in; bob has seen alice come online."""
+    await facade.add_friend(APP, "alice", "bob")
+    bob = await WsClient.connect(node.ws_port)
+    await bob.login("bob")
+    alice = await TcpClient.connect(node.tcp_port)
+    await alice.login("alice")
+    await expect(bob, Command.NOTIFY)
+    return bob, alice
 
 
 async def test_tcp_login_gets_loginack(make_node: MakeNode) -> None:
@@ -157,12 +169,7 @@ async def test_multi_login_kicks_with_9002_then_closes(make_node: MakeNode, mode
 
 async def test_heartbeat_timeout_closes_and_logs_out(make_node: MakeNode, facade: Presence) -> None:
     node = await make_node(heartbeat_timeout=0.6)
-    await facade.add_friend(APP, "alice", "bob")
-    bob = await WsClient.connect(node.ws_port)
-    await bob.login("bob")
-    alice = await TcpClient.connect(node.tcp_port)
-    await alice.login("alice")
-    await expect(bob, Command.NOTIFY)
+    bob, alice = await friends_online(node, facade)
     # bob keeps pinging; alice goes silent and is dropped.
     async def keep_alive() -> None:
         while True:
@@ -310,12 +317,7 @@ async def test_anti_flap_reconnect_within_grace_is_invisible_to_friends(make_nod
 
 async def test_drop_without_reconnect_is_announced_after_the_grace(make_node: MakeNode, facade: Presence) -> None:
     node = await make_node(offline_grace=0.5)
-    await facade.add_friend(APP, "alice", "bob")
-    bob = await WsClient.connect(node.ws_port)
-    await bob.login("bob")
-    alice = await TcpClient.connect(node.tcp_port)
-    await alice.login("alice")
-    await expect(bob, Command.NOTIFY)
+    bob, alice = await friends_online(node, facade)
     loop = asyncio.get_running_loop()
     dropped = loop.time()
     await alice.close()
