@@ -318,6 +318,10 @@ class Presence:
     async def node_sessions(self, node_id: str) -> int:
         return int(await self.redis.scard(self.keys.node_sessions(node_id)))
 
+    async def node_session_members(self, node_id: str) -> set[str]:
+        """``appId|userId|clientType|imei|connId`` of every session recorded for a node."""
+        return {m.decode() for m in await self.redis.smembers(self.keys.node_sessions(node_id))}
+
     # --- inboxes (read by the gateway) ---
 
     def inbox_key(self, app_id: int, user_id: str) -> str:

@@ -334,3 +334,16 @@ async def test_node_reaped_while_alive_closes_its_clients(make_node: MakeNode, f
     await facade.reap_node("sleepy")  # as a peer would after a long pause of this node
     assert await alice.closed(timeout=5)
     assert (await facade.query_users(APP, ["alice"]))["alice"].status == 2
+
+
+async def test_reconcile_logs_out_sessions_no_connection_holds(make_node: MakeNode, facade: Presence) -> None:
+    """A logout lost to a Redis error is caught by the node's own reconciliation: no ghost online."""
+    node = await make_node(node_id="keeper")
+    alice = await TcpClient.connect(node.tcp_port)
+    await alice.login("alice")
+    await facade.login(APP, "ghost", IOS, "lost", conn_id="gone", node_id="keeper")  # its logout never came
+    assert await node.hub.reconcile() == 0  # first sighting: maybe a login in flight
+    assert await node.hub.reconcile() == 1
+    state = await facade.query_users(APP, ["ghost", "alice"])
+    assert state["ghost"].status == 2 and state["alice"].status == 1
+    await alice.close()

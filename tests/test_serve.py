@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 
+from presence.functions import ensure_library
 from presence.gateway.codec import Command
 from presence.service import Presence
+from presence.store import open_redis
 from tests.clients import APP, TcpClient, WsClient, expect
 from tests.conftest import MakeNode
 from tests.serve_process import ServeProcess
@@ -75,3 +78,16 @@ async def test_embedded_store_serves_tcp_websocket_and_dev_signs() -> None:
         node.signal(signal.SIGTERM)
         assert node.wait() == 0
 
+
+
+async def test_connection_pool_waits_instead_of_failing(redis_url: str) -> None:
+    """A burst bigger than the pool queues for a connection: no "Too many connections", no lost logout."""
+    redis, embedded = open_redis(redis_url, max_connections=4)
+    assert not embedded
+    presence = Presence(redis)
+    await ensure_library(redis)
+    users = [f"burst{i}" for i in range(300)]
+    await asyncio.gather(*(presence.login(APP, u, 2, "d", node_id="burst") for u in users))
+    await asyncio.gather(*(presence.logout(APP, u, 2, "d") for u in users))
+    assert all(s.status == 2 for s in (await presence.query_users(APP, users)).values())
+    await redis.aclose()

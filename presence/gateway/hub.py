@@ -19,13 +19,14 @@ from presence.gateway.codec import Command, encode_pack, encode_tcp, encode_ws_b
 from presence.metrics import CONNECTIONS, DELIVERIES, DOORBELLS, LOGINS, LOGOUTS
 from presence.models import ChangeResult
 from presence.nodes import NodeKeeper
-from presence.service import Presence, new_conn_id
+from presence.service import Presence, new_conn_id, node_member, parse_node_member
 
 log = logging.getLogger("presence.gateway")
 
 EventId = tuple[int, int]
 READ_COUNT = 100
 READ_BATCH = 500
+LOGOUT_ATTEMPTS = 5
 
 
 def parse_event_id(value: str | bytes) -> EventId:
@@ -104,6 +105,8 @@ class Hub:
         self._tasks: list[asyncio.Task[None]] = []
         self._pending: set[asyncio.Task[object]] = set()
         self.sweep_interval = 5.0
+        self.reconcile_interval = 30.0
+        self._suspects: set[str] = set()
         self.keeper = NodeKeeper(presence, node_id, settings.node_ttl, on_reaped=self._reaped_meanwhile)
         self.closing = False
 
@@ -113,7 +116,15 @@ class Hub:
         self.pubsub = self.presence.redis.pubsub()
         await self.pubsub.subscribe(self.presence.doorbell_channel(self.node_id))
         await self.keeper.beat()
-        for coro in (self._doorbells(), self._deliver(), self._sweep(), self._idle_check(), self.keeper.run()):
+        loops = (
+            self._doorbells(),
+            self._deliver(),
+            self._sweep(),
+            self._idle_check(),
+            self._reconcile_loop(),
+            self.keeper.run(),
+        )
+        for coro in loops:
             self._tasks.append(asyncio.create_task(coro))
 
     async def stop(self, *, logout: bool = True) -> None:
@@ -221,28 +232,55 @@ class Hub:
         await self._logout(conn, reason)
 
     def _member(self, conn: Connection) -> str:
-        return f"{conn.app_id}|{conn.user_id}|{conn.client_type}|{conn.imei}|{conn.conn_id}"
+        return node_member(conn.app_id, conn.user_id, conn.client_type, conn.imei, conn.conn_id)
 
     def _grace_expired(self, member: str, reason: str) -> None:
         if self._grace.pop(member, None) is not None:
             self._spawn(self._logout_member(member, reason))
 
     async def _logout_member(self, member: str, reason: str) -> None:
-        head, _, conn_id = member.rpartition("|")
-        app, user, ct, imei = head.split("|", 3)
-        await self._do_logout(int(app), user, int(ct), imei, conn_id, reason)
+        await self._do_logout(*parse_node_member(member), reason)
 
     async def _logout(self, conn: Connection, reason: str) -> None:
         await self._do_logout(conn.app_id, conn.user_id, conn.client_type, conn.imei, conn.conn_id, reason)
 
     async def _do_logout(self, app_id: int, user_id: str, ct: int, imei: str, conn_id: str, reason: str) -> None:
-        try:
-            result = await self.presence.logout(app_id, user_id, ct, imei, conn_id=conn_id, node_id=self.node_id)
-        except Exception:  # the reaper logs it out later: the node set still names it
-            log.exception("logout of %s/%s failed; the reaper will retry", user_id, imei)
+        for attempt in range(LOGOUT_ATTEMPTS):
+            try:
+                result = await self.presence.logout(app_id, user_id, ct, imei, conn_id=conn_id, node_id=self.node_id)
+            except Exception as exc:
+                if attempt == LOGOUT_ATTEMPTS - 1 or self.closing:
+                    # The session stays in this node's set: reconcile() (or a reaper) logs it out later.
+                    log.error("logout of %s/%s failed (%r); left for reconciliation", user_id, imei, exc)
+                    return
+                await asyncio.sleep(0.2 * 2**attempt)
+                continue
+            if result.changed:
+                LOGOUTS.labels(reason).inc()
             return
-        if result.changed:
-            LOGOUTS.labels(reason).inc()
+
+    async def reconcile(self) -> int:
+        """Log out sessions this node's set records but no local connection holds (a lost logout).
+
+        A member counts as stale only when two rounds in a row find it so, which leaves room for a
+        login in flight (recorded before its connection is marked logged in).
+        """
+        live = {self._member(c) for c in self.connections if c.logged_in} | set(self._grace)
+        stale = {m for m in await self.presence.node_session_members(self.node_id) if m not in live}
+        confirmed, self._suspects = stale & self._suspects, stale
+        for member in confirmed:
+            await self._logout_member(member, "reconciled")
+        return len(confirmed)
+
+    async def _reconcile_loop(self) -> None:
+        while not self.closing:
+            await asyncio.sleep(self.reconcile_interval)
+            try:
+                await self.reconcile()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reconciling this node's sessions failed; retrying next round")
 
     def _spawn(self, coro: object) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
