@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from redis.asyncio import Redis
@@ -347,3 +348,20 @@ async def test_reconcile_logs_out_sessions_no_connection_holds(make_node: MakeNo
     state = await facade.query_users(APP, ["ghost", "alice"])
     assert state["ghost"].status == 2 and state["alice"].status == 1
     await alice.close()
+
+
+@pytest.mark.parametrize("text", [True, False], ids=["ws-text", "ws-binary"])
+async def test_large_pull_reply_crosses_the_64k_websocket_frame_size(make_node: MakeNode, facade: Presence,
+                                                                     text: bool) -> None:
+    """Pushes and replies are framed by us: a reply over 65,535 bytes needs the 8-byte length form."""
+    node = await make_node()
+    users = [f"user-with-a-long-name-{i:03d}" for i in range(500)]
+    for user in users[:250]:
+        await facade.set_custom_status(APP, user, 1, "x" * 100)
+    carol = await WsClient.connect(node.ws_port, text=text)
+    await carol.login("carol")
+    await carol.send(Command.PULL, {"userList": users})
+    reply = await expect(carol, Command.PULL)
+    assert len(reply.data["data"]) == 500 and reply.data["data"][users[0]]["customText"] == "x" * 100
+    assert len(json.dumps(reply.pack, separators=(",", ":"))) > 65_535
+    await carol.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 import time
 from typing import Protocol
 
@@ -40,16 +41,30 @@ def format_event_id(value: EventId) -> str:
     return f"{value[0]}-{value[1]}"
 
 
+def websocket_frame(payload: bytes, *, text: bool) -> bytes:
+    """An unmasked, unfragmented, uncompressed server frame (RFC 6455 section 5.2)."""
+    first = 0x81 if text else 0x82  # FIN + opcode
+    size = len(payload)
+    if size < 126:
+        header = bytes((first, size))
+    elif size < 1 << 16:
+        header = struct.pack("!BBH", first, 126, size)
+    else:
+        header = struct.pack("!BBQ", first, 127, size)
+    return header + payload
+
+
 class Encoded:
     """One entry's bytes per wire format, built on first use and shared by every connection."""
 
-    __slots__ = ("_binary", "_pack", "_tcp", "app_id", "command", "data", "event_id", "user_id")
+    __slots__ = ("_binary", "_pack", "_tcp", "_text_frame", "app_id", "command", "data", "event_id", "user_id")
 
     def __init__(self, command: int, data: bytes, app_id: int, user_id: str, event_id: str | None) -> None:
         self.command, self.data, self.app_id, self.user_id, self.event_id = command, data, app_id, user_id, event_id
         self._tcp: bytes | None = None
         self._pack: bytes | None = None
         self._binary: bytes | None = None
+        self._text_frame: bytes | None = None
 
     def tcp(self) -> bytes:
         if self._tcp is None:
@@ -64,10 +79,17 @@ class Encoded:
             self._pack = pack
         return self._pack
 
-    def ws_binary(self) -> bytes:
+    def ws_binary_frame(self) -> bytes:
+        """A whole WebSocket binary frame: the seed's 8-byte header and the pack."""
         if self._binary is None:
-            self._binary = encode_ws_binary(self.command, self.pack())
+            self._binary = websocket_frame(encode_ws_binary(self.command, self.pack()), text=False)
         return self._binary
+
+    def ws_text_frame(self) -> bytes:
+        """A whole WebSocket text frame: the pack as JSON."""
+        if self._text_frame is None:
+            self._text_frame = websocket_frame(self.pack(), text=True)
+        return self._text_frame
 
 
 class Connection(Protocol):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 
 from aiohttp import WSMsgType, web
 
@@ -15,70 +14,57 @@ from presence.gateway.session import ClientConnection
 
 log = logging.getLogger("presence.gateway.ws")
 
-MAX_QUEUED = 10_000  # frames waiting for a slow client before it is dropped
+MAX_WRITE_BUFFER = 1 << 20  # a client this far behind is dropped rather than buffered without end
 
 
 class WsConnection(ClientConnection):
+    """Pushes are written as ready-made WebSocket frames straight to the transport.
+
+    A push is framed once (``Encoded.ws_text_frame`` / ``ws_binary_frame``) and the same bytes go to
+    every connection, as on TCP; aiohttp's writer is only used for the close handshake. This is safe
+    because the response is created without compression (no per-connection state in frames).
+    """
+
     transport_name = "ws"
 
-    def __init__(self, hub: Hub, ws: web.WebSocketResponse) -> None:
+    def __init__(self, hub: Hub, ws: web.WebSocketResponse, transport: asyncio.Transport | None) -> None:
         super().__init__(hub)
         self.ws = ws
+        self.transport = transport
         self.text_mode = False
-        self._out: deque[bytes | str | tuple[int, str]] = deque()
-        self._writer: asyncio.Task[None] | None = None
+        self._closer: asyncio.Future[bool] | None = None
 
     def send(self, message: Encoded) -> None:
-        self._queue(message.pack().decode() if self.text_mode else message.ws_binary())
+        transport = self.transport
+        if self._closer is not None or transport is None or transport.is_closing():
+            return
+        transport.write(message.ws_text_frame() if self.text_mode else message.ws_binary_frame())
+        if transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+            log.warning("dropping slow WebSocket client %s", self.user_id)
+            transport.abort()
 
     def close(self, code: int, reason: str) -> None:
-        self._queue((code, reason))
+        if self._closer is None and not self.ws.closed:
+            self._closer = asyncio.ensure_future(self.ws.close(code=code, message=reason.encode()[:120]))
 
     async def settle(self) -> None:
+        """Let queued frames finish: an ERROR or a kick goes out before the socket does."""
         if self._task is not None and not self._task.done():
             await asyncio.shield(self._task)
-        if self._writer is not None:
-            await asyncio.shield(self._writer)
-
-    def _queue(self, item: bytes | str | tuple[int, str]) -> None:
-        if len(self._out) >= MAX_QUEUED:
-            log.warning("dropping slow WebSocket client %s", self.user_id)
-            self._out.clear()
-            item = (1008, "too slow")
-        self._out.append(item)
-        if self._writer is None:
-            self._writer = asyncio.ensure_future(self._write())
-
-    async def _write(self) -> None:
-        # One writer at a time keeps frames in order; it exits when the queue is empty.
-        ws = self.ws
-        try:
-            while self._out:
-                item = self._out.popleft()
-                if ws.closed:
-                    self._out.clear()
-                    break
-                if isinstance(item, tuple):
-                    self._out.clear()
-                    await ws.close(code=item[0], message=item[1].encode()[:120])
-                    break
-                if isinstance(item, str):
-                    await ws.send_str(item)
-                else:
-                    await ws.send_bytes(item)
-        except (ConnectionError, RuntimeError):
-            self._out.clear()
-        finally:
-            self._writer = None
+        if self._closer is not None:
+            try:
+                await asyncio.shield(self._closer)
+            except (ConnectionError, RuntimeError):
+                pass
 
 
 async def ws_handler(request: web.Request) -> web.WebSocketResponse:
     hub = request.app[HUB]
-    ws = web.WebSocketResponse(max_msg_size=HEADER.size + MAX_IMEI + MAX_BODY, autoping=True)
+    ws = web.WebSocketResponse(max_msg_size=HEADER.size + MAX_IMEI + MAX_BODY, autoping=True, compress=False)
     if hub.closing:
         raise web.HTTPServiceUnavailable(text="server is shutting down")
     await ws.prepare(request)
-    conn = WsConnection(hub, ws)
+    conn = WsConnection(hub, ws, request.transport)
     hub.opened(conn)
     try:
         async for msg in ws:
@@ -95,7 +81,6 @@ async def ws_handler(request: web.Request) -> web.WebSocketResponse:
                 conn.feed([], exc)
                 break
             conn.feed([frame])
-        # Let queued frames finish (an ERROR or a kick is written before the socket goes).
         await conn.settle()
     finally:
         await hub.end(conn, "close")
