@@ -49,8 +49,16 @@ class ClientConnection:
 
     # --- transport hooks ---
 
-    def send(self, message: Encoded) -> None:
+    def frame(self, message: Encoded) -> bytes:
+        """The message in this connection's wire format (shared, encoded once per format)."""
         raise NotImplementedError
+
+    def write(self, data: bytes) -> None:
+        """Write whole frames without waiting; a client far behind is dropped."""
+        raise NotImplementedError
+
+    def send(self, message: Encoded) -> None:
+        self.write(self.frame(message))
 
     def close(self, code: int, reason: str) -> None:
         raise NotImplementedError

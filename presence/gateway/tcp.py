@@ -44,11 +44,14 @@ class TcpConnection(ClientConnection, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.hub._spawn(self.hub.end(self, "close"))
 
-    def send(self, message: Encoded) -> None:
+    def frame(self, message: Encoded) -> bytes:
+        return message.tcp()
+
+    def write(self, data: bytes) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        transport.write(message.tcp())
+        transport.write(data)
         if transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
             log.warning("dropping slow TCP client %s", self.user_id)
             transport.abort()

@@ -34,11 +34,14 @@ class WsConnection(ClientConnection):
         self.text_mode = False
         self._closer: asyncio.Future[bool] | None = None
 
-    def send(self, message: Encoded) -> None:
+    def frame(self, message: Encoded) -> bytes:
+        return message.ws_text_frame() if self.text_mode else message.ws_binary_frame()
+
+    def write(self, data: bytes) -> None:
         transport = self.transport
         if self._closer is not None or transport is None or transport.is_closing():
             return
-        transport.write(message.ws_text_frame() if self.text_mode else message.ws_binary_frame())
+        transport.write(data)
         if transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
             log.warning("dropping slow WebSocket client %s", self.user_id)
             transport.abort()
