@@ -25,8 +25,12 @@ class UserKeys:
 class KeySchema:
     prefix: str = "presence"
 
+    def base(self, app_id: int, user_id: str) -> str:
+        """The common start of a user's keys; hot paths append only the suffixes they need."""
+        return f"{self.prefix}:{{{app_id}:{user_id}}}:"
+
     def user(self, app_id: int, user_id: str) -> UserKeys:
-        base = f"{self.prefix}:{{{app_id}:{user_id}}}:"
+        base = self.base(app_id, user_id)
         return UserKeys(
             sessions=base + "sessions",
             status=base + "status",

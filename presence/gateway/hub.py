@@ -379,7 +379,7 @@ class Hub:
                     if len(entries) >= READ_COUNT:
                         self._dirty.add(inbox)
 
-    def dispatch(self, inbox: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+    def dispatch(self, inbox: str, entries: list[tuple[bytes, list[bytes]]]) -> None:
         local = self.by_inbox.get(inbox)
         if not local:
             return
@@ -388,8 +388,9 @@ class Hub:
         # Frames per connection, written with one write each: a backlog costs one syscall, not one per entry.
         out: dict[Connection, list[bytes]] = {}
         kicked: list[Connection] = []
-        for raw_id, fields in entries:
+        for raw_id, flat in entries:
             event_id = parse_event_id(raw_id)
+            fields = dict(zip(flat[::2], flat[1::2], strict=True))
             target = fields.get(b"t")
             skip = fields.get(b"x")
             command = int(fields[b"c"])
