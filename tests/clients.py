@@ -82,8 +82,14 @@ class TcpClient:
 
 
 class WsClient:
-    def __init__(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse, text: bool,
-                 client_type: int, imei: str) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        ws: aiohttp.ClientWebSocketResponse,
+        text: bool,
+        client_type: int,
+        imei: str,
+    ) -> None:
         self.session, self.ws, self.text = session, ws, text
         self.client_type, self.imei = client_type, imei
 
@@ -95,11 +101,22 @@ class WsClient:
 
     async def send(self, command: int, data: dict[str, Any] | None = None, app: int = APP) -> None:
         if self.text:
-            await self.ws.send_str(json.dumps({"command": command, "appId": app, "clientType": self.client_type,
-                                               "imei": self.imei, "version": 1, "data": data or {}}))
+            await self.ws.send_str(
+                json.dumps(
+                    {
+                        "command": command,
+                        "appId": app,
+                        "clientType": self.client_type,
+                        "imei": self.imei,
+                        "version": 1,
+                        "data": data or {},
+                    }
+                )
+            )
         else:
-            await self.ws.send_bytes(encode_client_frame(command, data, client_type=self.client_type,
-                                                         imei=self.imei, app_id=app))
+            await self.ws.send_bytes(
+                encode_client_frame(command, data, client_type=self.client_type, imei=self.imei, app_id=app)
+            )
 
     async def recv(self, timeout: float = TIMEOUT) -> Msg:
         msg = await self.ws.receive(timeout)

@@ -40,8 +40,21 @@ def redis_url() -> Iterator[str]:
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="presence-redis-")
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", workdir, "--enable-debug-command", "yes"],
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            workdir,
+            "--enable-debug-command",
+            "yes",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
     )
@@ -106,8 +119,13 @@ async def make_node(real_redis: Redis, redis_url: str) -> AsyncIterator[MakeNode
     async def make(login_model: int = 3, node_id: str | None = None, **overrides: Any) -> Running:
         overrides.setdefault("offline_grace", 0)
         settings = Settings(
-            redis_url=redis_url, tcp_port=free_port(), ws_port=free_port(), http_port=0, node_id=node_id,
-            apps={APP: AppConfig(private_key=KEY, login_model=login_model)}, **overrides,
+            redis_url=redis_url,
+            tcp_port=free_port(),
+            ws_port=free_port(),
+            http_port=0,
+            node_id=node_id,
+            apps={APP: AppConfig(private_key=KEY, login_model=login_model)},
+            **overrides,
         )
         node = await start(settings)
         running.append(node)
@@ -121,4 +139,3 @@ async def make_node(real_redis: Redis, redis_url: str) -> AsyncIterator[MakeNode
 @pytest.fixture
 def facade(real_redis: Redis) -> Presence:
     return Presence(real_redis, Settings())
-

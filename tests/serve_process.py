@@ -18,8 +18,19 @@ from tests.conftest import free_port
 class ServeProcess:
     def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
         self.tcp_port, self.ws_port, self.http_port = free_port(), free_port(), free_port()
-        cmd = [sys.executable, "-m", "presence", "serve", "--tcp-port", str(self.tcp_port), "--ws-port",
-               str(self.ws_port), "--http-port", str(self.http_port), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "presence",
+            "serve",
+            "--tcp-port",
+            str(self.tcp_port),
+            "--ws-port",
+            str(self.ws_port),
+            "--http-port",
+            str(self.http_port),
+            *args,
+        ]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("PRESENCE_", "REDIS_URL"))}
         full_env.update(env if env is not None else {"PRESENCE_APPS": f"{APP}:{KEY}"})
         self.proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -20,8 +20,13 @@ def java_style_sign(identifier: str, app_id: int, key: str, issued: int, expire:
     """Built step by step from PROTOCOL-NOTES.md, as the lld-im Java SigAPI does (fastjson key order)."""
     content = f"TLS.identifier:{identifier}\nTLS.appId:{app_id}\nTLS.expireTime:{issued}\nTLS.expire:{expire}\n"
     sig = base64.b64encode(hmac.new(key.encode(), content.encode(), hashlib.sha256).digest()).decode()
-    doc = {"TLS.appId": app_id, "TLS.expire": expire, "TLS.expireTime": issued, "TLS.identifier": identifier,
-           field: sig}
+    doc = {
+        "TLS.appId": app_id,
+        "TLS.expire": expire,
+        "TLS.expireTime": issued,
+        "TLS.identifier": identifier,
+        field: sig,
+    }
     raw = zlib.compress(json.dumps(doc).encode(), 9)
     return base64.b64encode(raw).decode().replace("+", "*").replace("/", "-").replace("=", "_")
 
@@ -43,14 +48,38 @@ def test_java_client_sign_verifies(field: str) -> None:
     [
         ("", 10000, "alice", KEY, 0, Code.USER_SIGN_MISSING),
         ("not-a-sign", 10000, "alice", KEY, 0, Code.USER_SIGN_INVALID),
-        (java_style_sign("alice", 10000, KEY, 1_700_000_000, 10), 10000, "alice", KEY, 1_700_000_011,
-         Code.USER_SIGN_EXPIRED),
-        (java_style_sign("alice", 10000, KEY, 1_700_000_000, 10), 10000, "bob", KEY, 1_700_000_001,
-         Code.USER_SIGN_MISMATCH),
-        (java_style_sign("alice", 10000, KEY, 1_700_000_000, 10), 10001, "alice", KEY, 1_700_000_001,
-         Code.USER_SIGN_MISMATCH),
-        (java_style_sign("alice", 10000, "other", 1_700_000_000, 10), 10000, "alice", KEY, 1_700_000_001,
-         Code.USER_SIGN_INVALID),
+        (
+            java_style_sign("alice", 10000, KEY, 1_700_000_000, 10),
+            10000,
+            "alice",
+            KEY,
+            1_700_000_011,
+            Code.USER_SIGN_EXPIRED,
+        ),
+        (
+            java_style_sign("alice", 10000, KEY, 1_700_000_000, 10),
+            10000,
+            "bob",
+            KEY,
+            1_700_000_001,
+            Code.USER_SIGN_MISMATCH,
+        ),
+        (
+            java_style_sign("alice", 10000, KEY, 1_700_000_000, 10),
+            10001,
+            "alice",
+            KEY,
+            1_700_000_001,
+            Code.USER_SIGN_MISMATCH,
+        ),
+        (
+            java_style_sign("alice", 10000, "other", 1_700_000_000, 10),
+            10000,
+            "alice",
+            KEY,
+            1_700_000_001,
+            Code.USER_SIGN_INVALID,
+        ),
     ],
     ids=["missing", "garbage", "expired", "other-user", "other-app", "wrong-key"],
 )

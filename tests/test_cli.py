@@ -38,6 +38,11 @@ def test_functions_load_loads_once(redis_url: str) -> None:
 
 
 def test_functions_load_without_url_explains() -> None:
-    out = subprocess.run([sys.executable, "-m", "presence", "functions", "load"], capture_output=True, text=True,
-                         env={"PATH": "/usr/bin:/bin"}, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "presence", "functions", "load"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+        timeout=30,
+    )
     assert out.returncode == 2 and "needs --redis URL" in out.stderr

@@ -23,8 +23,12 @@ def test_precedence_toml_env_flags(tmp_path: Path) -> None:
         'tcp_port = 1\nws_port = 2\nnode_ttl = 5\n[apps.10001]\nprivate_key = "k1"\nadmins = ["root"]\n'
         "login_model = 1\nunsigned_login = true\n"
     )
-    env = {"PRESENCE_WS_PORT": "20", "REDIS_URL": "redis://b", "PRESENCE_REDIS_URL": "redis://a",
-           "PRESENCE_APPS": "10000:k0"}
+    env = {
+        "PRESENCE_WS_PORT": "20",
+        "REDIS_URL": "redis://b",
+        "PRESENCE_REDIS_URL": "redis://a",
+        "PRESENCE_APPS": "10000:k0",
+    }
     s = load_settings(conf, env=env, tcp_port=None, node_ttl=7)
     assert (s.tcp_port, s.ws_port, s.node_ttl, s.redis_url) == (1, 20, 7, "redis://a")
     assert s.apps[10001].admins == ("root",) and s.apps[10001].login_model == 1 and s.apps[10001].unsigned_login

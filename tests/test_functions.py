@@ -17,10 +17,10 @@ APP = 10000
 WEBAPI, WEB, IOS, ANDROID, WINDOWS, MAC = range(6)
 
 
-async def login(p: Presence, user: str, ct: int = IOS, imei: str = "dev", *, model: int = 3, conn: str = "",
-                node: str = "n1"):
-    return await p.login(APP, user, ct, imei, conn_id=conn or f"c-{user}-{ct}-{imei}", node_id=node,
-                         login_model=model)
+async def login(
+    p: Presence, user: str, ct: int = IOS, imei: str = "dev", *, model: int = 3, conn: str = "", node: str = "n1"
+):
+    return await p.login(APP, user, ct, imei, conn_id=conn or f"c-{user}-{ct}-{imei}", node_id=node, login_model=model)
 
 
 async def inbox(p: Presence, user: str) -> list[dict[str, object]]:
@@ -111,8 +111,9 @@ async def test_relogin_of_same_device_is_silent_for_friends_and_kicks_old_connec
         (4, [WEB, IOS, ANDROID, WINDOWS, MAC], IOS, set()),
     ],
 )
-async def test_multi_login_models(presence: Presence, model: int, existing: list[int], new: int,
-                                  kicked: set[int]) -> None:
+async def test_multi_login_models(
+    presence: Presence, model: int, existing: list[int], new: int, kicked: set[int]
+) -> None:
     for ct in existing:
         await login(presence, "alice", ct, f"old{ct}", model=4)  # build the state without kicks
     result = await login(presence, "alice", new, "newdev", model=model)
@@ -163,14 +164,17 @@ async def test_resubscribe_overwrites_expiry(presence: Presence) -> None:
 async def test_live_subscription_cap_is_enforced_in_lua(any_redis: Redis, presence: Presence) -> None:
     keys = presence.user(APP, "carol")
     targets = [f"u{i}" for i in range(3)]
-    await presence.fn.subscribe(keys.subscriptions, [presence.user(APP, t).subscribers for t in targets],
-                                "carol", targets, 60_000, 3)
+    await presence.fn.subscribe(
+        keys.subscriptions, [presence.user(APP, t).subscribers for t in targets], "carol", targets, 60_000, 3
+    )
     with pytest.raises(ParamError, match="at most 3 live subscriptions"):
-        await presence.fn.subscribe(keys.subscriptions, [presence.user(APP, "u9").subscribers],
-                                    "carol", ["u9"], 60_000, 3)
+        await presence.fn.subscribe(
+            keys.subscriptions, [presence.user(APP, "u9").subscribers], "carol", ["u9"], 60_000, 3
+        )
     # Re-subscribing to a live target does not count twice.
-    _, live = await presence.fn.subscribe(keys.subscriptions, [presence.user(APP, "u0").subscribers], "carol",
-                                          ["u0"], 60_000, 3)
+    _, live = await presence.fn.subscribe(
+        keys.subscriptions, [presence.user(APP, "u0").subscribers], "carol", ["u0"], 60_000, 3
+    )
     assert live == 3
 
 
@@ -253,15 +257,27 @@ async def test_reaper_logs_out_sessions_of_a_dead_node(presence: Presence) -> No
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda p: p.fn.call("presence_login", p.user(APP, "a").state(),
-                             [APP, "a", 9, "i", "c", "n", "", 0, 3, 100, 1000, "x:"]), "clientType must be 0..5"),
-        (lambda p: p.fn.call("presence_login", p.user(APP, "a").state(),
-                             [APP, "a", 1, "i", "c", "n", "", 0, 7, 100, 1000, "x:"]), "loginModel must be 1..4"),
+        (
+            lambda p: p.fn.call(
+                "presence_login", p.user(APP, "a").state(), [APP, "a", 9, "i", "c", "n", "", 0, 3, 100, 1000, "x:"]
+            ),
+            "clientType must be 0..5",
+        ),
+        (
+            lambda p: p.fn.call(
+                "presence_login", p.user(APP, "a").state(), [APP, "a", 1, "i", "c", "n", "", 0, 7, 100, 1000, "x:"]
+            ),
+            "loginModel must be 1..4",
+        ),
         (lambda p: p.fn.set_custom_status(p.user(APP, "a"), APP, "a", 1, "x" * 101), "customText"),
-        (lambda p: p.fn.subscribe(p.user(APP, "a").subscriptions, [p.user(APP, "b").subscribers], "a", ["b"],
-                                  0, 10), "subTime must be between 1 and 2592000000 ms"),
-        (lambda p: p.fn.friends_add(p.user(APP, "a").friends, [p.user(APP, "a").friends], "a", ["a"]),
-         "toId must differ"),
+        (
+            lambda p: p.fn.subscribe(p.user(APP, "a").subscriptions, [p.user(APP, "b").subscribers], "a", ["b"], 0, 10),
+            "subTime must be between 1 and 2592000000 ms",
+        ),
+        (
+            lambda p: p.fn.friends_add(p.user(APP, "a").friends, [p.user(APP, "a").friends], "a", ["a"]),
+            "toId must differ",
+        ),
     ],
 )
 async def test_library_rejects_bad_arguments_itself(presence: Presence, call, message: str) -> None:
@@ -282,9 +298,14 @@ async def test_query_result_decodes_to_models(presence: Presence) -> None:
 
 def test_redis_cli_loads_the_file_as_is(redis_url: str) -> None:
     """The README's one-liner for other services: redis-cli -x FUNCTION LOAD REPLACE < lua/presence.lua."""
-    out = subprocess.run(["redis-cli", "-u", redis_url, "-x", "FUNCTION", "LOAD", "REPLACE"],
-                         input=library_source().encode(), capture_output=True, check=True)
+    out = subprocess.run(
+        ["redis-cli", "-u", redis_url, "-x", "FUNCTION", "LOAD", "REPLACE"],
+        input=library_source().encode(),
+        capture_output=True,
+        check=True,
+    )
     assert out.stdout.strip() == b"presence"
-    out = subprocess.run(["redis-cli", "-u", redis_url, "FCALL", "presence_version", "0"], capture_output=True,
-                         check=True)
+    out = subprocess.run(
+        ["redis-cli", "-u", redis_url, "FCALL", "presence_version", "0"], capture_output=True, check=True
+    )
     assert out.stdout.strip() == b"1.0.0"

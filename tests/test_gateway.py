@@ -90,8 +90,9 @@ async def test_custom_status_4006_to_friends_4007_to_own_devices(make_node: Make
     await bob.close()
 
 
-async def test_subscription_over_socket_notifies_until_expiry(make_node: MakeNode, facade: Presence,
-                                                              real_redis: Redis) -> None:
+async def test_subscription_over_socket_notifies_until_expiry(
+    make_node: MakeNode, facade: Presence, real_redis: Redis
+) -> None:
     node = await make_node()
     carol = await WsClient.connect(node.ws_port)
     await carol.login("carol")
@@ -149,8 +150,9 @@ async def test_pull_friends_over_socket(make_node: MakeNode, facade: Presence) -
         (4, IOS, IOS, False),
     ],
 )
-async def test_multi_login_kicks_with_9002_then_closes(make_node: MakeNode, model: int, first: int, second: int,
-                                                        kicked: bool) -> None:
+async def test_multi_login_kicks_with_9002_then_closes(
+    make_node: MakeNode, model: int, first: int, second: int, kicked: bool
+) -> None:
     node = await make_node(login_model=model)
     a = await TcpClient.connect(node.tcp_port, client_type=first, imei="first")
     await a.login("alice")
@@ -171,6 +173,7 @@ async def test_multi_login_kicks_with_9002_then_closes(make_node: MakeNode, mode
 async def test_heartbeat_timeout_closes_and_logs_out(make_node: MakeNode, facade: Presence) -> None:
     node = await make_node(heartbeat_timeout=0.6)
     bob, alice = await friends_online(node, facade)
+
     # bob keeps pinging; alice goes silent and is dropped.
     async def keep_alive() -> None:
         while True:
@@ -295,8 +298,7 @@ async def test_resume_after_the_session_ended_asks_for_a_pull(make_node: MakeNod
     await bob.close()
 
 
-async def test_anti_flap_reconnect_within_grace_is_invisible_to_friends(make_node: MakeNode,
-                                                                       facade: Presence) -> None:
+async def test_anti_flap_reconnect_within_grace_is_invisible_to_friends(make_node: MakeNode, facade: Presence) -> None:
     node = await make_node(offline_grace=30)
     await facade.import_friends(APP, "bob", ["alice", "dave"])
     bob = await WsClient.connect(node.ws_port)
@@ -327,8 +329,9 @@ async def test_drop_without_reconnect_is_announced_after_the_grace(make_node: Ma
     await bob.close()
 
 
-async def test_node_reaped_while_alive_closes_its_clients(make_node: MakeNode, facade: Presence,
-                                                          real_redis: Redis) -> None:
+async def test_node_reaped_while_alive_closes_its_clients(
+    make_node: MakeNode, facade: Presence, real_redis: Redis
+) -> None:
     node = await make_node(node_ttl=0.5, node_id="sleepy")
     alice = await TcpClient.connect(node.tcp_port)
     await alice.login("alice")
@@ -351,8 +354,9 @@ async def test_reconcile_logs_out_sessions_no_connection_holds(make_node: MakeNo
 
 
 @pytest.mark.parametrize("text", [True, False], ids=["ws-text", "ws-binary"])
-async def test_large_pull_reply_crosses_the_64k_websocket_frame_size(make_node: MakeNode, facade: Presence,
-                                                                     text: bool) -> None:
+async def test_large_pull_reply_crosses_the_64k_websocket_frame_size(
+    make_node: MakeNode, facade: Presence, text: bool
+) -> None:
     """Pushes and replies are framed by us: a reply over 65,535 bytes needs the 8-byte length form."""
     node = await make_node()
     users = [f"user-with-a-long-name-{i:03d}" for i in range(500)]

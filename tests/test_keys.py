@@ -9,8 +9,10 @@ from presence.keys import KeySchema
 
 def test_user_keys_share_one_slot() -> None:
     keys = KeySchema("presence").user(10000, "alice")
-    slots = {key_slot(k.encode()) for k in (keys.sessions, keys.status, keys.friends, keys.subscribers,
-                                             keys.subscriptions, keys.inbox)}
+    slots = {
+        key_slot(k.encode())
+        for k in (keys.sessions, keys.status, keys.friends, keys.subscribers, keys.subscriptions, keys.inbox)
+    }
     assert len(slots) == 1
     assert keys.sessions == "presence:{10000:alice}:sessions"
 

@@ -37,16 +37,14 @@ SIGN = generate_user_sign(APP, KEY, CALLER)
 CONFIG = SchemathesisConfig.from_dict(
     {
         # A negative case may also be refused for its size (413, documented): that is a rejection too.
-        "checks": {
-            "negative_data_rejection": {"expected-statuses": ["400", "401", "403", "404", "405", "413", "422"]}
-        },
+        "checks": {"negative_data_rejection": {"expected-statuses": ["400", "401", "403", "404", "405", "413", "422"]}},
         "auth": {
             "openapi": {
                 "appId": {"api_key": str(APP)},
                 "identifier": {"api_key": CALLER},
                 "userSign": {"api_key": SIGN},
             }
-        }
+        },
     }
 )
 schema = schemathesis.openapi.from_path(resource_path("http/openapi.yaml"), config=CONFIG)

@@ -14,8 +14,9 @@ from tests.conftest import MakeNode
 from tests.serve_process import ServeProcess
 
 
-async def test_killed_node_sessions_go_offline_within_node_ttl(make_node: MakeNode, facade: Presence,
-                                                               redis_url: str) -> None:
+async def test_killed_node_sessions_go_offline_within_node_ttl(
+    make_node: MakeNode, facade: Presence, redis_url: str
+) -> None:
     """A gateway killed with SIGKILL: a peer's reaper logs its users out; friends see "offline"."""
     await facade.add_friend(APP, "alice", "bob")
     survivor = await make_node(node_ttl=1.0)
@@ -36,8 +37,9 @@ async def test_killed_node_sessions_go_offline_within_node_ttl(make_node: MakeNo
     await bob.close()
 
 
-async def test_sigterm_tells_clients_and_logs_sessions_out(make_node: MakeNode, facade: Presence,
-                                                          redis_url: str) -> None:
+async def test_sigterm_tells_clients_and_logs_sessions_out(
+    make_node: MakeNode, facade: Presence, redis_url: str
+) -> None:
     await facade.add_friend(APP, "alice", "bob")
     peer = await make_node()
     bob = await WsClient.connect(peer.ws_port)
@@ -77,7 +79,6 @@ async def test_embedded_store_serves_tcp_websocket_and_dev_signs() -> None:
     finally:
         node.signal(signal.SIGTERM)
         assert node.wait() == 0
-
 
 
 async def test_connection_pool_waits_instead_of_failing(redis_url: str) -> None:
