@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from typing import Any
+
+import aiohttp
+import pytest
 
 from presence.functions import ensure_library
 from presence.gateway.codec import Command
 from presence.service import Presence
 from presence.store import open_redis
-from tests.clients import APP, TcpClient, WsClient, expect
+from tests.clients import APP, KEY, TcpClient, WsClient, expect, sign
 from tests.conftest import MakeNode
 from tests.serve_process import ServeProcess
 
@@ -61,11 +65,28 @@ async def test_sigterm_tells_clients_and_logs_sessions_out(
     await bob.close()
 
 
-async def test_embedded_store_serves_tcp_websocket_and_dev_signs() -> None:
-    node = ServeProcess([], env={})  # no Redis URL, no app: embedded store in dev mode
+async def rest_query(node: ServeProcess, key: str, user: str) -> dict[str, Any]:
+    """queryUserOnlineStatus over real HTTP, signed as admin with the given app key."""
+    params = {"appId": str(APP), "identifier": "admin", "userSign": sign("admin", key)}
+    async with aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{node.http_port}/v1/user/queryUserOnlineStatus"
+        async with http.post(url, params=params, json={"userList": [user]}) as resp:
+            assert resp.status == 200
+            return (await resp.json())["data"][user]
+
+
+@pytest.mark.parametrize("store", ["embedded", "redis"])
+async def test_serve_answers_rest_tcp_and_websocket(store: str, request: pytest.FixtureRequest) -> None:
+    if store == "embedded":
+        node = ServeProcess([], env={})  # no Redis URL, no app: embedded store in dev mode
+    else:
+        node = ServeProcess(["--redis", request.getfixturevalue("redis_url")])
     try:
-        assert "embedded in-process store" in node.output()
-        key = node.dev_key()
+        if store == "embedded":
+            assert "embedded in-process store" in node.output()
+            key = node.dev_key()
+        else:
+            key = KEY
         alice = await TcpClient.connect(node.tcp_port)
         ack = await alice.login("alice", key=key)
         assert ack.command == Command.LOGINACK
@@ -74,6 +95,7 @@ async def test_embedded_store_serves_tcp_websocket_and_dev_signs() -> None:
         await bob.send(Command.PULL, {"userList": ["alice"]})
         reply = await expect(bob, Command.PULL)
         assert reply.data["data"]["alice"]["status"] == 1
+        assert (await rest_query(node, key, "alice"))["status"] == 1
         await alice.close()
         await bob.close()
     finally:
