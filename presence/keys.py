@@ -53,13 +53,3 @@ class KeySchema:
 
     def doorbell(self, node_id: str) -> str:
         return self.doorbell_prefix + node_id
-
-    def parse_inbox(self, key: str) -> tuple[int, str] | None:
-        """(appId, userId) of an inbox key, or None when it is not one of ours."""
-        head = f"{self.prefix}:{{"
-        if not (key.startswith(head) and key.endswith("}:inbox")):
-            return None
-        app, sep, user = key[len(head) : -len("}:inbox")].partition(":")
-        if not sep or not app.isdigit():
-            return None
-        return int(app), user

@@ -22,9 +22,3 @@ def test_prefix_and_node_keys() -> None:
     assert schema.nodes == "p:nodes"
     assert schema.node_sessions("n1") == "p:node:n1:sessions"
     assert schema.doorbell("n1") == "p:node:n1"
-
-
-def test_parse_inbox_round_trip() -> None:
-    schema = KeySchema()
-    assert schema.parse_inbox(schema.user(7, "bob:x").inbox) == (7, "bob:x")
-    assert schema.parse_inbox("other:{7:bob}:inbox") is None

@@ -311,9 +311,6 @@ class Hub:
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    def touch(self, conn: Connection) -> None:
-        conn.last_active = time.monotonic()
-
     # --- delivery ---
 
     def _mark(self, inbox: str) -> None:

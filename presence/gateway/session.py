@@ -23,6 +23,7 @@ from presence.models import PullUserOnlineStatusReq, ResponseVO, SubscribeUserOn
 
 log = logging.getLogger("presence.gateway")
 
+MAX_WRITE_BUFFER = 1 << 20
 _EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 _json = msgspec.json.Encoder()
 
@@ -46,6 +47,7 @@ class ClientConnection:
         self._inbox: deque[Frame | FrameError] = deque()
         self._busy = False
         self._task: asyncio.Future[None] | None = None
+        self.transport: asyncio.WriteTransport | None = None
 
     # --- transport hooks ---
 
@@ -54,8 +56,14 @@ class ClientConnection:
         raise NotImplementedError
 
     def write(self, data: bytes) -> None:
-        """Write whole frames without waiting; a client far behind is dropped."""
-        raise NotImplementedError
+        """Write whole frames without waiting; a client far behind is dropped, not buffered without end."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(data)
+        if transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+            log.warning("dropping slow %s client %s", self.transport_name, self.user_id)
+            transport.abort()
 
     def send(self, message: Encoded) -> None:
         self.write(self.frame(message))

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 
 from presence.gateway.codec import FrameDecoder, FrameError
 from presence.gateway.hub import Encoded, Hub
 from presence.gateway.session import ClientConnection
-
-log = logging.getLogger("presence.gateway.tcp")
-
-MAX_WRITE_BUFFER = 1 << 20  # a client this far behind is dropped rather than buffered without end
 
 
 class TcpConnection(ClientConnection, asyncio.Protocol):
@@ -21,7 +16,6 @@ class TcpConnection(ClientConnection, asyncio.Protocol):
     def __init__(self, hub: Hub) -> None:
         super().__init__(hub)
         self.decoder = FrameDecoder()
-        self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
@@ -46,15 +40,6 @@ class TcpConnection(ClientConnection, asyncio.Protocol):
 
     def frame(self, message: Encoded) -> bytes:
         return message.tcp()
-
-    def write(self, data: bytes) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        transport.write(data)
-        if transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
-            log.warning("dropping slow TCP client %s", self.user_id)
-            transport.abort()
 
     def close(self, code: int, reason: str) -> None:
         if self.transport is not None:

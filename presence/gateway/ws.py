@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from aiohttp import WSMsgType, web
 
@@ -11,10 +10,6 @@ from presence.appkeys import HUB
 from presence.gateway.codec import HEADER, MAX_BODY, MAX_IMEI, FrameError, decode_binary_message, decode_text_message
 from presence.gateway.hub import Encoded, Hub
 from presence.gateway.session import ClientConnection
-
-log = logging.getLogger("presence.gateway.ws")
-
-MAX_WRITE_BUFFER = 1 << 20  # a client this far behind is dropped rather than buffered without end
 
 
 class WsConnection(ClientConnection):
@@ -38,13 +33,8 @@ class WsConnection(ClientConnection):
         return message.ws_text_frame() if self.text_mode else message.ws_binary_frame()
 
     def write(self, data: bytes) -> None:
-        transport = self.transport
-        if self._closer is not None or transport is None or transport.is_closing():
-            return
-        transport.write(data)
-        if transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
-            log.warning("dropping slow WebSocket client %s", self.user_id)
-            transport.abort()
+        if self._closer is None:  # nothing after the close handshake has begun
+            super().write(data)
 
     def close(self, code: int, reason: str) -> None:
         if self._closer is None and not self.ws.closed:
