@@ -13,12 +13,17 @@ Inbox entries (per-user STREAM) have the fields:
   x  connection id to skip (sync entries skip the session that caused them)  [optional]
   t  the only connection id to deliver to (kicks)                            [optional]
 A doorbell is PUBLISHed to <channel prefix><brokerId> with the inbox keys that got
-entries, one per line, once per gateway node per call.
+entries, one per line, once per gateway node per call. An empty channel prefix
+(presence_fanout on a cluster) publishes nothing: the reply names the nodes, and the
+caller rings each gateway once for all the slots of one change.
+
+On a Redis Cluster every call must name keys of one slot: operations over several
+users are split by the caller into one call per slot, each idempotent.
 
 Errors start with PRESENCE_PARAM (bad argument) or PRESENCE_STATE (a conflict).
 ]]
 
-local VERSION = '1.0.0'
+local VERSION = '2.0.0'
 local MAX_SUB_TIME = 2592000000 -- 30 days in ms
 local MAX_CUSTOM_TEXT = 100 -- bytes
 
@@ -67,6 +72,7 @@ end
 -- One doorbell per node, naming the inboxes with new entries.
 local function ring(channel_prefix, by_node)
   local n = 0
+  if channel_prefix == nil or channel_prefix == '' then return 0 end
   for node, inboxes in pairs(by_node) do
     redis.call('PUBLISH', channel_prefix .. node, table.concat(inboxes, '\n'))
     n = n + 1
@@ -293,11 +299,13 @@ local function presence_set_custom_status(keys, args)
 end
 
 --[[ presence_fanout
-KEYS: recipient pairs  sessions_1, inbox_1, sessions_2, inbox_2, ...
+KEYS: recipient pairs  sessions_1, inbox_1, sessions_2, inbox_2, ...  (one slot on a cluster)
 ARGV[1] command (4004 | 4006)  ARGV[2] data JSON  ARGV[3] inbox MAXLEN  ARGV[4] inbox TTL ms
-ARGV[5] doorbell channel prefix
-Reply: {entries written, doorbells published}
+ARGV[5] doorbell channel prefix ('' = publish nothing, name the nodes in the reply)
+Reply: {entries written, doorbells published}, and when ARGV[5] is '':
+  {entries written, 0, node id, inbox keys joined by newlines, node id, inboxes, ...}
   Only recipients with an online session get an entry: offline users pull on connect.
+  Safe to repeat: a repeat writes the same pack again (clients keep the newest).
 ]]
 local function presence_fanout(keys, args)
   if #keys % 2 ~= 0 then return param_error('presence_fanout takes sessions/inbox key pairs') end
@@ -312,21 +320,29 @@ local function presence_fanout(keys, args)
       written = written + 1
     end
   end
-  return {written, ring(prefix, by_node)}
+  local reply = {written, ring(prefix, by_node)}
+  if prefix == nil or prefix == '' then
+    for node, inboxes in pairs(by_node) do
+      reply[#reply + 1] = node
+      reply[#reply + 1] = table.concat(inboxes, '\n')
+    end
+  end
+  return reply
 end
 
---[[ presence_subscribe
+--[[ presence_subscribe  (the subscriber's side)
 KEYS[1] the subscriber's subscriptions ZSET (reverse index)
-KEYS[2..n+1] each target's subscribers ZSET
 ARGV[1] subscriber userId  ARGV[2] subTime ms (1 .. 2592000000, relative)
-ARGV[3] most live subscriptions per subscriber  ARGV[4..n+3] target userIds, in KEYS order
+ARGV[3] most live subscriptions per subscriber  ARGV[4..] target userIds
 Reply: {expireAt ms, live subscriptions after the call}
-  Subscribing again overwrites the expiry. Expired entries are pruned first.
+  Subscribing again overwrites the expiry. Expired entries are pruned first. Then the
+  caller runs presence_subscribers_add with this expireAt on the targets' keys (per slot):
+  pushes start once that ran; repeating both converges.
 ]]
 local function presence_subscribe(keys, args)
   local subscriber, sub_time, limit = args[1], to_int(args[2]), to_int(args[3])
-  local n = #keys - 1
-  if n < 1 or #args ~= n + 3 then return param_error('presence_subscribe takes one target userId per key') end
+  local n = #args - 3
+  if #keys ~= 1 or n < 1 then return param_error('presence_subscribe takes 1 key and at least one target') end
   if not valid_user_id(subscriber) then return param_error('subscriber userId must be 1..64 bytes without | { }') end
   if sub_time == nil or sub_time < 1 or sub_time > MAX_SUB_TIME then
     return param_error('subTime must be between 1 and ' .. MAX_SUB_TIME .. ' ms')
@@ -350,63 +366,90 @@ local function presence_subscribe(keys, args)
     return param_error('at most ' .. limit .. ' live subscriptions per user, this call would make ' .. live)
   end
   for i = 1, n do
-    local target = args[i + 3]
-    redis.call('ZADD', index, expire_at, target)
-    redis.call('ZREMRANGEBYSCORE', keys[i + 1], '-inf', now)
-    redis.call('ZADD', keys[i + 1], expire_at, subscriber)
+    redis.call('ZADD', index, expire_at, args[i + 3])
   end
   return {expire_at, live}
 end
 
---[[ presence_unsubscribe
-KEYS[1] the subscriber's subscriptions ZSET   KEYS[2..n+1] each target's subscribers ZSET
-ARGV[1] subscriber userId   ARGV[2..n+1] target userIds, in KEYS order
+--[[ presence_subscribers_add  (the targets' side of presence_subscribe)
+KEYS[1..n] each target's subscribers ZSET  (one slot on a cluster)
+ARGV[1] subscriber userId   ARGV[2] expireAt ms (absolute: the presence_subscribe reply)
+Reply: number of subscribers ZSETs the subscriber was new in
+  Expired entries are pruned first. Idempotent: a repeat sets the same score.
+]]
+local function presence_subscribers_add(keys, args)
+  local subscriber, expire_at = args[1], to_int(args[2])
+  if #keys < 1 or #args ~= 2 then return param_error('presence_subscribers_add takes keys, a subscriber and expireAt') end
+  if not valid_user_id(subscriber) then return param_error('subscriber userId must be 1..64 bytes without | { }') end
+  if expire_at == nil or expire_at < 1 then return param_error('expireAt must be a positive integer') end
+  local now = now_ms()
+  local added = 0
+  for i = 1, #keys do
+    redis.call('ZREMRANGEBYSCORE', keys[i], '-inf', now)
+    added = added + redis.call('ZADD', keys[i], expire_at, subscriber)
+  end
+  return added
+end
+
+--[[ presence_unsubscribe  (the subscriber's side)
+KEYS[1] the subscriber's subscriptions ZSET   ARGV[1] subscriber userId   ARGV[2..] target userIds
 Reply: number of subscriptions removed
+  Then the caller runs presence_subscribers_remove on the targets' keys (per slot).
 ]]
 local function presence_unsubscribe(keys, args)
-  local n = #keys - 1
-  if n < 1 or #args ~= n + 1 then return param_error('presence_unsubscribe takes one target userId per key') end
-  local subscriber = args[1]
+  if #keys ~= 1 or #args < 2 then return param_error('presence_unsubscribe takes 1 key and at least one target') end
   local removed = 0
-  for i = 1, n do
-    removed = removed + redis.call('ZREM', keys[1], args[i + 1])
-    redis.call('ZREM', keys[i + 1], subscriber)
+  for i = 2, #args do
+    removed = removed + redis.call('ZREM', keys[1], args[i])
+  end
+  return removed
+end
+
+--[[ presence_subscribers_remove  (the targets' side of presence_unsubscribe)
+KEYS[1..n] each target's subscribers ZSET  (one slot on a cluster)   ARGV[1] subscriber userId
+Reply: number of subscribers ZSETs the subscriber was removed from
+]]
+local function presence_subscribers_remove(keys, args)
+  if #keys < 1 or #args ~= 1 then return param_error('presence_subscribers_remove takes keys and a subscriber') end
+  local removed = 0
+  for i = 1, #keys do
+    removed = removed + redis.call('ZREM', keys[i], args[1])
   end
   return removed
 end
 
 local function friends_change(keys, args, op)
-  local n = #keys - 1
-  if n < 1 or #args ~= n + 1 then return param_error('friend functions take one userId per key') end
-  local from = args[1]
-  if not valid_user_id(from) then return param_error('fromId must be 1..64 bytes without | { }') end
+  local n = #keys
+  if n < 1 or #args ~= 2 * n then return param_error('friend functions take a (userId, friendId) pair per key') end
   for i = 1, n do
-    local to = args[i + 1]
-    if not valid_user_id(to) then return param_error('toId must be 1..64 bytes without | { }') end
-    if to == from then return param_error('toId must differ from fromId') end
+    local owner, friend = args[2 * i - 1], args[2 * i]
+    if not valid_user_id(owner) then return param_error('fromId must be 1..64 bytes without | { }') end
+    if not valid_user_id(friend) then return param_error('toId must be 1..64 bytes without | { }') end
+    if owner == friend then return param_error('toId must differ from fromId') end
   end
   local changed = 0
   for i = 1, n do
-    changed = changed + redis.call(op, keys[1], args[i + 1])
-    redis.call(op, keys[i + 1], from)
+    changed = changed + redis.call(op, keys[i], args[2 * i])
   end
   return changed
 end
 
 --[[ presence_friends_add
-KEYS[1] friends SET of fromId   KEYS[2..n+1] friends SET of each toId
-ARGV[1] fromId   ARGV[2..n+1] toIds, in KEYS order
-Reply: number of friendships created (mutual: both sets are written)
+KEYS[i] the friends SET of user ARGV[2i-1]   (one slot on a cluster; a key may repeat)
+ARGV[2i-1] that user's id   ARGV[2i] the friend's userId to add to it
+Reply: number of friends added (pairs already present count 0: a repeat converges)
+  A friendship is mutual: the caller adds (a, b) in a's slot, then (b, a) in b's slot,
+  one call per slot (one call for everything on a single server).
 ]]
 local function presence_friends_add(keys, args) return friends_change(keys, args, 'SADD') end
 
 --[[ presence_friends_remove
-KEYS and ARGV as presence_friends_add.   Reply: number of friendships removed
+KEYS and ARGV as presence_friends_add.   Reply: number of friends removed
 ]]
 local function presence_friends_remove(keys, args) return friends_change(keys, args, 'SREM') end
 
 --[[ presence_query  (no-writes)
-KEYS: pairs  sessions_1, status_1, sessions_2, status_2, ...
+KEYS: pairs  sessions_1, status_1, sessions_2, status_2, ...  (one slot on a cluster)
 ARGV: userIds, in KEYS order
 Reply: one JSON object {userId: {session: [...], customStatus, customText, status 1|2, lastSeen}}
   customStatus/customText/lastSeen are null when never set.
@@ -456,7 +499,9 @@ redis.register_function('presence_logout', presence_logout)
 redis.register_function('presence_set_custom_status', presence_set_custom_status)
 redis.register_function('presence_fanout', presence_fanout)
 redis.register_function('presence_subscribe', presence_subscribe)
+redis.register_function('presence_subscribers_add', presence_subscribers_add)
 redis.register_function('presence_unsubscribe', presence_unsubscribe)
+redis.register_function('presence_subscribers_remove', presence_subscribers_remove)
 redis.register_function('presence_friends_add', presence_friends_add)
 redis.register_function('presence_friends_remove', presence_friends_remove)
 redis.register_function{function_name = 'presence_query', callback = presence_query, flags = {'no-writes'}}

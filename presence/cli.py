@@ -11,10 +11,29 @@ from collections.abc import Sequence
 from presence.auth import DEFAULT_EXPIRE_S, generate_user_sign
 from presence.errors import PresenceError
 
+REDIS_URLS = """\
+Redis URLs (--redis):
+  (none)                        embedded in-process store (fakeredis): a demo, state is not kept
+  redis://[user:pass@]host:port/db, rediss://...
+                                one server; if that server is a Redis Cluster node (INFO cluster),
+                                the whole cluster: any one node's address is enough
+  redis+sentinel://[user:pass@]host:port[,host:port...]/<master-name>[/db]
+                                Sentinel: user:pass (or PRESENCE_REDIS_USERNAME/PASSWORD) for the data
+                                nodes; ?sentinel_password=... (or PRESENCE_SENTINEL_USERNAME/PASSWORD)
+                                for the sentinels
+The log says which mode was picked and the topology seen.
+"""
+
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run gateway (TCP + WebSocket) and REST in one process")
-    p.add_argument("--redis", dest="redis_url", help="Redis URL [PRESENCE_REDIS_URL, REDIS_URL]; none = embedded")
+    p = sub.add_parser(
+        "serve",
+        help="run gateway (TCP + WebSocket) and REST in one process",
+        description="Run gateway (TCP + WebSocket) and REST in one process.",
+        epilog=REDIS_URLS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--redis", dest="redis_url", help="Redis URL (see below) [PRESENCE_REDIS_URL, REDIS_URL]")
     p.add_argument("--host", help="bind address [PRESENCE_HOST] (default 127.0.0.1)")
     p.add_argument("--tcp-port", type=int, help="TCP gateway port, 0 = disabled [PRESENCE_TCP_PORT] (9000)")
     p.add_argument("--ws-port", type=int, help="WebSocket port, 0 = disabled [PRESENCE_WS_PORT] (19000)")
@@ -40,9 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--user", required=True, help="the identifier (userId) to sign for")
     s.add_argument("--expire", type=int, default=DEFAULT_EXPIRE_S, help="validity in seconds")
 
-    f = sub.add_parser("functions", help="load or print the Redis Functions library")
+    f = sub.add_parser(
+        "functions",
+        help="load or print the Redis Functions library",
+        description="load: put the library on every primary that lacks it. show: print it; with --redis, also\n"
+        "which primaries have it.",
+        epilog=REDIS_URLS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     f.add_argument("action", choices=["load", "show"])
-    f.add_argument("--redis", dest="redis_url", help="Redis URL [PRESENCE_REDIS_URL, REDIS_URL]")
+    f.add_argument("--redis", dest="redis_url", help="Redis URL (see below) [PRESENCE_REDIS_URL, REDIS_URL]")
     return parser
 
 
@@ -62,9 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _functions(action: str, redis_url: str | None) -> int:
     from presence.config import load_settings
-    from presence.functions import ensure_library, library_source
+    from presence.functions import ensure_library, library_source, library_status
+    from presence.store import open_store
 
-    if action == "show":
+    if action == "show" and not redis_url:
         sys.stdout.write(library_source())
         return 0
     url = load_settings(redis_url=redis_url).redis_url
@@ -72,18 +99,20 @@ def _functions(action: str, redis_url: str | None) -> int:
         print("presence: functions load needs --redis URL (or PRESENCE_REDIS_URL / REDIS_URL)", file=sys.stderr)
         return 2
 
-    async def load() -> bool:
-        from redis.asyncio import Redis
-
-        redis = Redis.from_url(url)
+    async def run() -> int:
+        store = await open_store(url, max_connections=4, retry_for=5)
         try:
-            return await ensure_library(redis)
+            if action == "show":
+                for node, ok in await library_status(store):
+                    print(f"{node}: {'library presence is up to date' if ok else 'missing or outdated'}")
+                return 0
+            loaded = await ensure_library(store)
+            print("loaded library presence" if loaded else "library presence is already up to date")
+            return 0
         finally:
-            await redis.aclose()
+            await store.aclose()
 
-    loaded = asyncio.run(load())
-    print("loaded library presence" if loaded else "library presence is already up to date")
-    return 0
+    return asyncio.run(run())
 
 
 def _serve(args: argparse.Namespace) -> int:

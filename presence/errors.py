@@ -49,3 +49,9 @@ class AuthError(PresenceError):
 class ForbiddenError(PresenceError):
     code = Code.FORBIDDEN
     http_status = 403
+
+
+class UnavailableError(PresenceError):
+    """Redis cannot serve the request now (down, or failing over for longer than the retry window)."""
+
+    http_status = 503

@@ -9,13 +9,16 @@ from typing import Any, NoReturn
 
 import msgspec
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
-from presence.errors import ParamError, PresenceError
+from presence.errors import ParamError, PresenceError, UnavailableError
 from presence.keys import UserKeys
 from presence.metrics import REDIS_LATENCY
 from presence.models import UserOnlineStatus
 from presence.resources import resource_path
+from presence.store import Store
+from presence.store import UnavailableError as StoreUnavailable
 
 LIBRARY_NAME = "presence"
 _query_decoder = msgspec.json.Decoder(dict[str, UserOnlineStatus])
@@ -25,24 +28,55 @@ def library_source() -> str:
     return resource_path("lua/presence.lua").read_text()
 
 
-async def ensure_library(redis: Redis) -> bool:
-    """Load the library with FUNCTION LOAD REPLACE unless the server already has this exact code.
+async def ensure_library(redis: Redis | RedisCluster | Store) -> bool:
+    """Load the library with FUNCTION LOAD REPLACE on every primary that lacks this exact code.
 
-    Returns True when it loaded. The code itself is the version, so an edited file always reloads.
+    Returns True when it loaded anywhere. The code itself is the version, so an edited file always reloads.
     """
+    store = redis if isinstance(redis, Store) else Store.wrap(redis)
+    if isinstance(store.client, RedisCluster):
+        await store.client.initialize()
+    loaded = False
+    for node in store.primaries():
+        loaded |= await ensure_library_on(store, node)
+    return loaded
+
+
+async def ensure_library_on(store: Store, node: Any) -> bool:
+    """``ensure_library`` for one node (a cluster primary, or None: the one server)."""
     source = library_source()
-    listed = await redis.execute_command("FUNCTION", "LIST", "LIBRARYNAME", LIBRARY_NAME, "WITHCODE")
+    listed = await store.on_node(node, "FUNCTION", "LIST", "LIBRARYNAME", LIBRARY_NAME, "WITHCODE")
     for lib in listed or []:
         info = lib if isinstance(lib, dict) else dict(zip(lib[::2], lib[1::2], strict=False))
         info = {_text(k): v for k, v in info.items()}
         if _text(info.get("library_name")) == LIBRARY_NAME and _text(info.get("library_code")) == source:
             return False
-    await redis.execute_command("FUNCTION", "LOAD", "REPLACE", source)
+    await store.on_node(node, "FUNCTION", "LOAD", "REPLACE", source)
     return True
+
+
+async def library_status(store: Store) -> list[tuple[str, bool]]:
+    """(node, has this exact library) for every primary: what ``presence functions show --redis`` prints."""
+    source = library_source()
+    out = []
+    for node in store.primaries():
+        listed = await store.on_node(node, "FUNCTION", "LIST", "LIBRARYNAME", LIBRARY_NAME, "WITHCODE")
+        ok = False
+        for lib in listed or []:
+            info = lib if isinstance(lib, dict) else dict(zip(lib[::2], lib[1::2], strict=False))
+            info = {_text(k): v for k, v in info.items()}
+            ok |= _text(info.get("library_code")) == source
+        out.append((node.name if node is not None else "server", ok))
+    return out
 
 
 def _text(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def fcall(name: str, keys: Sequence[str], args: Sequence[Any], *, read_only: bool = False) -> list[Any]:
+    """The command of one function call, for ``Store.run`` batches."""
+    return ["FCALL_RO" if read_only else "FCALL", name, len(keys), *keys, *args]
 
 
 def raise_mapped(exc: ResponseError) -> NoReturn:
@@ -76,16 +110,20 @@ class InboxSettings:
 class PresenceFunctions:
     """One method per library function; keys are passed in, never built here."""
 
-    def __init__(self, redis: Redis, inbox: InboxSettings) -> None:
-        self.redis = redis
+    def __init__(self, store: Store, inbox: InboxSettings) -> None:
+        self.store = store
+        self.redis = store.client
         self.inbox = inbox
 
-    async def call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def call(self, name: str, keys: Sequence[str], args: Sequence[Any], *, read_only: bool = False) -> Any:
+        """One FCALL, sent to the primary that owns ``keys`` (all of one slot)."""
         started = time.perf_counter()
         try:
-            return await self.redis.fcall(name, len(keys), *keys, *args)
+            return await self.store.one(keys[0] if keys else None, *fcall(name, keys, args, read_only=read_only))
         except ResponseError as exc:
             raise_mapped(exc)
+        except StoreUnavailable as exc:
+            raise UnavailableError("redis is unavailable") from exc
         finally:
             REDIS_LATENCY.labels(name).observe(time.perf_counter() - started)
 
@@ -174,48 +212,81 @@ class PresenceFunctions:
         )
         return StatusChange(changed=True, data=reply[1], recipients=self._users(reply[2:]))
 
+    def fanout_command(
+        self, pairs: Sequence[tuple[str, str]], command: int, data: bytes, *, ring: bool = True
+    ) -> list[Any]:
+        """presence_fanout for (sessions key, inbox key) pairs of one slot.
+
+        ``ring=False`` (a cluster): no PUBLISH; the reply names the nodes to ring instead.
+        """
+        keys = [k for pair in pairs for k in pair]
+        i = self.inbox
+        prefix = i.doorbell_prefix if ring else ""
+        return fcall("presence_fanout", keys, [command, data, i.maxlen, i.ttl_ms, prefix])
+
+    @staticmethod
+    def parse_fanout(reply: Sequence[Any]) -> tuple[int, dict[str, list[str]]]:
+        """(entries written, {node id: [inbox keys]} still to ring)."""
+        bells: dict[str, list[str]] = {}
+        for j in range(2, len(reply), 2):
+            bells.setdefault(_text(reply[j]), []).extend(_text(reply[j + 1]).split("\n"))
+        return int(reply[0]), bells
+
     async def fanout(self, pairs: Sequence[tuple[str, str]], command: int, data: bytes) -> tuple[int, int]:
-        """Entries written and doorbells rung for (sessions key, inbox key) recipient pairs."""
+        """Entries written and doorbells rung for (sessions key, inbox key) recipient pairs of one slot."""
         keys = [k for pair in pairs for k in pair]
         i = self.inbox
         reply = await self.call("presence_fanout", keys, [command, data, i.maxlen, i.ttl_ms, i.doorbell_prefix])
         return int(reply[0]), int(reply[1])
 
     async def subscribe(
-        self,
-        subscriptions_key: str,
-        subscriber_keys: Sequence[str],
-        subscriber: str,
-        targets: Sequence[str],
-        sub_time_ms: int,
-        limit: int,
+        self, subscriptions_key: str, subscriber: str, targets: Sequence[str], sub_time_ms: int, limit: int
     ) -> tuple[int, int]:
-        reply = await self.call(
-            "presence_subscribe", [subscriptions_key, *subscriber_keys], [subscriber, sub_time_ms, limit, *targets]
-        )
+        """The subscriber's side: (expireAt ms, live subscriptions); the targets' sides follow."""
+        reply = await self.call("presence_subscribe", [subscriptions_key], [subscriber, sub_time_ms, limit, *targets])
         return int(reply[0]), int(reply[1])
 
-    async def unsubscribe(
-        self, subscriptions_key: str, subscriber_keys: Sequence[str], subscriber: str, targets: Sequence[str]
-    ) -> int:
-        return int(
-            await self.call("presence_unsubscribe", [subscriptions_key, *subscriber_keys], [subscriber, *targets])
-        )
+    @staticmethod
+    def subscribers_add_command(subscriber_keys: Sequence[str], subscriber: str, expire_at: int) -> list[Any]:
+        """The targets' side of a subscribe, for subscribers keys of one slot."""
+        return fcall("presence_subscribers_add", subscriber_keys, [subscriber, expire_at])
+
+    async def unsubscribe(self, subscriptions_key: str, subscriber: str, targets: Sequence[str]) -> int:
+        """The subscriber's side: subscriptions removed; the targets' sides follow."""
+        return int(await self.call("presence_unsubscribe", [subscriptions_key], [subscriber, *targets]))
+
+    @staticmethod
+    def subscribers_remove_command(subscriber_keys: Sequence[str], subscriber: str) -> list[Any]:
+        return fcall("presence_subscribers_remove", subscriber_keys, [subscriber])
+
+    @staticmethod
+    def friends_command(add: bool, sets: Sequence[str], pairs: Sequence[tuple[str, str]]) -> list[Any]:
+        """presence_friends_add/remove: ``sets[i]`` is the friends SET of ``pairs[i][0]``, gaining ``pairs[i][1]``.
+
+        All ``sets`` of one slot (a key may repeat: one user's side with many friends).
+        """
+        name = "presence_friends_add" if add else "presence_friends_remove"
+        return fcall(name, sets, [u for pair in pairs for u in pair])
 
     async def friends_add(self, from_key: str, to_keys: Sequence[str], from_id: str, to_ids: Sequence[str]) -> int:
-        return int(await self.call("presence_friends_add", [from_key, *to_keys], [from_id, *to_ids]))
-
-    async def friends_remove(self, from_key: str, to_keys: Sequence[str], from_id: str, to_ids: Sequence[str]) -> int:
-        return int(await self.call("presence_friends_remove", [from_key, *to_keys], [from_id, *to_ids]))
+        """One side only (``from_id``'s set); the facade writes the other sides per slot."""
+        del to_keys
+        pairs = [(from_id, t) for t in to_ids]
+        return int(await self.call("presence_friends_add", [from_key] * len(pairs), [u for p in pairs for u in p]))
 
     async def query(self, pairs: Sequence[tuple[str, str]], user_ids: Sequence[str]) -> dict[str, UserOnlineStatus]:
+        """presence_query for users of one slot."""
         if not user_ids:
             return {}
         keys = [k for pair in pairs for k in pair]
-        try:
-            raw = await self.redis.fcall_ro("presence_query", len(keys), *keys, *user_ids)
-        except ResponseError as exc:
-            raise_mapped(exc)
+        return self.parse_query(await self.call("presence_query", keys, user_ids, read_only=True))
+
+    @staticmethod
+    def query_command(pairs: Sequence[tuple[str, str]], user_ids: Sequence[str]) -> list[Any]:
+        return fcall("presence_query", [k for pair in pairs for k in pair], user_ids, read_only=True)
+
+    @staticmethod
+    def parse_query(raw: bytes) -> dict[str, UserOnlineStatus]:
         return _query_decoder.decode(raw)
 
     async def node_heartbeat(self, nodes_key: str, node_id: str) -> tuple[bool, int]:
@@ -223,11 +294,7 @@ class PresenceFunctions:
         return bool(reply[0]), int(reply[1])
 
     async def nodes_expired(self, nodes_key: str, ttl_ms: int) -> list[str]:
-        try:
-            reply = await self.redis.fcall_ro("presence_nodes_expired", 1, nodes_key, ttl_ms)
-        except ResponseError as exc:
-            raise_mapped(exc)
-        return self._users(reply)
+        return self._users(await self.call("presence_nodes_expired", [nodes_key], [ttl_ms], read_only=True))
 
     async def version(self) -> str:
-        return (await self.redis.fcall_ro("presence_version", 0)).decode()
+        return (await self.call("presence_version", [], [], read_only=True)).decode()

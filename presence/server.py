@@ -20,7 +20,7 @@ from presence.gateway.hub import Hub
 from presence.gateway.tcp import start_tcp_server
 from presence.gateway.ws import create_ws_app
 from presence.service import Presence
-from presence.store import open_redis
+from presence.store import open_store
 
 log = logging.getLogger("presence.server")
 
@@ -68,8 +68,9 @@ async def _site(app: web.Application, host: str, port: int) -> tuple[web.AppRunn
 
 async def start(settings: Settings) -> Running:
     settings = with_dev_app(settings)
-    redis, embedded = open_redis(settings.redis_url)
-    presence = Presence(redis, settings)
+    store = await open_store(settings.redis_url)
+    embedded = store.mode == "embedded"
+    presence = Presence(store, settings)
     if await presence.start():
         log.info("loaded the presence function library into Redis")
     node_id = settings.node_id or default_node_id()
@@ -99,7 +100,8 @@ def _enabled(port: int) -> bool:
 def _announce(running: Running, node_id: str) -> None:
     s = running.settings
     host = "127.0.0.1" if s.host in ("0.0.0.0", "") else s.host
-    store = "embedded in-process store (fakeredis)" if running.embedded else "Redis"
+    mode = running.presence.store.mode
+    store = "embedded in-process store (fakeredis)" if running.embedded else f"Redis ({mode})"
     log.info(
         "presence node %s on %s: tcp=%s ws=%s http=%s",
         node_id,

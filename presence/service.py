@@ -8,23 +8,30 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import RedisCluster
-from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
 from presence.config import Settings
-from presence.errors import ParamError
-from presence.functions import InboxSettings, PresenceFunctions, StatusChange, ensure_library, raise_mapped
+from presence.errors import ParamError, UnavailableError
+from presence.functions import (
+    InboxSettings,
+    PresenceFunctions,
+    StatusChange,
+    ensure_library,
+    ensure_library_on,
+    fcall,
+    raise_mapped,
+)
 from presence.keys import KeySchema, UserKeys
 from presence.metrics import FANOUT_ENTRIES, REDIS_LATENCY, STATUS_CHANGES
 from presence.models import ChangeResult, SubscribeResult, UserOnlineStatus
+from presence.store import Command, Store
+from presence.store import UnavailableError as StoreUnavailable
 
 NOTIFY_STATUS = 4004
 NOTIFY_CUSTOM = 4006
@@ -75,29 +82,40 @@ def parse_node_member(member: str) -> tuple[int, str, int, str, str]:
 
 
 class Presence:
-    """Presence operations for every app, on one Redis (standalone, Sentinel or Cluster)."""
+    """Presence operations for every app, on one Redis (standalone, Sentinel or Cluster).
 
-    def __init__(self, redis: Redis, settings: Settings | None = None, limits: Limits | None = None) -> None:
+    Every function call names keys of one slot and goes straight to the primary owning it; the calls
+    of one operation go as one pipeline per primary, the primaries in parallel (``Store.run``).
+    """
+
+    def __init__(
+        self, redis: Redis | RedisCluster | Store, settings: Settings | None = None, limits: Limits | None = None
+    ) -> None:
         self.settings = settings or Settings()
         self.limits = limits or Limits()
-        self.redis = redis
+        self.store = redis if isinstance(redis, Store) else Store.wrap(redis)
+        self.store.on_function_missing = self._load_library_on
+        redis = self.redis = self.store.client
         self.keys = KeySchema(self.settings.prefix)
         self.fn = PresenceFunctions(
-            redis,
+            self.store,
             InboxSettings(
                 maxlen=self.settings.inbox_maxlen,
                 ttl_ms=int(self.settings.inbox_ttl * 1000),
                 doorbell_prefix=self.keys.doorbell_prefix,
             ),
         )
-        self._cluster = isinstance(redis, RedisCluster)
-        if not self._cluster:
+        self._cluster = self.store.cluster
+        if isinstance(redis, Redis):
             self._raw_reader = Redis(connection_pool=redis.connection_pool)
             self._raw_reader.set_response_callback("XREAD", lambda response, **_: response)
 
     async def start(self) -> bool:
-        """Make sure the library on the server is ours; True when it had to load it."""
-        return await ensure_library(self.redis)
+        """Make sure the library on every primary is ours; True when it had to load it somewhere."""
+        return await ensure_library(self.store)
+
+    async def _load_library_on(self, node: Any) -> None:
+        await ensure_library_on(self.store, node)
 
     def user(self, app_id: int, user_id: str) -> UserKeys:
         return self.keys.user(app_id, user_id)
@@ -123,17 +141,56 @@ class Presence:
         keys = self.user(app_id, user_id)
         args = self.fn.login_args(app_id, user_id, client_type, imei, conn_id, node_id, node_host, version, login_model)
         if node_id:
-            # Registered before the login: a crash in between leaves the reaper a harmless no-op.
-            started = time.perf_counter()
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.sadd(self.keys.node_sessions(node_id), node_member(app_id, user_id, client_type, imei, conn_id))
-                pipe.fcall("presence_login", len(keys.state()), *keys.state(), *args)
-                _, reply = await self._run(pipe)
-            REDIS_LATENCY.labels("presence_login").observe(time.perf_counter() - started)
-            change = self.fn.parse_login(reply)
+            member = node_member(app_id, user_id, client_type, imei, conn_id)
+            change = await self._login_on_node(keys, args, node_id, member)
         else:
             change = await self.fn.login(keys, args)
         return await self._spread(app_id, change, NOTIFY_STATUS, "online")
+
+    async def _login_on_node(self, keys: UserKeys, args: list[Any], node_id: str, member: str) -> StatusChange:
+        """The node's record of the session exists before the session does, so the reaper finds every session.
+
+        One server: SADD and presence_login in one MULTI/EXEC (both or neither). A cluster (other slots):
+        the SADD succeeds first; if the login then fails, the record is removed again (a leftover one is
+        harmless: logging out a session that does not exist changes nothing).
+        """
+        node_set = self.keys.node_sessions(node_id)
+        login = fcall("presence_login", keys.state(), args)
+        started = time.perf_counter()
+        try:
+            if not self._cluster:
+                reply = await self._atomic(["SADD", node_set, member], login)
+            else:
+                await self.store.one(node_set, "SADD", node_set, member)
+                try:
+                    reply = await self.store.one(keys.sessions, *login)
+                except BaseException:
+                    await self._forget_member(node_set, member)
+                    raise
+        except ResponseError as exc:
+            raise_mapped(exc)
+        except StoreUnavailable as exc:
+            raise UnavailableError("redis is unavailable") from exc
+        finally:
+            REDIS_LATENCY.labels("presence_login").observe(time.perf_counter() - started)
+        return self.fn.parse_login(reply)
+
+    async def _atomic(self, first: list[Any], second: list[Any]) -> Any:
+        """Two commands in one MULTI/EXEC on the one server, retried like any call; the second's reply."""
+
+        async def once() -> Any:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.execute_command(*first)
+                pipe.execute_command(*second)
+                return (await pipe.execute())[1]
+
+        return await self.store.retrying(once)
+
+    async def _forget_member(self, node_set: str, member: str) -> None:
+        try:
+            await self.store.one(node_set, "SREM", node_set, member)
+        except Exception:  # left for the node's reconciliation
+            pass
 
     async def logout(
         self, app_id: int, user_id: str, client_type: int, imei: str, *, conn_id: str = "", node_id: str = ""
@@ -143,11 +200,11 @@ class Presence:
         self._check_session(client_type, imei)
         keys = self.user(app_id, user_id)
         args = self.fn.logout_args(app_id, user_id, client_type, imei, conn_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.fcall("presence_logout", len(keys.state()), *keys.state(), *args)
-            if node_id and conn_id:
-                pipe.srem(self.keys.node_sessions(node_id), node_member(app_id, user_id, client_type, imei, conn_id))
-            replies = await self._run(pipe)
+        commands: list[Command] = [(keys.sessions, fcall("presence_logout", keys.state(), args))]
+        if node_id and conn_id:
+            node_set = self.keys.node_sessions(node_id)
+            commands.append((node_set, ["SREM", node_set, node_member(app_id, user_id, client_type, imei, conn_id)]))
+        replies = await self._run(commands)
         return await self._spread(app_id, self.fn.parse_logout(replies[0]), NOTIFY_STATUS, "offline")
 
     async def set_custom_status(
@@ -182,21 +239,30 @@ class Presence:
         )
 
     async def fanout(self, app_id: int, recipients: Iterable[str], command: int, data: bytes) -> int:
-        """One presence_fanout per Redis node (one call on standalone); returns entries written."""
+        """presence_fanout per slot, one pipeline per primary (one call on one server); entries written.
+
+        On a cluster the calls do not publish: each gateway gets one doorbell for the whole change,
+        PUBLISHed after the fan-out (one pipeline to one node; the cluster bus carries it to the gateway).
+        """
         base = self.keys.base
         pairs = [(b + "sessions", b + "inbox") for b in (base(app_id, r) for r in recipients)]
-        if not self._cluster:
-            return (await self.fn.fanout(pairs, command, data))[0]
-        by_slot: dict[int, list[tuple[str, str]]] = defaultdict(list)
-        for pair in pairs:
-            by_slot[key_slot(pair[0].encode())].append(pair)
-        i = self.fn.inbox
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for group in by_slot.values():
-                keys = [k for pair in group for k in pair]
-                pipe.fcall("presence_fanout", len(keys), *keys, command, data, i.maxlen, i.ttl_ms, i.doorbell_prefix)
-            replies = await self._run(pipe)
-        return sum(int(r[0]) for r in replies)
+        ring = not self._cluster
+        groups = self.store.group([p[0] for p in pairs])
+        commands: list[Command] = []
+        for group in groups:
+            chunk = [pairs[i] for i in group]
+            commands.append((chunk[0][0], self.fn.fanout_command(chunk, command, data, ring=ring)))
+        written = 0
+        bells: dict[str, list[str]] = {}
+        for reply in await self._run(commands):
+            count, nodes = self.fn.parse_fanout(reply)
+            written += count
+            for node, inboxes in nodes.items():
+                bells.setdefault(node, []).extend(inboxes)
+        if bells:
+            channel = self.keys.doorbell
+            await self._run([(None, ["PUBLISH", channel(node), "\n".join(inboxes)]) for node, inboxes in bells.items()])
+        return written
 
     # --- subscriptions and friends ---
 
@@ -215,13 +281,13 @@ class Presence:
             or not (1 <= sub_time_ms <= self.limits.sub_time_ms)
         ):
             raise ParamError(f"subTime must be between 1 and {self.limits.sub_time_ms} ms")
+        # The subscriber's side first (it enforces the cap), then the targets' sides per slot.
         expire_at, live = await self.fn.subscribe(
-            self.user(app_id, subscriber).subscriptions,
+            self.user(app_id, subscriber).subscriptions, subscriber, users, sub_time_ms, self.limits.live_subscriptions
+        )
+        await self._per_slot(
             [self.user(app_id, u).subscribers for u in users],
-            subscriber,
-            users,
-            sub_time_ms,
-            self.limits.live_subscriptions,
+            lambda keys, _: self.fn.subscribers_add_command(keys, subscriber, expire_at),
         )
         return SubscribeResult(expireAt=expire_at, liveSubscriptions=live)
 
@@ -230,27 +296,45 @@ class Presence:
         if not targets:
             raise ParamError("subUserId must name at least one user")
         users = check_user_list("subUserId", targets, self.limits.subscribe_batch)
-        return await self.fn.unsubscribe(
-            self.user(app_id, subscriber).subscriptions,
+        removed = await self.fn.unsubscribe(self.user(app_id, subscriber).subscriptions, subscriber, users)
+        await self._per_slot(
             [self.user(app_id, u).subscribers for u in users],
-            subscriber,
-            users,
+            lambda keys, _: self.fn.subscribers_remove_command(keys, subscriber),
         )
+        return removed
 
     async def add_friend(self, app_id: int, from_id: str, to_id: str) -> int:
         return await self.import_friends(app_id, from_id, [to_id], field="toId")
 
     async def import_friends(self, app_id: int, from_id: str, to_ids: Sequence[str], field: str = "friendItem") -> int:
         from_id, users = self._friend_args(from_id, to_ids, field)
-        return await self.fn.friends_add(
-            self.user(app_id, from_id).friends, [self.user(app_id, u).friends for u in users], from_id, users
-        )
+        return await self._friends(True, app_id, from_id, users)
 
     async def delete_friend(self, app_id: int, from_id: str, to_id: str) -> int:
         from_id, users = self._friend_args(from_id, [to_id], "toId")
-        return await self.fn.friends_remove(
-            self.user(app_id, from_id).friends, [self.user(app_id, u).friends for u in users], from_id, users
+        return await self._friends(False, app_id, from_id, users)
+
+    async def _friends(self, add: bool, app_id: int, from_id: str, users: list[str]) -> int:
+        """``from_id``'s side (one call: the count returned), then each friend's side, per slot.
+
+        Each call is atomic and idempotent; if the caller dies in between, repeating the request converges.
+        """
+        own = self.user(app_id, from_id).friends
+        mine = self.fn.friends_command(add, [own] * len(users), [(from_id, u) for u in users])
+        changed = int(await self._one(own, *mine))
+        await self._per_slot(
+            [self.user(app_id, u).friends for u in users],
+            lambda keys, idx: self.fn.friends_command(add, keys, [(users[i], from_id) for i in idx]),
         )
+        return changed
+
+    async def _per_slot(self, keys: list[str], build: Any) -> list[Any]:
+        """One call per slot group of ``keys``: ``build(keys of the group, their indexes)`` makes it."""
+        commands: list[Command] = []
+        for group in self.store.group(keys):
+            chunk = [keys[i] for i in group]
+            commands.append((chunk[0], build(chunk, group)))
+        return await self._run(commands)
 
     def _friend_args(self, from_id: str, to_ids: Sequence[str], field: str) -> tuple[str, list[str]]:
         check_user_id("fromId", from_id)
@@ -270,20 +354,23 @@ class Presence:
     async def query_friends(self, app_id: int, user_id: str) -> dict[str, UserOnlineStatus]:
         """Two round trips: the friend set, then one presence_query (per node on a cluster)."""
         check_user_id("identifier", user_id)
-        friends = sorted(m.decode() for m in await self.redis.smembers(self.user(app_id, user_id).friends))
+        key = self.user(app_id, user_id).friends
+        friends = sorted(m.decode() for m in await self._one(key, "SMEMBERS", key))
         return await self._query(app_id, friends)
 
     async def _query(self, app_id: int, users: list[str]) -> dict[str, UserOnlineStatus]:
+        """presence_query per slot: one pipeline per primary, the primaries in parallel (one call on one server)."""
+        if not users:
+            return {}
         base = self.keys.base
         pairs = [(b + "sessions", b + "status") for b in (base(app_id, u) for u in users)]
-        if not self._cluster or not users:
-            return await self.fn.query(pairs, users)
-        by_slot: dict[int, list[int]] = defaultdict(list)
-        for i, pair in enumerate(pairs):
-            by_slot[key_slot(pair[0].encode())].append(i)
+        commands: list[Command] = []
+        for group in self.store.group([p[0] for p in pairs]):
+            chunk = [pairs[i] for i in group]
+            commands.append((chunk[0][0], self.fn.query_command(chunk, [users[i] for i in group])))
         result: dict[str, UserOnlineStatus] = {}
-        for idx in by_slot.values():
-            result.update(await self.fn.query([pairs[i] for i in idx], [users[i] for i in idx]))
+        for raw in await self._run(commands):
+            result.update(self.fn.parse_query(raw))
         return result
 
     # --- gateway nodes ---
@@ -294,7 +381,7 @@ class Presence:
         return was
 
     async def node_leave(self, node_id: str) -> None:
-        await self.redis.zrem(self.keys.nodes, node_id)
+        await self._one(self.keys.nodes, "ZREM", self.keys.nodes, node_id)
 
     async def expired_nodes(self, ttl_s: float) -> list[str]:
         return await self.fn.nodes_expired(self.keys.nodes, int(ttl_s * 1000))
@@ -304,22 +391,24 @@ class Presence:
         key = self.keys.node_sessions(node_id)
         reaped = 0
         while True:
-            members = [m.decode() for m in await self.redis.srandmember(key, batch)]
+            members = [m.decode() for m in await self._one(key, "SRANDMEMBER", key, batch)]
             if not members:
                 break
             for member in members:
                 app_id, user_id, client_type, imei, conn_id = parse_node_member(member)
                 result = await self.logout(app_id, user_id, client_type, imei, conn_id=conn_id, node_id=node_id)
                 reaped += int(result.changed)
-        await self.redis.zrem(self.keys.nodes, node_id)
+        await self._one(self.keys.nodes, "ZREM", self.keys.nodes, node_id)
         return reaped
 
     async def node_sessions(self, node_id: str) -> int:
-        return int(await self.redis.scard(self.keys.node_sessions(node_id)))
+        key = self.keys.node_sessions(node_id)
+        return int(await self._one(key, "SCARD", key))
 
     async def node_session_members(self, node_id: str) -> set[str]:
         """``appId|userId|clientType|imei|connId`` of every session recorded for a node."""
-        return {m.decode() for m in await self.redis.smembers(self.keys.node_sessions(node_id))}
+        key = self.keys.node_sessions(node_id)
+        return {m.decode() for m in await self._one(key, "SMEMBERS", key)}
 
     # --- inboxes (read by the gateway) ---
 
@@ -330,24 +419,32 @@ class Presence:
         return self.keys.doorbell(node_id)
 
     async def read_inboxes(self, cursors: dict[str, str], count: int = 100) -> list[tuple[str, list[RawEntry]]]:
-        """Entries after each cursor, fields as a flat list: one XREAD for all inboxes (per inbox on a cluster).
+        """Entries after each cursor, fields as a flat list: one XREAD for all inboxes on one server; on a
+        cluster one XREAD per slot (XREAD may name one slot only), pipelined per primary, primaries in parallel.
 
-        Read through a client that shares the pool but skips redis-py's reply parsing: the gateway
-        reads every push through here, and turning each entry into a dict cost more than the read.
+        Read (off a cluster) through a client that shares the pool but skips redis-py's reply parsing: the
+        gateway reads every push through here, and turning each entry into a dict cost more than the read.
         """
         if not cursors:
             return []
         if not self._cluster:
-            return _flat_streams(await self._raw_reader.xread(cursors, count=count))
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key, cursor in cursors.items():
-                pipe.xread({key: cursor}, count=count)
-            replies = await self._run(pipe)
-        return [
-            (k.decode(), [(i, [x for kv in fields.items() for x in kv]) for i, fields in entries])
-            for reply in replies
-            for k, entries in reply or []
-        ]
+            try:
+                reply = await self.store.retrying(lambda: self._raw_reader.xread(cursors, count=count))
+            except StoreUnavailable as exc:
+                raise UnavailableError("redis is unavailable") from exc
+            return _flat_streams(reply)
+        keys = list(cursors)
+        commands: list[Command] = []
+        for group in self.store.group(keys):
+            names = [keys[i] for i in group]
+            commands.append((names[0], ["XREAD", "COUNT", count, "STREAMS", *names, *(cursors[k] for k in names)]))
+        out: list[tuple[str, list[RawEntry]]] = []
+        for reply in await self._run(commands):
+            items = reply.items() if isinstance(reply, dict) else reply or []
+            for k, entries in items:
+                name = k.decode() if isinstance(k, bytes) else k
+                out.append((name, [(i, [x for kv in fields.items() for x in kv]) for i, fields in entries]))
+        return out
 
     async def inbox_resume(self, inbox: str, last_id: str) -> bool:
         """Whether an inbox still holds every entry after ``last_id`` (else the client must re-pull).
@@ -357,21 +454,30 @@ class Presence:
         """
         after = _id_tuple(last_id)
         try:
-            info = await self.redis.xinfo_stream(inbox)
-        except ResponseError:  # no such key: nothing was written since
+            (info,) = await self.store.run([(inbox, ["XINFO STREAM", inbox])])
+        except StoreUnavailable as exc:
+            raise UnavailableError("redis is unavailable") from exc
+        if isinstance(info, ResponseError):  # no such key: nothing was written since
             return True
+        if isinstance(info, BaseException):
+            raise info
         trimmed = int(info["entries-added"]) - int(info["length"])
         first = info.get("first-entry")
         return trimmed == 0 or (first is not None and _id_tuple(first[0].decode()) <= after)
 
     # --- helpers ---
 
-    @staticmethod
-    async def _run(pipe: Pipeline) -> list[Any]:
+    async def _run(self, commands: Sequence[Command]) -> list[Any]:
+        """``Store.run`` with our error mapping: a library error as ParamError/PresenceError, 503 when away."""
         try:
-            return await pipe.execute()
+            return await self.store.run(commands, raise_errors=True)
         except ResponseError as exc:
             raise_mapped(exc)
+        except StoreUnavailable as exc:
+            raise UnavailableError("redis is unavailable") from exc
+
+    async def _one(self, key: str, *args: Any) -> Any:
+        return (await self._run([(key, args)]))[0]
 
     def _check_session(self, client_type: int, imei: str) -> None:
         if isinstance(client_type, bool) or client_type not in CLIENT_TYPES:

@@ -1,19 +1,285 @@
-"""Open the Redis the service runs on: a URL, or the embedded in-process store (fakeredis with Lua)."""
+"""Open the Redis the service runs on, and send each command straight to the node that owns its keys.
+
+Modes (logged at start with the topology seen):
+
+- ``embedded``: no URL; fakeredis in this process (state dies with it, fine for a demo);
+- ``standalone``: ``redis://host:port/db`` or ``rediss://...`` of a server that is not a cluster node;
+- ``cluster``: the same URL of *any* node of a Redis Cluster (``INFO cluster`` says ``cluster_enabled:1``);
+  redis-py's asyncio ``RedisCluster``, commands routed by the client (CRC16 slot of the first key);
+- ``sentinel``: ``redis+sentinel://[user:pass@]host:port[,host:port...]/<master-name>[/db]``; redis-py's
+  asyncio ``Sentinel``. ``user:pass`` in the URL (or ``PRESENCE_REDIS_USERNAME`` / ``PRESENCE_REDIS_PASSWORD``)
+  authenticate to the data nodes; ``?sentinel_password=...`` (or ``PRESENCE_SENTINEL_PASSWORD``, with
+  ``PRESENCE_SENTINEL_USERNAME``) to the sentinels.
+
+``Store.run`` sends a batch of commands, each routed by its key: one pipeline per node, the nodes in
+parallel (one pipeline in all on standalone and Sentinel). Commands that fail because a node is away
+(connection lost, failover, ``MOVED``, ``CLUSTERDOWN``, ``READONLY``, ``LOADING``) are retried with backoff
+for at most ``retry_for`` seconds; a node that answers "Function not found" gets the library loaded and
+the call retried once.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
 
+from redis import exceptions as rex
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import Sentinel
+from redis.crc import key_slot
+
+from presence.errors import ParamError
 
 log = logging.getLogger("presence.store")
 
-
 MAX_CONNECTIONS = 64
+RETRY_FOR_S = 30.0
+Mode = Literal["embedded", "standalone", "sentinel", "cluster"]
+Client = Redis | RedisCluster
+# (routing key or None for any node, command and arguments)
+Command = tuple[str | None, Sequence[Any]]
+T = TypeVar("T")
+
+# A node is away or moving: the same command will work once the failover is over.
+RETRYABLE = (
+    rex.ConnectionError,
+    rex.TimeoutError,
+    rex.ClusterDownError,
+    rex.TryAgainError,
+    rex.MovedError,
+    rex.AskError,
+    rex.BusyLoadingError,
+    rex.ReadOnlyError,
+    rex.MasterDownError,
+    rex.SlotNotCoveredError,
+    rex.ClusterError,
+)
+
+
+class UnavailableError(rex.RedisError):
+    """Redis stayed unreachable (or mid-failover) for the whole retry window."""
+
+
+def is_function_missing(exc: BaseException) -> bool:
+    return isinstance(exc, rex.ResponseError) and "Function not found" in str(exc)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    return isinstance(exc, RETRYABLE) or (isinstance(exc, rex.ResponseError) and str(exc).startswith("NOREPLICAS"))
+
+
+class Store:
+    """A Redis client of one mode and the routing that goes with it."""
+
+    def __init__(self, client: Client, mode: Mode, topology: str = "", retry_for: float = RETRY_FOR_S) -> None:
+        self.client = client
+        self.mode = mode
+        self.topology = topology
+        self.retry_for = retry_for
+        # Called with a node's target (None off a cluster) when it says "Function not found".
+        self.on_function_missing: Callable[[Any], Awaitable[object]] | None = None
+
+    @classmethod
+    def wrap(cls, client: Client, retry_for: float = RETRY_FOR_S) -> Store:
+        """A Store around a client built elsewhere (tests, other services)."""
+        if isinstance(client, RedisCluster):
+            return cls(client, "cluster", retry_for=retry_for)
+        mode: Mode = "embedded" if type(client).__module__.startswith("fakeredis") else "standalone"
+        return cls(client, mode, retry_for=retry_for)
+
+    @property
+    def cluster(self) -> bool:
+        return self.mode == "cluster"
+
+    @staticmethod
+    def slot(key: str) -> int:
+        return key_slot(key.encode())
+
+    def group(self, keys: Sequence[str]) -> list[list[int]]:
+        """Indexes of ``keys`` grouped so each group may go in one call: by slot on a cluster, else one group."""
+        if not keys:
+            return []
+        if not self.cluster:
+            return [list(range(len(keys)))]
+        groups: dict[int, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(key_slot(key.encode()), []).append(i)
+        return list(groups.values())
+
+    def primaries(self) -> list[Any]:
+        """Cluster primaries (``ClusterNode``), or ``[None]`` (the one server) elsewhere."""
+        if isinstance(self.client, RedisCluster):
+            return list(self.client.get_primaries())
+        return [None]
+
+    async def on_node(self, node: Any, *args: Any) -> Any:
+        """One command on one node (a ``ClusterNode`` from ``primaries()``, or None off a cluster)."""
+        if node is None:
+            return await self.client.execute_command(*args)
+        return await self.client.execute_command(*args, target_nodes=node)
+
+    async def one(self, key: str | None, *args: Any) -> Any:
+        (reply,) = await self.run([(key, args)], raise_errors=True)
+        return reply
+
+    async def run(self, commands: Sequence[Command], *, raise_errors: bool = False) -> list[Any]:
+        """Replies in order; a command's error is its reply (or raised with ``raise_errors``).
+
+        Raises UnavailableError when the nodes stay away for the whole retry window.
+        """
+        if not commands:
+            return []
+        results: list[Any] = [None] * len(commands)
+        pending = list(range(len(commands)))
+        reloaded: set[int] = set()
+        deadline = time.monotonic() + self.retry_for
+        delay = 0.05
+        last: BaseException | None = None
+        while True:
+            try:
+                replies = await self._send([commands[i] for i in pending])
+            except RETRYABLE as exc:
+                replies = [exc] * len(pending)
+            retry: list[int] = []
+            for i, reply in zip(pending, replies, strict=True):
+                results[i] = reply
+                if not isinstance(reply, BaseException):
+                    continue
+                if is_function_missing(reply) and i not in reloaded and self.on_function_missing is not None:
+                    reloaded.add(i)
+                    await self._reload(commands[i][0])
+                    retry.append(i)
+                elif is_retryable(reply):
+                    last = reply
+                    retry.append(i)
+            if not retry:
+                break
+            if time.monotonic() + delay > deadline:
+                raise UnavailableError(f"redis unavailable for {self.retry_for:.0f} s: {last!r}") from last
+            if last is not None:
+                log.warning("redis call failed (%r); retrying %d commands in %.2f s", last, len(retry), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                await self._refresh()
+            pending = retry
+        if raise_errors:
+            for reply in results:
+                if isinstance(reply, BaseException):
+                    raise reply
+        return results
+
+    async def retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """``attempt()`` under the same policy as ``run`` (for commands sent another way: MULTI, raw XREAD)."""
+        deadline = time.monotonic() + self.retry_for
+        delay = 0.05
+        reloaded = False
+        while True:
+            try:
+                return await attempt()
+            except Exception as exc:
+                if is_function_missing(exc) and not reloaded and self.on_function_missing is not None:
+                    reloaded = True
+                    await self._reload(None)
+                    continue
+                if not is_retryable(exc):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise UnavailableError(f"redis unavailable for {self.retry_for:.0f} s: {exc!r}") from exc
+                log.warning("redis call failed (%r); retrying in %.2f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                await self._refresh()
+
+    async def _reload(self, key: str | None) -> None:
+        assert self.on_function_missing is not None
+        node = None
+        if isinstance(self.client, RedisCluster) and key is not None:
+            node = self.client.get_node_from_key(key)
+        log.warning("a Redis node had no presence library (restarted empty or promoted): loading it")
+        await self.on_function_missing(node)
+
+    async def _refresh(self) -> None:
+        """After a failover: learn the new slot owners before retrying (a cluster only)."""
+        if isinstance(self.client, RedisCluster):
+            try:
+                await self.client.nodes_manager.initialize()
+            except Exception as exc:  # the next attempt tries again
+                log.debug("cluster topology refresh failed: %r", exc)
+
+    async def _send(self, commands: Sequence[Command]) -> list[Any]:
+        client = self.client
+        if isinstance(client, RedisCluster):
+            await client.initialize()
+            pipe = client.pipeline()
+            for key, args in commands:
+                node = client.get_node_from_key(key) if key is not None else client.get_default_node()
+                # target_nodes: the slot is known here; redis-py need not ask the server (COMMAND GETKEYS).
+                pipe.execute_command(*args, target_nodes=node)
+            return await pipe.execute(raise_on_error=False)
+        if len(commands) == 1:
+            key, args = commands[0]
+            try:
+                return [await client.execute_command(*args)]
+            except rex.ResponseError as exc:
+                return [exc]
+        async with client.pipeline(transaction=False) as pipe:
+            for _, args in commands:
+                pipe.execute_command(*args)
+            return await pipe.execute(raise_on_error=False)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelURL:
+    sentinels: list[tuple[str, int]]
+    master: str
+    db: int
+    username: str | None
+    password: str | None
+    sentinel_username: str | None
+    sentinel_password: str | None
+    ssl: bool
+
+
+def parse_sentinel_url(url: str, env: Mapping[str, str] | None = None) -> SentinelURL:
+    """``redis+sentinel://[user:pass@]h:p[,h:p...]/<master-name>[/db][?sentinel_password=...]``."""
+    env = os.environ if env is None else env
+    parts = urlsplit(url)
+    creds, _, hosts = parts.netloc.rpartition("@")
+    user, _, password = creds.partition(":")
+    sentinels = []
+    for item in filter(None, hosts.split(",")):
+        host, _, port = item.rpartition(":") if ":" in item else (item, "", "26379")
+        if not host or not port.isdigit():
+            raise ParamError(f"redis URL: sentinel address {item!r} is not host:port")
+        sentinels.append((host.strip("[]"), int(port)))
+    path = [p for p in parts.path.split("/") if p]
+    if not sentinels or not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ParamError("redis URL: expected redis+sentinel://[user:pass@]host:port[,host:port...]/<master-name>[/db]")
+    query = parse_qs(parts.query)
+    return SentinelURL(
+        sentinels=sentinels,
+        master=unquote(path[0]),
+        db=int(path[1]) if len(path) == 2 else 0,
+        username=unquote(user) if user else env.get("PRESENCE_REDIS_USERNAME") or None,
+        password=unquote(password) if password else env.get("PRESENCE_REDIS_PASSWORD") or None,
+        sentinel_username=(query.get("sentinel_username") or [env.get("PRESENCE_SENTINEL_USERNAME")])[0] or None,
+        sentinel_password=(query.get("sentinel_password") or [env.get("PRESENCE_SENTINEL_PASSWORD")])[0] or None,
+        ssl=parts.scheme == "rediss+sentinel",
+    )
 
 
 def open_redis(url: str | None, max_connections: int = MAX_CONNECTIONS) -> tuple[Redis, bool]:
-    """(client, embedded). No URL -> fakeredis in this process: state dies with it, fine for a demo.
+    """(client, embedded) for a standalone URL or the embedded store; ``open_store`` for every mode.
 
     The pool blocks when all connections are busy instead of failing: a burst of 10,000 logins or
     logouts waits its turn rather than losing sessions to "Too many connections".
@@ -28,3 +294,60 @@ def open_redis(url: str | None, max_connections: int = MAX_CONNECTIONS) -> tuple
     log.warning("no Redis URL given: using the embedded in-process store (fakeredis); state is not persisted")
     server = fakeredis.FakeServer()
     return fakeredis.FakeAsyncRedis(server=server, decode_responses=False), True
+
+
+async def open_store(url: str | None, max_connections: int = MAX_CONNECTIONS, retry_for: float = RETRY_FOR_S) -> Store:
+    """Pick the mode from the URL (and, for redis://, from the server's ``INFO cluster``); log it."""
+    if url and url.split("://", 1)[0] in ("redis+sentinel", "rediss+sentinel"):
+        store = await _open_sentinel(parse_sentinel_url(url), max_connections, retry_for)
+    elif not url:
+        client, _ = open_redis(None)
+        store = Store(client, "embedded", "one in-process server", retry_for)
+    else:
+        client, _ = open_redis(url, max_connections)
+        try:
+            info = await client.info("cluster")
+        except Exception:
+            await client.aclose()
+            raise
+        if int(info.get("cluster_enabled", 0)) != 1:
+            store = Store(client, "standalone", f"one server at {_where(url)}", retry_for)
+        else:
+            await client.aclose()
+            cluster = RedisCluster.from_url(url, max_connections=max_connections)
+            await cluster.initialize()
+            primaries = sorted(n.name for n in cluster.get_primaries())
+            replicas = len(cluster.get_replicas())
+            topology = f"{len(primaries)} primaries ({', '.join(primaries)}), {replicas} replicas"
+            store = Store(cluster, "cluster", topology, retry_for)
+    log.info("redis store: %s, %s", store.mode, store.topology)
+    return store
+
+
+async def _open_sentinel(conf: SentinelURL, max_connections: int, retry_for: float) -> Store:
+    sentinel_kwargs: dict[str, Any] = {"socket_timeout": 2.0}
+    if conf.sentinel_password:
+        sentinel_kwargs["password"] = conf.sentinel_password
+    if conf.sentinel_username:
+        sentinel_kwargs["username"] = conf.sentinel_username
+    sentinel = Sentinel(conf.sentinels, sentinel_kwargs=sentinel_kwargs, socket_timeout=5.0)
+    client = sentinel.master_for(
+        conf.master,
+        db=conf.db,
+        username=conf.username,
+        password=conf.password,
+        ssl=conf.ssl,
+        max_connections=max_connections * 4,
+        health_check_interval=10,
+    )
+    host, port = await sentinel.discover_master(conf.master)
+    replicas = await sentinel.discover_slaves(conf.master)
+    topology = (
+        f"master {conf.master!r} at {host}:{port}, {len(replicas)} replicas, {len(conf.sentinels)} sentinels given"
+    )
+    return Store(client, "sentinel", topology, retry_for)
+
+
+def _where(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or 6379}{parts.path or ''}"

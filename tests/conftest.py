@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -15,18 +14,33 @@ import fakeredis
 import pytest
 import redis
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from presence.config import AppConfig, Settings
 from presence.functions import ensure_library
 from presence.server import Running, start
 from presence.service import Presence
 from tests.clients import APP, KEY
+from tests.redis_servers import Cluster, free_port
+
+__all__ = ["free_port"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    """A real Redis Cluster of 3 primaries (no replicas) for the whole run; tests flush it."""
+    c = Cluster(primaries=3)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+async def _cluster_client(cluster: Cluster) -> RedisCluster:
+    cluster.flush()
+    client = RedisCluster.from_url(cluster.url)
+    await ensure_library(client)
+    return client
 
 
 @pytest.fixture(scope="session")
@@ -96,10 +110,13 @@ async def real_redis(redis_url: str) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-@pytest.fixture(params=["redis", "fakeredis"])
+@pytest.fixture(params=["redis", "fakeredis", "cluster"])
 async def any_redis(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[Redis]:
-    """The same test on a real redis-server and on fakeredis: the library must behave alike."""
-    client = await (_real(redis_url) if request.param == "redis" else _fake())
+    """The same test on a real redis-server, on fakeredis and on a real 3-primary Redis Cluster."""
+    if request.param == "cluster":
+        client: Any = await _cluster_client(request.getfixturevalue("cluster"))
+    else:
+        client = await (_real(redis_url) if request.param == "redis" else _fake())
     yield client
     await client.aclose()
 
@@ -112,8 +129,28 @@ def presence(any_redis: Redis) -> Presence:
 MakeNode = Callable[..., Awaitable[Running]]
 
 
+@pytest.fixture(params=["standalone", "cluster"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """The gateway end-to-end tests run on one redis-server and on a 3-primary cluster (one node's URL)."""
+    if request.param == "cluster":
+        return request.getfixturevalue("cluster").url
+    return request.getfixturevalue("redis_url")
+
+
 @pytest.fixture
-async def make_node(real_redis: Redis, redis_url: str) -> AsyncIterator[MakeNode]:
+async def store_redis(store_url: str, redis_url: str, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    """A flushed client of ``store_url`` with the library loaded (RedisCluster on the cluster)."""
+    if store_url == redis_url:
+        client: Any = await _real(redis_url)
+    else:
+        client = await _cluster_client(request.getfixturevalue("cluster"))
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def make_node(store_redis: Any, store_url: str) -> AsyncIterator[MakeNode]:
+    redis_url = store_url
     running: list[Running] = []
 
     async def make(login_model: int = 3, node_id: str | None = None, **overrides: Any) -> Running:
@@ -137,5 +174,5 @@ async def make_node(real_redis: Redis, redis_url: str) -> AsyncIterator[MakeNode
 
 
 @pytest.fixture
-def facade(real_redis: Redis) -> Presence:
-    return Presence(real_redis, Settings())
+def facade(store_redis: Any) -> Presence:
+    return Presence(store_redis, Settings())

@@ -33,7 +33,7 @@ def test_functions_load_loads_once(redis_url: str) -> None:
     second = run("functions", "load", "--redis", redis_url)
     assert first.returncode == 0 and "loaded library presence" in first.stdout
     assert second.returncode == 0 and "already up to date" in second.stdout
-    assert client.fcall("presence_version", 0) == b"1.0.0"
+    assert client.fcall("presence_version", 0) == b"2.0.0"
     client.close()
 
 

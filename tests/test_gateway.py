@@ -91,7 +91,7 @@ async def test_custom_status_4006_to_friends_4007_to_own_devices(make_node: Make
 
 
 async def test_subscription_over_socket_notifies_until_expiry(
-    make_node: MakeNode, facade: Presence, real_redis: Redis
+    make_node: MakeNode, facade: Presence, store_redis: Redis
 ) -> None:
     node = await make_node()
     carol = await WsClient.connect(node.ws_port)
@@ -103,7 +103,7 @@ async def test_subscription_over_socket_notifies_until_expiry(
     await alice.login("alice")
     assert (await expect(carol, Command.NOTIFY)).data["userId"] == "alice"
     # Expire carol's subscription to alice: alice's next change must not reach carol, dave's must.
-    await real_redis.zadd(facade.user(APP, "alice").subscribers, {"carol": 1})
+    await store_redis.zadd(facade.user(APP, "alice").subscribers, {"carol": 1})
     await alice.close()
     dave = await TcpClient.connect(node.tcp_port)
     await dave.login("dave")
@@ -330,7 +330,7 @@ async def test_drop_without_reconnect_is_announced_after_the_grace(make_node: Ma
 
 
 async def test_node_reaped_while_alive_closes_its_clients(
-    make_node: MakeNode, facade: Presence, real_redis: Redis
+    make_node: MakeNode, facade: Presence, store_redis: Redis
 ) -> None:
     node = await make_node(node_ttl=0.5, node_id="sleepy")
     alice = await TcpClient.connect(node.tcp_port)

@@ -22,6 +22,7 @@ from presence.http.demo import DEMO_FILES
 from presence.metrics import REGISTRY
 from presence.resources import resource_path
 from presence.service import Presence
+from presence.store import Store
 
 APP = 10000
 KEY = "test-private-key"
@@ -446,16 +447,18 @@ async def test_body_of_exactly_64_kib_is_read(client: TestClient) -> None:
     assert ok(*await post(client, QUERY_USERS, body)) == {}
 
 
-async def test_redis_down_is_500_without_details(caplog: pytest.LogCaptureFixture) -> None:
+async def test_redis_down_is_503_without_details(caplog: pytest.LogCaptureFixture) -> None:
+    """Redis away for the whole retry window: the seed's system code with 503 (retry later), never a 500."""
     dead = Redis.from_url(f"redis://127.0.0.1:{closed_port()}")
     try:
-        async for client in _client(create_app(Presence(dead, SETTINGS), SETTINGS)):
+        presence = Presence(Store.wrap(dead, retry_for=0.3), SETTINGS)
+        async for client in _client(create_app(presence, SETTINGS)):
             with caplog.at_level(logging.ERROR, logger="presence.http"):
                 status, env = await post(client, QUERY_USERS, {"userList": ["bob"]})
-            assert (status, env) == (500, {"code": 90000, "msg": "system error", "data": None})
+            assert (status, env) == (503, {"code": 90000, "msg": "system error", "data": None})
             assert "Traceback" not in str(env)
-            # ... but the log has it.
-            assert any(r.exc_info for r in caplog.records if r.name == "presence.http")
+            # ... but the log says why.
+            assert any("redis is unavailable" in r.getMessage() for r in caplog.records if r.name == "presence.http")
     finally:
         await dead.aclose()
 

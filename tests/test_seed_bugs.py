@@ -98,8 +98,9 @@ async def test_crashed_gateway_sessions_are_reaped(facade: Presence) -> None:
     assert (await facade.query_users(APP, ["alice"]))["alice"].status == 2
 
 
-async def test_subscription_pruning_is_by_score_not_a_scan(real_redis: Redis, facade: Presence) -> None:
+async def test_subscription_pruning_is_by_score_not_a_scan(real_redis: Redis) -> None:
     """Seed: every change scanned the whole subscription hash; we prune a sorted set by expiry."""
+    facade = Presence(real_redis)
     key = facade.user(APP, "alice").subscribers
     await real_redis.zadd(key, {f"old{i}": i for i in range(1, 1001)})
     await real_redis.zadd(key, {"live": 2**52})

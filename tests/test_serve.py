@@ -19,14 +19,14 @@ from tests.serve_process import ServeProcess
 
 
 async def test_killed_node_sessions_go_offline_within_node_ttl(
-    make_node: MakeNode, facade: Presence, redis_url: str
+    make_node: MakeNode, facade: Presence, store_url: str
 ) -> None:
     """A gateway killed with SIGKILL: a peer's reaper logs its users out; friends see "offline"."""
     await facade.add_friend(APP, "alice", "bob")
     survivor = await make_node(node_ttl=1.0)
     bob = await WsClient.connect(survivor.ws_port)
     await bob.login("bob")
-    doomed = ServeProcess(["--redis", redis_url, "--node-ttl", "1", "--offline-grace", "0", "--node-id", "doomed"])
+    doomed = ServeProcess(["--redis", store_url, "--node-ttl", "1", "--offline-grace", "0", "--node-id", "doomed"])
     try:
         alice = await TcpClient.connect(doomed.tcp_port)
         await alice.login("alice")
@@ -42,13 +42,13 @@ async def test_killed_node_sessions_go_offline_within_node_ttl(
 
 
 async def test_sigterm_tells_clients_and_logs_sessions_out(
-    make_node: MakeNode, facade: Presence, redis_url: str
+    make_node: MakeNode, facade: Presence, store_url: str
 ) -> None:
     await facade.add_friend(APP, "alice", "bob")
     peer = await make_node()
     bob = await WsClient.connect(peer.ws_port)
     await bob.login("bob")
-    node = ServeProcess(["--redis", redis_url, "--offline-grace", "3", "--node-id", "leaving"])
+    node = ServeProcess(["--redis", store_url, "--offline-grace", "3", "--node-id", "leaving"])
     try:
         alice = await WsClient.connect(node.ws_port)
         await alice.login("alice")

@@ -204,8 +204,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except PresenceError as exc:
         if exc.http_status >= 500:
+            # 503 (Redis away past the retry window): the seed's system code, a status a client may retry.
             log.error("%s %s failed: %s", request.method, request.path, exc.message)
-            return envelope(code=Code.SYSTEM_ERROR, msg="system error", status=500)
+            return envelope(code=Code.SYSTEM_ERROR, msg="system error", status=exc.http_status)
         return envelope(code=exc.code, msg=exc.message, status=exc.http_status)
     except web.HTTPException as exc:
         if exc.status < 400:
