@@ -2,12 +2,17 @@
 
 The reaper is what makes a crashed gateway's users go offline: any node (or the REST app) logs out
 every session still recorded for a node whose last heartbeat is older than ``node_ttl``.
+
+Liveness lives in Redis, so a node that could not reach Redis cannot tell a dead peer from a dead
+backplane: after a failover every peer's last beat is old. A node therefore judges peers only once its
+own rounds have succeeded for a full ``node_ttl`` in a row; by then every live peer has beaten again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from presence.metrics import REAPED_SESSIONS
@@ -33,18 +38,37 @@ class NodeKeeper:
         self.on_reaped = on_reaped
         self.interval = min(interval, max(node_ttl / 3, 0.05))
         self._beaten = False
+        self._healthy_since: float | None = None  # monotonic start of the current run of good beats
+        self._last_ok: float | None = None
         self.stopped = False  # loops also check a flag: redis-py may swallow a cancel mid-command
 
+    def may_judge(self) -> bool:
+        """Whether this node's own beats have succeeded for a full ``node_ttl``, the last one just now."""
+        if self._healthy_since is None or self._last_ok is None:
+            return False
+        now = time.monotonic()
+        return now - self._healthy_since >= self.node_ttl and now - self._last_ok <= self.node_ttl / 2
+
     async def beat(self) -> None:
-        if self.node_id is None:
-            return
-        was_registered = await self.presence.node_heartbeat(self.node_id)
+        if self.node_id is not None:
+            await self._beat(self.node_id)
+        now = time.monotonic()
+        # The first beat, or the first after a gap (a failure, or a beat that waited out a failover):
+        # a new run of good beats starts.
+        if self._last_ok is None or self._healthy_since is None or now - self._last_ok > self.node_ttl / 2:
+            self._healthy_since = now
+        self._last_ok = now
+
+    async def _beat(self, node_id: str) -> None:
+        was_registered = await self.presence.node_heartbeat(node_id)
         if self._beaten and not was_registered and self.on_reaped is not None:
             await self.on_reaped()
         self._beaten = True
 
     async def reap(self) -> int:
         total = 0
+        if not self.may_judge():
+            return 0
         for node in await self.presence.expired_nodes(self.node_ttl):
             if node == self.node_id:
                 continue
@@ -59,8 +83,15 @@ class NodeKeeper:
             await asyncio.sleep(self.interval)
             try:
                 await self.beat()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self._healthy_since = None
+                log.exception("node heartbeat failed; retrying (peers are not judged until Redis is back)")
+                continue
+            try:
                 await self.reap()
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("node heartbeat/reaper round failed; retrying")
+                log.exception("reaper round failed; retrying")

@@ -148,9 +148,20 @@ class Cluster:
                 timeout=60,
             )
             self.wait_ok()
+            if replicas:
+                # A replica that never synced has no data age to fail over with.
+                wait_until(self._replicas_synced, 30, "every replica in sync with its primary")
         except BaseException:
             self.stop()
             raise
+
+    def _replicas_synced(self) -> bool:
+        for node in self.alive():
+            with node.client() as c:
+                info = c.info("replication")
+                if info["role"] == "slave" and info.get("master_link_status") != "up":
+                    return False
+        return True
 
     @property
     def url(self) -> str:
@@ -161,10 +172,14 @@ class Cluster:
         return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
 
     def wait_ok(self, timeout: float = 30) -> None:
-        """Every live node says cluster_state:ok and agrees that all slots are served."""
+        """Every live node says cluster_state:ok, all slots are served, and no dead node serves any."""
+        dead = {n.port for n in self.nodes} - {n.port for n in self.alive()}
 
         def ok() -> bool:
             for node in self.alive():
+                with node.client() as c:
+                    if any(int(r[2][1]) in dead for r in c.execute_command("CLUSTER", "SLOTS")):
+                        return False
                 with node.client() as c:
                     info = c.cluster("info")
                     if info.get("cluster_state") != "ok" or int(info.get("cluster_slots_ok", 0)) != 16384:
@@ -226,14 +241,13 @@ class SentinelSet:
             raise
 
     def _replicated(self) -> bool:
-        with self.servers[0].client() as c:
-            if c.info("replication").get("connected_slaves", 0) < 1:
+        with self.servers[1].client() as c:
+            if c.info("replication").get("master_link_status") != "up":
                 return False
         for s in self.sentinels:
             with s.client() as c:
-                master = c.execute_command("SENTINEL", "MASTER", self.master_name)
-                info = dict(zip(master[::2], master[1::2], strict=False))
-                if int(info[b"num-slaves"]) < 1 or int(info[b"num-other-sentinels"]) < 2:
+                info = c.sentinel_master(self.master_name)
+                if int(info["num-slaves"]) < 1 or int(info["num-other-sentinels"]) < 2:
                     return False
         return True
 
@@ -244,7 +258,7 @@ class SentinelSet:
 
     def master(self) -> Server:
         with self.sentinels[0].client() as c:
-            _, port = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)
+            _, port = c.sentinel_get_master_addr_by_name(self.master_name)
         return next(s for s in self.servers if s.port == int(port))
 
     def stop(self) -> None:

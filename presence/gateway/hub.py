@@ -323,13 +323,16 @@ class Hub:
                 msg = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("doorbell subscription failed; resubscribing")
-                await asyncio.sleep(1)
-                with contextlib.suppress(Exception):
-                    self.pubsub = self.presence.redis.pubsub()
-                    await self.pubsub.subscribe(self.presence.doorbell_channel(self.node_id))
-                self._mark_all()
+            except Exception as exc:
+                log.warning("doorbell subscription failed (%r); resubscribing", exc)
+                while not self.closing:
+                    try:
+                        await self._resubscribe()
+                        break
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as again:
+                        log.warning("doorbell resubscription failed (%r); trying again", again)
                 continue
             if msg is None or msg.get("type") != "message":
                 continue
@@ -339,6 +342,16 @@ class Hub:
                     self._dirty.add(inbox)
             if self._dirty:
                 self._wake.set()
+
+    async def _resubscribe(self) -> None:
+        """A fresh subscription (on a cluster, through whichever node is up), then read every local
+        inbox: doorbells rung while we were away are lost, the entries are not."""
+        await asyncio.sleep(0.5)
+        with contextlib.suppress(Exception):
+            await self.pubsub.aclose()
+        self.pubsub = self.presence.redis.pubsub()
+        await self.pubsub.subscribe(self.presence.doorbell_channel(self.node_id))
+        self._mark_all()
 
     def _mark_all(self) -> None:
         self._dirty.update(self.by_inbox)
@@ -368,7 +381,8 @@ class Hub:
                 except asyncio.CancelledError:
                     raise
                 except Exception:
-                    log.exception("reading inboxes failed; the sweep retries")
+                    log.exception("reading inboxes failed; retrying")
+                    self._dirty.update(batch)  # not lost: read again once Redis answers
                     await asyncio.sleep(0.5)
                     continue
                 for inbox, entries in replies:
