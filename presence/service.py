@@ -150,23 +150,25 @@ class Presence:
     async def _login_on_node(self, keys: UserKeys, args: list[Any], node_id: str, member: str) -> StatusChange:
         """The node's record of the session exists before the session does, so the reaper finds every session.
 
-        One server: SADD and presence_login in one MULTI/EXEC (both or neither). A cluster (other slots):
-        the SADD succeeds first; if the login then fails, the record is removed again (a leftover one is
-        harmless: logging out a session that does not exist changes nothing).
+        One server: SADD and presence_login in one MULTI/EXEC (both run or neither). A cluster (other
+        slots): the SADD succeeds first. Either way, a login the library refuses takes the record back (a
+        leftover one is harmless: logging out a session that does not exist changes nothing).
         """
         node_set = self.keys.node_sessions(node_id)
         login = fcall("presence_login", keys.state(), args)
         started = time.perf_counter()
         try:
-            if not self._cluster:
-                reply = await self._atomic(["SADD", node_set, member], login)
-            else:
-                await self.store.one(node_set, "SADD", node_set, member)
-                try:
+            try:
+                if not self._cluster:
+                    reply = await self._atomic(["SADD", node_set, member], login)
+                else:
+                    await self.store.one(node_set, "SADD", node_set, member)
                     reply = await self.store.one(keys.sessions, *login)
-                except BaseException:
-                    await self._forget_member(node_set, member)
-                    raise
+            except ResponseError:
+                # The login was refused, so no session exists. (After a lost connection the outcome is
+                # unknown: the record stays, and the node's reconciliation logs out what no socket holds.)
+                await self._forget_member(node_set, member)
+                raise
         except ResponseError as exc:
             raise_mapped(exc)
         except StoreUnavailable as exc:
@@ -182,7 +184,11 @@ class Presence:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.execute_command(*first)
                 pipe.execute_command(*second)
-                return (await pipe.execute())[1]
+                replies = await pipe.execute(raise_on_error=False)
+            for reply in replies:
+                if isinstance(reply, BaseException):
+                    raise reply
+            return replies[1]
 
         return await self.store.retrying(once)
 
