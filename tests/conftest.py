@@ -129,6 +129,14 @@ def presence(any_redis: Redis) -> Presence:
 MakeNode = Callable[..., Awaitable[Running]]
 
 
+@pytest.fixture
+async def cluster_redis(cluster: Cluster) -> AsyncIterator[RedisCluster]:
+    """A client of the flushed session cluster, library loaded."""
+    client = await _cluster_client(cluster)
+    yield client
+    await client.aclose()
+
+
 @pytest.fixture(params=["standalone", "cluster"])
 def store_url(request: pytest.FixtureRequest) -> str:
     """The gateway end-to-end tests run on one redis-server and on a 3-primary cluster (one node's URL)."""

@@ -46,3 +46,26 @@ def test_functions_load_without_url_explains() -> None:
         timeout=30,
     )
     assert out.returncode == 2 and "needs --redis URL" in out.stderr
+
+
+def test_functions_load_and_show_on_every_cluster_primary(cluster) -> None:  # type: ignore[no-untyped-def]
+    cluster.flush()
+    first = run("functions", "load", "--redis", cluster.url)  # one node's URL: the cluster is found
+    assert first.returncode == 0 and "loaded library presence" in first.stdout, first.stderr
+    for node in cluster.primaries():
+        with node.client() as c:
+            assert c.fcall("presence_version", 0) == b"2.0.0"
+    with cluster.primaries()[1].client() as c:
+        c.function_flush()  # a primary that restarted empty
+    shown = run("functions", "show", "--redis", cluster.url)
+    assert shown.returncode == 0
+    assert shown.stdout.count("up to date") == 2 and shown.stdout.count("missing or outdated") == 1
+    assert "loaded library presence" in run("functions", "load", "--redis", cluster.url).stdout
+    assert run("functions", "show", "--redis", cluster.url).stdout.count("up to date") == 3
+
+
+def test_serve_help_explains_the_redis_urls() -> None:
+    out = run("serve", "--help")
+    assert out.returncode == 0
+    for text in ("redis+sentinel://", "Redis Cluster node", "embedded in-process store", "sentinel_password"):
+        assert text in out.stdout

@@ -114,3 +114,52 @@ async def test_connection_pool_waits_instead_of_failing(redis_url: str) -> None:
     await asyncio.gather(*(presence.logout(APP, u, 2, "d") for u in users))
     assert all(s.status == 2 for s in (await presence.query_users(APP, users)).values())
     await redis.aclose()
+
+
+async def rest(node: ServeProcess, path: str, user: str, body: dict[str, Any]) -> Any:
+    params = {"appId": str(APP), "identifier": user, "userSign": sign(user)}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://127.0.0.1:{node.http_port}{path}", params=params, json=body) as resp:
+            env = await resp.json()
+            assert resp.status == 200 and env["code"] == 200, env
+            return env["data"]
+
+
+async def test_two_gateways_on_a_cluster_from_one_node_url(cluster: Any, cluster_redis: Any) -> None:
+    """The issue's "done when": two `presence serve` given a plain redis:// URL of one cluster node."""
+    url = cluster.nodes[1].url
+    one = ServeProcess(["--redis", url, "--node-ttl", "1", "--offline-grace", "0", "--node-id", "gw-one"])
+    two = ServeProcess(["--redis", url, "--node-ttl", "1", "--offline-grace", "0", "--node-id", "gw-two"])
+    try:
+        one.wait_for_line("redis store: cluster, 3 primaries")
+        await rest(one, "/v1/friendship/addFriend", "admin", {"fromId": "alice", "toItem": {"toId": "bob"}})
+        bob = await WsClient.connect(one.ws_port)
+        await bob.login("bob")
+        carol = await TcpClient.connect(one.tcp_port)
+        await carol.login("carol")
+        sub = await rest(
+            one, "/v1/user/subscribeUserOnlineStatus", "carol", {"subUserId": ["alice"], "subTime": 60_000}
+        )
+        assert sub["liveSubscriptions"] == 1
+        alice = await TcpClient.connect(two.tcp_port)  # on the other gateway
+        await alice.login("alice")
+        for client in (bob, carol):  # fan-out across gateways: friend and subscriber
+            assert (await expect(client, Command.NOTIFY)).data["userId"] == "alice"
+        await rest(two, "/v1/user/setUserCustomerStatus", "alice", {"customStatus": 3, "customText": "away"})
+        for client in (bob, carol):
+            assert (await expect(client, Command.CUSTOM_NOTIFY)).data["customText"] == "away"
+        users = ["alice", "bob", "carol", *(f"u{i}" for i in range(497))]
+        state = await rest(two, "/v1/user/queryUserOnlineStatus", "admin", {"userList": users})
+        assert len(state) == 500 and state["alice"]["customText"] == "away" and state["u0"]["status"] == 2
+        assert [state[u]["status"] for u in ("alice", "bob", "carol")] == [1, 1, 1]
+
+        two.kill()  # SIGKILL: gateway one's reaper logs alice out within node_ttl (plus a round or two)
+        for client in (bob, carol):
+            msg = await expect(client, Command.NOTIFY, timeout=1.0 + 4.0)
+            assert msg.data["userId"] == "alice" and msg.data["status"] == 2
+        await bob.close()
+        await carol.close()
+    finally:
+        two.kill()
+        one.signal(signal.SIGTERM)
+        assert one.wait() == 0
