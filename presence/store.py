@@ -60,6 +60,7 @@ RETRYABLE = (
     rex.MasterDownError,
     rex.SlotNotCoveredError,
     rex.ClusterError,
+    rex.RedisClusterException,  # e.g. no startup node reachable while the cluster is re-read
 )
 
 
@@ -78,11 +79,20 @@ def is_retryable(exc: BaseException) -> bool:
 class Store:
     """A Redis client of one mode and the routing that goes with it."""
 
-    def __init__(self, client: Client, mode: Mode, topology: str = "", retry_for: float = RETRY_FOR_S) -> None:
+    def __init__(
+        self,
+        client: Client,
+        mode: Mode,
+        topology: str = "",
+        retry_for: float = RETRY_FOR_S,
+        max_in_flight: int | None = None,
+    ) -> None:
         self.client = client
         self.mode = mode
         self.topology = topology
         self.retry_for = retry_for
+        # Cluster and Sentinel pools fail when full ("Too many connections"); a burst waits here instead.
+        self._gate = asyncio.Semaphore(max_in_flight) if max_in_flight else None
         # Called with a node's target (None off a cluster) when it says "Function not found".
         self.on_function_missing: Callable[[Any], Awaitable[object]] | None = None
 
@@ -144,7 +154,11 @@ class Store:
         last: BaseException | None = None
         while True:
             try:
-                replies = await self._send([commands[i] for i in pending])
+                if self._gate is None:
+                    replies = await self._send([commands[i] for i in pending])
+                else:
+                    async with self._gate:
+                        replies = await self._send([commands[i] for i in pending])
             except RETRYABLE as exc:
                 replies = [exc] * len(pending)
             retry: list[int] = []
@@ -182,7 +196,10 @@ class Store:
         reloaded = False
         while True:
             try:
-                return await attempt()
+                if self._gate is None:
+                    return await attempt()
+                async with self._gate:
+                    return await attempt()
             except Exception as exc:
                 if is_function_missing(exc) and not reloaded and self.on_function_missing is not None:
                     reloaded = True
@@ -314,12 +331,13 @@ async def open_store(url: str | None, max_connections: int = MAX_CONNECTIONS, re
             store = Store(client, "standalone", f"one server at {_where(url)}", retry_for)
         else:
             await client.aclose()
-            cluster = RedisCluster.from_url(url, max_connections=max_connections)
+            # Headroom over max_in_flight for what bypasses the Store (the gateway's pub/sub, health checks).
+            cluster = RedisCluster.from_url(url, max_connections=max_connections + 16)
             await cluster.initialize()
             primaries = sorted(n.name for n in cluster.get_primaries())
             replicas = len(cluster.get_replicas())
             topology = f"{len(primaries)} primaries ({', '.join(primaries)}), {replicas} replicas"
-            store = Store(cluster, "cluster", topology, retry_for)
+            store = Store(cluster, "cluster", topology, retry_for, max_in_flight=max_connections)
     log.info("redis store: %s, %s", store.mode, store.topology)
     return store
 
@@ -337,7 +355,7 @@ async def _open_sentinel(conf: SentinelURL, max_connections: int, retry_for: flo
         username=conf.username,
         password=conf.password,
         ssl=conf.ssl,
-        max_connections=max_connections * 4,
+        max_connections=max_connections + 16,
         health_check_interval=10,
     )
     host, port = await sentinel.discover_master(conf.master)
@@ -345,7 +363,7 @@ async def _open_sentinel(conf: SentinelURL, max_connections: int, retry_for: flo
     topology = (
         f"master {conf.master!r} at {host}:{port}, {len(replicas)} replicas, {len(conf.sentinels)} sentinels given"
     )
-    return Store(client, "sentinel", topology, retry_for)
+    return Store(client, "sentinel", topology, retry_for, max_in_flight=max_connections)
 
 
 def _where(url: str) -> str:

@@ -98,6 +98,7 @@ async def _survives(
     msg = await expect(bob, Command.CUSTOM_NOTIFY, timeout=10)
     pushed_after = time.monotonic() - recovered
     assert msg.data == {"userId": "alice", "customStatus": 7, "customText": "back"}
+    assert pushed_after < 2.0, f"working again {pushed_after:.2f} s after the failover, not within 2 s"
     assert (await expect(alice, Command.CUSTOM_NOTIFY_SYNC, timeout=10)).data["customText"] == "back"
 
     state = await facade.query_users(APP, ["alice", "bob"])

@@ -9,10 +9,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from presence.functions import ensure_library
 from presence.gateway.codec import Command
 from presence.service import Presence
-from presence.store import open_redis
+from presence.store import open_store
 from tests.clients import APP, KEY, TcpClient, WsClient, expect, sign
 from tests.conftest import MakeNode
 from tests.serve_process import ServeProcess
@@ -103,17 +102,15 @@ async def test_serve_answers_rest_tcp_and_websocket(store: str, request: pytest.
         assert node.wait() == 0
 
 
-async def test_connection_pool_waits_instead_of_failing(redis_url: str) -> None:
+async def test_connection_pool_waits_instead_of_failing(store_url: str, store_redis: Any) -> None:
     """A burst bigger than the pool queues for a connection: no "Too many connections", no lost logout."""
-    redis, embedded = open_redis(redis_url, max_connections=4)
-    assert not embedded
-    presence = Presence(redis)
-    await ensure_library(redis)
+    store = await open_store(store_url, max_connections=4)
+    presence = Presence(store)
     users = [f"burst{i}" for i in range(300)]
     await asyncio.gather(*(presence.login(APP, u, 2, "d", node_id="burst") for u in users))
     await asyncio.gather(*(presence.logout(APP, u, 2, "d") for u in users))
     assert all(s.status == 2 for s in (await presence.query_users(APP, users)).values())
-    await redis.aclose()
+    await store.aclose()
 
 
 async def rest(node: ServeProcess, path: str, user: str, body: dict[str, Any]) -> Any:
