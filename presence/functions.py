@@ -44,30 +44,28 @@ async def ensure_library(redis: Redis | RedisCluster | Store) -> bool:
 
 async def ensure_library_on(store: Store, node: Any) -> bool:
     """``ensure_library`` for one node (a cluster primary, or None: the one server)."""
+    if await _has_library(store, node):
+        return False
+    await store.on_node(node, "FUNCTION", "LOAD", "REPLACE", library_source())
+    return True
+
+
+async def library_status(store: Store) -> list[tuple[str, bool]]:
+    """(node, has this exact library) for every primary: what ``presence functions show --redis`` prints."""
+    return [
+        (node.name if node is not None else "server", await _has_library(store, node)) for node in store.primaries()
+    ]
+
+
+async def _has_library(store: Store, node: Any) -> bool:
     source = library_source()
     listed = await store.on_node(node, "FUNCTION", "LIST", "LIBRARYNAME", LIBRARY_NAME, "WITHCODE")
     for lib in listed or []:
         info = lib if isinstance(lib, dict) else dict(zip(lib[::2], lib[1::2], strict=False))
         info = {_text(k): v for k, v in info.items()}
         if _text(info.get("library_name")) == LIBRARY_NAME and _text(info.get("library_code")) == source:
-            return False
-    await store.on_node(node, "FUNCTION", "LOAD", "REPLACE", source)
-    return True
-
-
-async def library_status(store: Store) -> list[tuple[str, bool]]:
-    """(node, has this exact library) for every primary: what ``presence functions show --redis`` prints."""
-    source = library_source()
-    out = []
-    for node in store.primaries():
-        listed = await store.on_node(node, "FUNCTION", "LIST", "LIBRARYNAME", LIBRARY_NAME, "WITHCODE")
-        ok = False
-        for lib in listed or []:
-            info = lib if isinstance(lib, dict) else dict(zip(lib[::2], lib[1::2], strict=False))
-            info = {_text(k): v for k, v in info.items()}
-            ok |= _text(info.get("library_code")) == source
-        out.append((node.name if node is not None else "server", ok))
-    return out
+            return True
+    return False
 
 
 def _text(value: Any) -> Any:
@@ -232,13 +230,6 @@ class PresenceFunctions:
             bells.setdefault(_text(reply[j]), []).extend(_text(reply[j + 1]).split("\n"))
         return int(reply[0]), bells
 
-    async def fanout(self, pairs: Sequence[tuple[str, str]], command: int, data: bytes) -> tuple[int, int]:
-        """Entries written and doorbells rung for (sessions key, inbox key) recipient pairs of one slot."""
-        keys = [k for pair in pairs for k in pair]
-        i = self.inbox
-        reply = await self.call("presence_fanout", keys, [command, data, i.maxlen, i.ttl_ms, i.doorbell_prefix])
-        return int(reply[0]), int(reply[1])
-
     async def subscribe(
         self, subscriptions_key: str, subscriber: str, targets: Sequence[str], sub_time_ms: int, limit: int
     ) -> tuple[int, int]:
@@ -268,11 +259,10 @@ class PresenceFunctions:
         name = "presence_friends_add" if add else "presence_friends_remove"
         return fcall(name, sets, [u for pair in pairs for u in pair])
 
-    async def friends_add(self, from_key: str, to_keys: Sequence[str], from_id: str, to_ids: Sequence[str]) -> int:
-        """One side only (``from_id``'s set); the facade writes the other sides per slot."""
-        del to_keys
-        pairs = [(from_id, t) for t in to_ids]
-        return int(await self.call("presence_friends_add", [from_key] * len(pairs), [u for p in pairs for u in p]))
+    async def friends_add(self, friends_key: str, user_id: str, friend_ids: Sequence[str]) -> int:
+        """One side only (``user_id``'s set gains ``friend_ids``); the facade writes the other sides per slot."""
+        keys = [friends_key] * len(friend_ids)
+        return int(await self.call("presence_friends_add", keys, [u for f in friend_ids for u in (user_id, f)]))
 
     async def query(self, pairs: Sequence[tuple[str, str]], user_ids: Sequence[str]) -> dict[str, UserOnlineStatus]:
         """presence_query for users of one slot."""

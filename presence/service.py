@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -334,7 +334,7 @@ class Presence:
         )
         return changed
 
-    async def _per_slot(self, keys: list[str], build: Any) -> list[Any]:
+    async def _per_slot(self, keys: list[str], build: Callable[[list[str], list[int]], list[Any]]) -> list[Any]:
         """One call per slot group of ``keys``: ``build(keys of the group, their indexes)`` makes it."""
         commands: list[Command] = []
         for group in self.store.group(keys):

@@ -268,7 +268,7 @@ async def test_reaper_logs_out_sessions_of_a_dead_node(presence: Presence) -> No
             "subTime must be between 1 and 2592000000 ms",
         ),
         (
-            lambda p: p.fn.friends_add(p.user(APP, "a").friends, [p.user(APP, "a").friends], "a", ["a"]),
+            lambda p: p.fn.friends_add(p.user(APP, "a").friends, "a", ["a"]),
             "toId must differ",
         ),
     ],
