@@ -53,7 +53,7 @@ class Running:
                 await asyncio.wait_for(server.wait_closed(), 2)
         for runner in self._runners:
             await runner.cleanup()
-        await self.presence.redis.aclose()
+        await self.presence.store.aclose()
 
 
 async def _site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:

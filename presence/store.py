@@ -93,6 +93,7 @@ class Store:
         self.retry_for = retry_for
         # Cluster and Sentinel pools fail when full ("Too many connections"); a burst waits here instead.
         self._gate = asyncio.Semaphore(max_in_flight) if max_in_flight else None
+        self.sentinels: list[Redis] = []  # Sentinel mode: the clients of the sentinels, closed with the store
         # Called with a node's target (None off a cluster) when it says "Function not found".
         self.on_function_missing: Callable[[Any], Awaitable[object]] | None = None
 
@@ -253,6 +254,8 @@ class Store:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+        for sentinel in self.sentinels:
+            await sentinel.aclose()
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,7 +366,9 @@ async def _open_sentinel(conf: SentinelURL, max_connections: int, retry_for: flo
     topology = (
         f"master {conf.master!r} at {host}:{port}, {len(replicas)} replicas, {len(conf.sentinels)} sentinels given"
     )
-    return Store(client, "sentinel", topology, retry_for, max_in_flight=max_connections)
+    store = Store(client, "sentinel", topology, retry_for, max_in_flight=max_connections)
+    store.sentinels = list(sentinel.sentinels)
+    return store
 
 
 def _where(url: str) -> str:
