@@ -9,6 +9,7 @@ Everything started is stopped by ``stop()`` (fixtures call it in a ``finally``),
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import socket
 import subprocess
@@ -17,6 +18,15 @@ import time
 from pathlib import Path
 
 import redis
+
+_STARTED: list[Server] = []
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    """Whatever a crashed fixture did not stop: never leave a redis-server behind."""
+    for server in _STARTED:
+        server.kill()
 
 
 def free_port() -> int:
@@ -79,6 +89,7 @@ class Server:
         else:
             cmd = [binary(), *base, "--enable-debug-command", "yes", *self.args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=self.dir)
+        _STARTED.append(self)
         wait_until(self._answers, 10, f"redis on port {self.port}")
 
     def _answers(self) -> bool:
