@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 
 from presence.gateway.codec import Command
+from presence.keys import KeySchema
 from presence.service import Presence
 from presence.store import open_store
 from tests.clients import APP, KEY, TcpClient, WsClient, expect, sign
@@ -134,10 +135,9 @@ async def test_two_gateways_on_a_cluster_from_one_node_url(cluster: Any, cluster
         await bob.login("bob")
         carol = await TcpClient.connect(one.tcp_port)
         await carol.login("carol")
-        sub = await rest(
-            one, "/v1/user/subscribeUserOnlineStatus", "carol", {"subUserId": ["alice"], "subTime": 60_000}
-        )
-        assert sub["liveSubscriptions"] == 1
+        body = {"subUserId": ["alice", "dave"], "subTime": 60_000}
+        sub = await rest(one, "/v1/user/subscribeUserOnlineStatus", "carol", body)
+        assert sub["liveSubscriptions"] == 2
         alice = await TcpClient.connect(two.tcp_port)  # on the other gateway
         await alice.login("alice")
         for client in (bob, carol):  # fan-out across gateways: friend and subscriber
@@ -150,10 +150,19 @@ async def test_two_gateways_on_a_cluster_from_one_node_url(cluster: Any, cluster
         assert len(state) == 500 and state["alice"]["customText"] == "away" and state["u0"]["status"] == 2
         assert [state[u]["status"] for u in ("alice", "bob", "carol")] == [1, 1, 1]
 
-        two.kill()  # SIGKILL: gateway one's reaper logs alice out within node_ttl (plus a round or two)
-        for client in (bob, carol):
+        # carol's subscription to alice expires (its score is its expiry): alice's next change reaches
+        # bob, not carol; carol's next push is dave's login, through her live subscription to him.
+        await cluster_redis.zadd(KeySchema().user(APP, "alice").subscribers, {"carol": 1})
+        await rest(two, "/v1/user/setUserCustomerStatus", "alice", {"customStatus": 4, "customText": "gone"})
+        assert (await expect(bob, Command.CUSTOM_NOTIFY)).data["customText"] == "gone"
+        dave = await TcpClient.connect(two.tcp_port)
+        await dave.login("dave")
+        assert (await expect(carol, Command.NOTIFY)).data["userId"] == "dave"
+
+        two.kill()  # SIGKILL: gateway one's reaper logs alice and dave out within node_ttl (plus a round or two)
+        for client, user in ((bob, "alice"), (carol, "dave")):
             msg = await expect(client, Command.NOTIFY, timeout=1.0 + 4.0)
-            assert msg.data["userId"] == "alice" and msg.data["status"] == 2
+            assert msg.data["userId"] == user and msg.data["status"] == 2
         await bob.close()
         await carol.close()
     finally:
