@@ -17,8 +17,7 @@ from presence.keys import UserKeys
 from presence.metrics import REDIS_LATENCY
 from presence.models import UserOnlineStatus
 from presence.resources import resource_path
-from presence.store import Store
-from presence.store import UnavailableError as StoreUnavailable
+from presence.store import RedisUnavailable, Store
 
 LIBRARY_NAME = "presence"
 _query_decoder = msgspec.json.Decoder(dict[str, UserOnlineStatus])
@@ -120,7 +119,7 @@ class PresenceFunctions:
             return await self.store.one(keys[0] if keys else None, *fcall(name, keys, args, read_only=read_only))
         except ResponseError as exc:
             raise_mapped(exc)
-        except StoreUnavailable as exc:
+        except RedisUnavailable as exc:
             raise UnavailableError("redis is unavailable") from exc
         finally:
             REDIS_LATENCY.labels(name).observe(time.perf_counter() - started)

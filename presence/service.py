@@ -30,8 +30,7 @@ from presence.functions import (
 from presence.keys import KeySchema, UserKeys
 from presence.metrics import FANOUT_ENTRIES, REDIS_LATENCY, STATUS_CHANGES
 from presence.models import ChangeResult, SubscribeResult, UserOnlineStatus
-from presence.store import Command, Store
-from presence.store import UnavailableError as StoreUnavailable
+from presence.store import Command, RedisUnavailable, Store
 
 NOTIFY_STATUS = 4004
 NOTIFY_CUSTOM = 4006
@@ -171,7 +170,7 @@ class Presence:
                 raise
         except ResponseError as exc:
             raise_mapped(exc)
-        except StoreUnavailable as exc:
+        except RedisUnavailable as exc:
             raise UnavailableError("redis is unavailable") from exc
         finally:
             REDIS_LATENCY.labels("presence_login").observe(time.perf_counter() - started)
@@ -436,7 +435,7 @@ class Presence:
         if not self._cluster:
             try:
                 reply = await self.store.retrying(lambda: self._raw_reader.xread(cursors, count=count))
-            except StoreUnavailable as exc:
+            except RedisUnavailable as exc:
                 raise UnavailableError("redis is unavailable") from exc
             return _flat_streams(reply)
         keys = list(cursors)
@@ -461,7 +460,7 @@ class Presence:
         after = _id_tuple(last_id)
         try:
             (info,) = await self.store.run([(inbox, ["XINFO STREAM", inbox])])
-        except StoreUnavailable as exc:
+        except RedisUnavailable as exc:
             raise UnavailableError("redis is unavailable") from exc
         if isinstance(info, ResponseError):  # no such key: nothing was written since
             return True
@@ -479,7 +478,7 @@ class Presence:
             return await self.store.run(commands, raise_errors=True)
         except ResponseError as exc:
             raise_mapped(exc)
-        except StoreUnavailable as exc:
+        except RedisUnavailable as exc:
             raise UnavailableError("redis is unavailable") from exc
 
     async def _one(self, key: str, *args: Any) -> Any:

@@ -64,7 +64,7 @@ RETRYABLE = (
 )
 
 
-class UnavailableError(rex.RedisError):
+class RedisUnavailable(rex.RedisError):
     """Redis stayed unreachable (or mid-failover) for the whole retry window."""
 
 
@@ -143,7 +143,7 @@ class Store:
     async def run(self, commands: Sequence[Command], *, raise_errors: bool = False) -> list[Any]:
         """Replies in order; a command's error is its reply (or raised with ``raise_errors``).
 
-        Raises UnavailableError when the nodes stay away for the whole retry window.
+        Raises RedisUnavailable when the nodes stay away for the whole retry window.
         """
         if not commands:
             return []
@@ -177,7 +177,7 @@ class Store:
             if not retry:
                 break
             if time.monotonic() + delay > deadline:
-                raise UnavailableError(f"redis unavailable for {self.retry_for:.0f} s: {last!r}") from last
+                raise RedisUnavailable(f"redis unavailable for {self.retry_for:.0f} s: {last!r}") from last
             if last is not None:
                 log.warning("redis call failed (%r); retrying %d commands in %.2f s", last, len(retry), delay)
                 await asyncio.sleep(delay)
@@ -209,7 +209,7 @@ class Store:
                 if not is_retryable(exc):
                     raise
                 if time.monotonic() + delay > deadline:
-                    raise UnavailableError(f"redis unavailable for {self.retry_for:.0f} s: {exc!r}") from exc
+                    raise RedisUnavailable(f"redis unavailable for {self.retry_for:.0f} s: {exc!r}") from exc
                 log.warning("redis call failed (%r); retrying in %.2f s", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
