@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: install run test lint redis-server chromium bench bench-quick clean
+.PHONY: install run test lint redis-server chromium bench bench-quick bench-cluster clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,3 +59,7 @@ bench: install redis-server
 bench-quick: install redis-server
 	$(PY) -m pip install -q matplotlib py-spy
 	$(PY) -m bench.run --quick
+
+# One redis-server beside a local 3-primary Redis Cluster: requests, commands and time per change and per query.
+bench-cluster: install redis-server
+	$(PY) -m bench.cluster
