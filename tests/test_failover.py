@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
@@ -60,7 +60,7 @@ async def _gateway(url: str, node_id: str) -> Running:
 
 
 @pytest.fixture
-async def gateways() -> AsyncIterator[Callable[[str], asyncio.Future[tuple[Running, Running, Presence]]]]:
+async def gateways() -> AsyncIterator[Callable[[str], Awaitable[tuple[Running, Running, Presence]]]]:
     running: list[Running] = []
     stores = []
 
@@ -73,7 +73,7 @@ async def gateways() -> AsyncIterator[Callable[[str], asyncio.Future[tuple[Runni
         stores.append(store)
         return a, b, Presence(store)
 
-    yield make  # type: ignore[misc]
+    yield make
     for node in running:
         await node.stop()
     for store in stores:
