@@ -17,6 +17,7 @@ class Code(IntEnum):
     USER_SIGN_MISMATCH = 60005
     FORBIDDEN = 60006
     NOT_FOUND = 90004
+    SESSION_LIMIT = 90005  # ours: the user already has the app's max_sessions live sessions
 
 
 class PresenceError(Exception):
@@ -49,3 +50,10 @@ class AuthError(PresenceError):
 class ForbiddenError(PresenceError):
     code = Code.FORBIDDEN
     http_status = 403
+
+
+class LimitError(PresenceError):
+    """A per-user limit is reached (live sessions); the request is refused and nothing changed."""
+
+    code = Code.SESSION_LIMIT
+    http_status = 429

@@ -11,7 +11,7 @@ import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from presence.errors import ParamError, PresenceError
+from presence.errors import LimitError, ParamError, PresenceError
 from presence.keys import UserKeys
 from presence.metrics import REDIS_LATENCY
 from presence.models import UserOnlineStatus
@@ -46,10 +46,15 @@ def _text(value: Any) -> Any:
 
 
 def raise_mapped(exc: ResponseError) -> NoReturn:
-    """A library error as ParamError (PRESENCE_PARAM) or PresenceError (anything else)."""
+    """A library error as ParamError (PRESENCE_PARAM), LimitError (PRESENCE_LIMIT) or PresenceError (anything else).
+
+    A PresenceError's message quotes Redis: transports log it and show clients only "system error".
+    """
     message = str(exc)
     if message.startswith("PRESENCE_PARAM "):
         raise ParamError(message.removeprefix("PRESENCE_PARAM ")) from None
+    if message.startswith("PRESENCE_LIMIT "):
+        raise LimitError(message.removeprefix("PRESENCE_LIMIT ")) from None
     raise PresenceError(f"redis: {message}") from exc
 
 
@@ -117,6 +122,7 @@ class PresenceFunctions:
         broker_host: str,
         version: int,
         login_model: int,
+        max_sessions: int = 10,
     ) -> list[Any]:
         i = self.inbox
         return [
@@ -132,6 +138,7 @@ class PresenceFunctions:
             i.maxlen,
             i.ttl_ms,
             i.doorbell_prefix,
+            max_sessions,
         ]
 
     def logout_args(self, app_id: int, user_id: str, client_type: int, imei: str, conn_id: str) -> list[Any]:

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from presence.bounded import MAX_JSON_DEPTH, too_deep
 from presence.errors import Code
 
 
@@ -116,6 +117,8 @@ def _decode_imei(raw: bytes | memoryview) -> str:
 def _decode_body(raw: bytes | memoryview) -> dict[str, Any]:
     if not raw:
         return {}
+    if too_deep(raw):
+        raise FrameError(f"body is JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)")
     try:
         return _BODY_DECODER.decode(raw)
     except msgspec.ValidationError as e:
@@ -124,6 +127,8 @@ def _decode_body(raw: bytes | memoryview) -> dict[str, Any]:
         raise FrameError(f"body is not valid JSON: {e}") from None
     except UnicodeDecodeError:  # msgspec checks UTF-8 inside strings; bytes outside them are malformed JSON
         raise FrameError("body is not valid UTF-8") from None
+    except RecursionError:  # unreachable after too_deep; kept so no parser error can escape as another type
+        raise FrameError("body is JSON nested too deeply") from None
 
 
 class FrameDecoder:
@@ -230,12 +235,16 @@ def decode_text_message(msg: str | bytes, max_body: int = MAX_BODY, *, max_imei:
         size = len(msg.encode("utf-8", "surrogatepass"))
     if size > max_body:
         raise FrameError(f"text message of {size} bytes exceeds {max_body} bytes")
+    if too_deep(msg):
+        raise FrameError(f"text message is JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)")
     try:
         frame = _TEXT_DECODER.decode(msg)
     except msgspec.DecodeError as e:  # ValidationError included: names the field, e.g. "at `$.data`"
         raise FrameError(f"invalid text message: {e}") from None
     except UnicodeDecodeError:
         raise FrameError("text message is not valid UTF-8") from None
+    except RecursionError:
+        raise FrameError("text message is JSON nested too deeply") from None
     if frame.messageType != 0:
         raise FrameError(f"unknown messageType {frame.messageType}: only 0 (JSON) is supported")
     imei_len = len(frame.imei.encode("utf-8", "surrogatepass"))

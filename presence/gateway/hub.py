@@ -15,9 +15,12 @@ import struct
 import time
 from typing import Protocol
 
+import msgspec
+
 from presence.config import Settings
+from presence.errors import Code
 from presence.gateway.codec import Command, encode_pack, encode_tcp, encode_ws_binary
-from presence.metrics import CONNECTIONS, DELIVERIES, DOORBELLS, LOGINS, LOGOUTS
+from presence.metrics import CONNECTIONS, CONNECTIONS_REFUSED, DELIVERIES, DOORBELLS, LOGIN_TIMEOUTS, LOGINS, LOGOUTS
 from presence.models import ChangeResult
 from presence.nodes import NodeKeeper
 from presence.service import Presence, new_conn_id, node_member, parse_node_member
@@ -28,6 +31,15 @@ EventId = tuple[int, int]
 READ_COUNT = 100
 READ_BATCH = 500
 LOGOUT_ATTEMPTS = 5
+REFUSED_LOG_INTERVAL = 10.0  # seconds between "at capacity" log lines
+_doorbell_decoder = msgspec.json.Decoder(list[str])
+
+
+def doorbell_inboxes(message: bytes) -> list[str]:
+    """The inbox keys a doorbell names: a JSON array (so no byte of a key can split it)."""
+    if message[:1] != b"[":  # a library older than the JSON framing: one key per line
+        return message.decode().split("\n")
+    return _doorbell_decoder.decode(message)
 
 
 def parse_event_id(value: str | bytes) -> EventId:
@@ -105,8 +117,11 @@ class Connection(Protocol):
     ended: bool
     cursor: EventId
     last_active: float
+    login_deadline: asyncio.TimerHandle | None
 
     def frame(self, message: Encoded) -> bytes: ...
+
+    async def fail(self, code: int, message: str, request_id: str | None = None) -> None: ...
 
     def write(self, data: bytes) -> None: ...
 
@@ -133,6 +148,10 @@ class Hub:
         self._suspects: set[str] = set()
         self.keeper = NodeKeeper(presence, node_id, settings.node_ttl, on_reaped=self._reaped_meanwhile)
         self.closing = False
+        # Most client connections at once; the server sets it from the file descriptor limit at start.
+        self.capacity: int | None = settings.max_connections or None
+        self._refused_since_log = 0
+        self._refused_logged_at = -REFUSED_LOG_INTERVAL
 
     # --- lifecycle ---
 
@@ -180,9 +199,39 @@ class Hub:
 
     # --- sessions ---
 
+    def has_room(self, transport: str) -> bool:
+        """False (counted, and logged at most every 10 s) when a new connection would exceed the capacity.
+
+        The capacity leaves a reserve of file descriptors, so Redis, /healthz and REST keep working
+        while the gateway is full.
+        """
+        if self.capacity is None or len(self.connections) < self.capacity:
+            return True
+        CONNECTIONS_REFUSED.labels(transport).inc()
+        self._refused_since_log += 1
+        now = time.monotonic()
+        if now - self._refused_logged_at >= REFUSED_LOG_INTERVAL:
+            log.warning(
+                "at capacity (%d connections): refused %d new connection(s) since the last report",
+                self.capacity,
+                self._refused_since_log,
+            )
+            self._refused_logged_at, self._refused_since_log = now, 0
+        return False
+
     def opened(self, conn: Connection) -> None:
         self.connections.add(conn)
         CONNECTIONS.labels(conn.transport_name).inc()
+        timeout = self.settings.login_timeout
+        if timeout > 0:
+            conn.login_deadline = asyncio.get_running_loop().call_later(timeout, self._login_expired, conn)
+
+    def _login_expired(self, conn: Connection) -> None:
+        conn.login_deadline = None
+        if conn.logged_in or conn.ended:
+            return
+        LOGIN_TIMEOUTS.inc()
+        self._spawn(conn.fail(Code.PARAMETER_ERROR, f"no LOGIN (9000) within {self.settings.login_timeout:g} s"))
 
     async def login(
         self,
@@ -194,6 +243,7 @@ class Hub:
         version: int,
         login_model: int,
         last_event_id: str | None,
+        max_sessions: int = 10,
     ) -> tuple[str, bool | None]:
         """Log the connection in; returns (cursor to report, resume outcome or None when not asked)."""
         conn.conn_id = new_conn_id()
@@ -207,6 +257,7 @@ class Hub:
             node_host=self.node_host,
             version=version,
             login_model=login_model,
+            max_sessions=max_sessions,
         )
         conn.app_id, conn.user_id, conn.client_type, conn.imei = app_id, user_id, client_type, imei
         conn.cursor = parse_event_id(result.inbox_last_id)
@@ -221,6 +272,9 @@ class Hub:
             await self._logout(conn, "close")
             return format_event_id(conn.cursor), resumed
         conn.logged_in = True
+        if conn.login_deadline is not None:
+            conn.login_deadline.cancel()
+            conn.login_deadline = None
         LOGINS.labels(conn.transport_name).inc()
         return format_event_id(conn.cursor), resumed
 
@@ -237,6 +291,9 @@ class Hub:
         if conn.ended:
             return
         conn.ended = True
+        if conn.login_deadline is not None:
+            conn.login_deadline.cancel()
+            conn.login_deadline = None
         if conn in self.connections:
             self.connections.discard(conn)
             CONNECTIONS.labels(conn.transport_name).dec()
@@ -334,7 +391,12 @@ class Hub:
             if msg is None or msg.get("type") != "message":
                 continue
             DOORBELLS.inc()
-            for inbox in msg["data"].decode().split("\n"):
+            try:
+                inboxes = doorbell_inboxes(msg["data"])
+            except (msgspec.DecodeError, UnicodeDecodeError):
+                log.warning("ignoring a malformed doorbell on %s; the sweep delivers", msg.get("channel"))
+                continue
+            for inbox in inboxes:
                 if inbox in self.by_inbox:
                     self._dirty.add(inbox)
             if self._dirty:

@@ -56,6 +56,8 @@ async def ws_handler(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(max_msg_size=HEADER.size + MAX_IMEI + MAX_BODY, autoping=True, compress=False)
     if hub.closing:
         raise web.HTTPServiceUnavailable(text="server is shutting down")
+    if not hub.has_room(WsConnection.transport_name):
+        raise web.HTTPServiceUnavailable(text="server is at capacity, try another node or later")
     await ws.prepare(request)
     conn = WsConnection(hub, ws, request.transport)
     hub.opened(conn)
