@@ -25,6 +25,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--offline-grace", type=float, help="seconds before a drop is announced [PRESENCE_OFFLINE_GRACE] (3)"
     )
+    p.add_argument(
+        "--login-timeout", type=float, help="seconds a connection may stay without LOGIN [PRESENCE_LOGIN_TIMEOUT] (10)"
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        help="most client connections, 0 = file descriptor limit minus reserve [PRESENCE_MAX_CONNECTIONS] (0)",
+    )
     p.add_argument("--config", help="TOML settings file [PRESENCE_CONFIG]")
     p.add_argument("--log-level", default="INFO")
 
@@ -102,6 +110,8 @@ def _serve(args: argparse.Namespace) -> int:
         heartbeat_timeout=args.heartbeat_timeout,
         node_ttl=args.node_ttl,
         offline_grace=args.offline_grace,
+        login_timeout=args.login_timeout,
+        max_connections=args.max_connections,
     )
     run(settings)
     return 0
