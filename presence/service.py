@@ -20,7 +20,7 @@ from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
 from presence.config import Settings
-from presence.errors import LimitError, ParamError
+from presence.errors import ParamError
 from presence.functions import InboxSettings, PresenceFunctions, StatusChange, ensure_library, raise_mapped
 from presence.ids import check_imei, check_user_id
 from presence.keys import KeySchema, UserKeys
@@ -123,11 +123,13 @@ class Presence:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.sadd(self.keys.node_sessions(node_id), member)
                 pipe.fcall("presence_login", len(keys.state()), *keys.state(), *args)
-                try:
-                    _, reply = await self._run(pipe)
-                except LimitError:
-                    await self.redis.srem(self.keys.node_sessions(node_id), member)
-                    raise
+                # Unraised, so an error keeps its own message (redis-py rewrites a raised one).
+                added, reply = await pipe.execute(raise_on_error=False)
+            for error in (added, reply):
+                if isinstance(error, ResponseError):
+                    if not isinstance(added, ResponseError):
+                        await self.redis.srem(self.keys.node_sessions(node_id), member)  # no login, no member
+                    raise_mapped(error)
             REDIS_LATENCY.labels("presence_login").observe(time.perf_counter() - started)
             change = self.fn.parse_login(reply)
         else:

@@ -118,11 +118,11 @@ async def make_node(real_redis: Redis, redis_url: str) -> AsyncIterator[MakeNode
 
     async def make(login_model: int = 3, node_id: str | None = None, **overrides: Any) -> Running:
         overrides.setdefault("offline_grace", 0)
+        overrides.setdefault("http_port", 0)
         settings = Settings(
             redis_url=redis_url,
             tcp_port=free_port(),
             ws_port=free_port(),
-            http_port=0,
             node_id=node_id,
             apps={APP: AppConfig(private_key=KEY, login_model=login_model)},
             **overrides,

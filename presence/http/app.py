@@ -176,6 +176,10 @@ async def decode_body(request: web.Request, decoder: msgspec.json.Decoder[T]) ->
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise web.HTTPRequestEntityTooLarge(MAX_BODY_BYTES, request.content_length)
     raw = await request.read() or b"{}"
+    try:
+        raw.decode("utf-8")  # all of it, ignored fields included (msgspec only checks what it keeps)
+    except UnicodeDecodeError as exc:
+        raise ParamError(f"body is not valid UTF-8 (byte {exc.start})") from None
     if too_deep(raw):
         raise ParamError(f"body is JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)")
     try:
