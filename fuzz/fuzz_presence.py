@@ -12,13 +12,14 @@ from __future__ import annotations
 import base64
 import sys
 import zlib
+from typing import Any
 
 import atheris
 
 with atheris.instrument_imports():
     from presence.auth import decode_user_sign, generate_user_sign, verify_user_sign
     from presence.errors import AuthError, Code
-    from presence.gateway.codec import FrameDecoder, FrameError, decode_binary_message, decode_text_message
+    from presence.gateway.codec import HEADER, FrameDecoder, FrameError, decode_binary_message, decode_text_message
 
 KEY = "fuzz-key"
 SIGN_CODES = {Code.USER_SIGN_MISSING, Code.USER_SIGN_INVALID, Code.USER_SIGN_EXPIRED, Code.USER_SIGN_MISMATCH}
@@ -31,30 +32,44 @@ def _wrap_sign(doc: bytes) -> str:
 
 
 def _codec(fdp: atheris.FuzzedDataProvider) -> None:
-    mode = fdp.ConsumeIntInRange(0, 2)
+    mode = fdp.ConsumeIntInRange(0, 4)
     if mode == 0:  # a TCP stream cut into random chunks
-        decoder = FrameDecoder()
-        while fdp.remaining_bytes():
-            chunk = fdp.ConsumeBytes(fdp.ConsumeIntInRange(1, 4096))
-            try:
-                decoder.feed(chunk)
-            except FrameError as exc:
-                assert exc.code == Code.PARAMETER_ERROR
-                return
+        _feed(FrameDecoder(), fdp)
     elif mode == 1:
+        _expect_frame_error(decode_binary_message, fdp.ConsumeBytes(fdp.remaining_bytes()))
+    elif mode == 2:
+        text = fdp.ConsumeBytes(fdp.remaining_bytes())
+        _expect_frame_error(decode_text_message, text)
+        if _utf8(text):
+            _expect_frame_error(decode_text_message, text.decode("utf-8", "surrogatepass"))
+    elif mode == 3:  # well-framed headers with fuzzed imei and body bytes: reaches the body decoding
+        command = fdp.PickValueInList([9000, 9003, 9999, 4002, 4003, 9001, fdp.ConsumeInt(4)])
+        imei = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 140))
+        body = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 2048))
+        header = HEADER.pack(command, 1, fdp.ConsumeIntInRange(0, 5), 0, 10000, len(imei), len(body))
+        frame = header + imei + body
+        _expect_frame_error(decode_binary_message, frame)
+        decoder = FrameDecoder()
+        _expect_frame_error(decoder.feed, frame + frame[: fdp.ConsumeIntInRange(0, len(frame))])
+    else:  # a text frame whose data is fuzzed JSON
+        data = fdp.ConsumeUnicodeNoSurrogates(fdp.remaining_bytes())
+        _expect_frame_error(decode_text_message, '{"command":9000,"appId":10000,"imei":"i","data":' + data + "}")
+
+
+def _feed(decoder: FrameDecoder, fdp: atheris.FuzzedDataProvider) -> None:
+    while fdp.remaining_bytes():
         try:
-            decode_binary_message(fdp.ConsumeBytes(fdp.remaining_bytes()))
+            decoder.feed(fdp.ConsumeBytes(fdp.ConsumeIntInRange(1, 4096)))
         except FrameError as exc:
             assert exc.code == Code.PARAMETER_ERROR
-    else:
-        text = fdp.ConsumeBytes(fdp.remaining_bytes())
-        for msg in (text, text.decode("utf-8", "surrogatepass") if _utf8(text) else None):
-            if msg is None:
-                continue
-            try:
-                decode_text_message(msg)
-            except FrameError as exc:
-                assert exc.code == Code.PARAMETER_ERROR
+            return
+
+
+def _expect_frame_error(decode: Any, message: Any) -> None:
+    try:
+        decode(message)
+    except FrameError as exc:
+        assert exc.code == Code.PARAMETER_ERROR
 
 
 def _utf8(raw: bytes) -> bool:
