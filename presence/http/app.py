@@ -112,7 +112,7 @@ def new_request_id() -> str:
 def error_envelope(request: web.Request, code: int, msg: str, status: int) -> web.Response:
     """An error envelope with ``requestId`` (also in the ``X-Request-Id`` header), logged under that id."""
     rid = new_request_id()
-    log.debug("request %s: %s %s -> %s %s %s", rid, request.method, request.path, status, int(code), msg)
+    log.debug("request %s: %s %s -> %s %s %s", rid, request.method, request.rel_url.raw_path, status, int(code), msg)
     response = web.Response(
         body=_ENCODER.encode(ErrorVO(int(code), msg, None, rid)),
         status=status,
@@ -127,7 +127,8 @@ def system_error(request: web.Request, detail: str, *, exc_info: bool = False) -
     """500 with ``system error`` and a request id; what went wrong goes only to the log, under that id."""
     response = error_envelope(request, Code.SYSTEM_ERROR, "system error", 500)
     rid = response.headers["X-Request-Id"]
-    log.error("request %s: %s %s failed: %s", rid, request.method, request.path, detail, exc_info=exc_info)
+    # The raw (still percent-encoded) path: a decoded one could carry a newline into the log.
+    log.error("request %s: %s %s failed: %s", rid, request.method, request.rel_url.raw_path, detail, exc_info=exc_info)
     return response
 
 
