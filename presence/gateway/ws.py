@@ -51,13 +51,15 @@ class WsConnection(ClientConnection):
                 pass
 
 
-async def ws_handler(request: web.Request) -> web.WebSocketResponse:
+async def ws_handler(request: web.Request) -> web.StreamResponse:
     hub = request.app[HUB]
     ws = web.WebSocketResponse(max_msg_size=HEADER.size + MAX_IMEI + MAX_BODY, autoping=True, compress=False)
     if hub.closing:
         raise web.HTTPServiceUnavailable(text="server is shutting down")
     if not hub.has_room(WsConnection.transport_name):
-        raise web.HTTPServiceUnavailable(text="server is at capacity, try another node or later")
+        refusal = web.Response(status=503, text="server is at capacity, try another node or later")
+        refusal.force_close()  # give the descriptor back now, not after a keep-alive timeout
+        return refusal
     await ws.prepare(request)
     conn = WsConnection(hub, ws, request.transport)
     hub.opened(conn)
