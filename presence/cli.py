@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--key", required=True, help="the app's private key")
     s.add_argument("--user", required=True, help="the identifier (userId) to sign for")
     s.add_argument("--expire", type=int, default=DEFAULT_EXPIRE_S, help="validity in seconds")
+    s.add_argument("--issued-at", type=int, help="issue time in Unix seconds (default: now); for test vectors")
 
     f = sub.add_parser("functions", help="load or print the Redis Functions library")
     f.add_argument("action", choices=["load", "show"])
@@ -50,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.cmd == "sign":
-            print(generate_user_sign(args.app_id, args.key, args.user, args.expire))
+            print(generate_user_sign(args.app_id, args.key, args.user, args.expire, now=args.issued_at))
             return 0
         if args.cmd == "functions":
             return _functions(args.action, args.redis_url)
