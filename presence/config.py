@@ -21,10 +21,14 @@ class AppConfig:
     admins: tuple[str, ...] = ("admin",)
     login_model: int = 3
     unsigned_login: bool = False
+    # Seconds without a frame before a connection of this app is closed; None = the global setting, 0 = never.
+    heartbeat_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if not self.private_key:
             raise ParamError("private_key must not be empty")
+        if self.heartbeat_timeout is not None and not self.heartbeat_timeout >= 0:
+            raise ParamError(f"heartbeat_timeout must be a number >= 0, got {self.heartbeat_timeout}")
         if self.login_model not in (1, 2, 3, 4):
             raise ParamError(f"login_model must be 1..4, got {self.login_model}")
 
@@ -48,6 +52,11 @@ class Settings:
 
     def app(self, app_id: int) -> AppConfig | None:
         return self.apps.get(app_id)
+
+    def heartbeat_timeout_for(self, app_id: int) -> float:
+        """The app's own heartbeat timeout if it sets one, else the global (seconds, 0 = never)."""
+        app = self.apps.get(app_id)
+        return self.heartbeat_timeout if app is None or app.heartbeat_timeout is None else app.heartbeat_timeout
 
 
 _ENV = {
@@ -90,6 +99,14 @@ def parse_apps_env(text: str) -> dict[int, AppConfig]:
     return apps
 
 
+def _app_heartbeat(app_id: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ParamError(f"[apps.{app_id}] heartbeat_timeout must be a number of seconds, got {value!r}")
+    return float(value)
+
+
 def _apps_from_toml(table: Mapping[str, Any]) -> dict[int, AppConfig]:
     apps = {}
     for app_id, conf in table.items():
@@ -100,6 +117,7 @@ def _apps_from_toml(table: Mapping[str, Any]) -> dict[int, AppConfig]:
             admins=tuple(conf.get("admins", ("admin",))),
             login_model=int(conf.get("login_model", 3)),
             unsigned_login=bool(conf.get("unsigned_login", False)),
+            heartbeat_timeout=_app_heartbeat(app_id, conf.get("heartbeat_timeout")),
         )
     return apps
 

@@ -60,3 +60,22 @@ def test_dev_mode_only_without_apps() -> None:
     assert dev.dev_mode and list(dev.apps) == [DEV_APP_ID] and len(dev.apps[DEV_APP_ID].private_key) > 20
     configured = with_dev_app(load_settings(env={"PRESENCE_APPS": "5:k"}))
     assert not configured.dev_mode and list(configured.apps) == [5]
+
+
+def test_app_heartbeat_timeout_from_toml_defaults_to_the_global(tmp_path: Path) -> None:
+    conf = tmp_path / "p.toml"
+    conf.write_text(
+        'heartbeat_timeout = 12\n[apps.1]\nprivate_key = "k"\nheartbeat_timeout = 0\n'
+        '[apps.2]\nprivate_key = "k"\nheartbeat_timeout = 90.5\n[apps.3]\nprivate_key = "k"\n'
+    )
+    s = load_settings(conf, env={})
+    assert [s.heartbeat_timeout_for(app) for app in (1, 2, 3, 4)] == [0, 90.5, 12, 12]
+    assert s.apps[3].heartbeat_timeout is None
+
+
+@pytest.mark.parametrize(("value", "message"), [("-1", "must be a number >= 0"), ('"30"', "must be a number")])
+def test_bad_app_heartbeat_timeout(tmp_path: Path, value: str, message: str) -> None:
+    conf = tmp_path / "p.toml"
+    conf.write_text(f'[apps.1]\nprivate_key = "k"\nheartbeat_timeout = {value}\n')
+    with pytest.raises(ParamError, match=rf"heartbeat_timeout {message}"):
+        load_settings(conf, env={})
