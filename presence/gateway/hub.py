@@ -41,14 +41,16 @@ def format_event_id(value: EventId) -> str:
     return f"{value[0]}-{value[1]}"
 
 
-_WS_SHORT = struct.Struct("!BB")
-_WS_MEDIUM = struct.Struct("!BBH")
-_WS_LONG = struct.Struct("!BBQ")
+# WebSocket frame headers (RFC 6455 5.2: FIN + opcode, then the 7-bit, 16-bit or 64-bit length form), and
+# the same followed by the seed's 8-byte server header (command, length), packed in one call per frame.
+_TEXT, _BINARY = 0x81, 0x82
+_WS_SHORT, _WS_MEDIUM, _WS_LONG = (struct.Struct(f) for f in ("!BB", "!BBH", "!BBQ"))
+_SEED_SHORT, _SEED_MEDIUM, _SEED_LONG = (struct.Struct(f) for f in ("!BB2i", "!BBH2i", "!BBQ2i"))
 
 
 def websocket_header(size: int, *, text: bool) -> bytes:
-    """The header of an unmasked, unfragmented, uncompressed server frame of ``size`` payload bytes (RFC 6455 5.2)."""
-    first = 0x81 if text else 0x82  # FIN + opcode
+    """The header of an unmasked, unfragmented, uncompressed server frame of ``size`` payload bytes."""
+    first = _TEXT if text else _BINARY
     if size < 126:
         return _WS_SHORT.pack(first, size)
     if size < 1 << 16:
@@ -91,21 +93,19 @@ class Encoded:
 
     def ws_binary_frame(self, tail: bytes) -> bytes:
         """A whole WebSocket binary frame: the seed's 8-byte header and the recipient's pack."""
-        head = self.head()
+        head = self._head or self.head()
         size = len(head) + len(tail)
-        return b"".join(
-            (
-                websocket_header(size + SERVER_HEADER.size, text=False),
-                SERVER_HEADER.pack(self.command, size),
-                head,
-                tail,
-            )
-        )
+        total = size + SERVER_HEADER.size  # the seed's header is part of the WebSocket payload
+        if total < 126:
+            return _SEED_SHORT.pack(_BINARY, total, self.command, size) + head + tail
+        if total < 1 << 16:
+            return _SEED_MEDIUM.pack(_BINARY, 126, total, self.command, size) + head + tail
+        return _SEED_LONG.pack(_BINARY, 127, total, self.command, size) + head + tail
 
     def ws_text_frame(self, tail: bytes) -> bytes:
         """A whole WebSocket text frame: the recipient's pack as JSON."""
-        head = self.head()
-        return b"".join((websocket_header(len(head) + len(tail), text=True), head, tail))
+        head = self._head or self.head()
+        return websocket_header(len(head) + len(tail), text=True) + head + tail
 
 
 class Connection(Protocol):
