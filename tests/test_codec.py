@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -394,3 +395,13 @@ def test_decode_server_frames_leaves_partial_frame() -> None:
 def test_decode_server_frames_negative_length() -> None:
     with pytest.raises(FrameError, match="negative length"):
         decode_server_frames(bytearray(SERVER_HEADER.pack(9001, -1)))
+
+
+def test_protocol_md_pack_example_is_what_the_server_sends() -> None:
+    doc = (Path(__file__).resolve().parent.parent / "gateway" / "PROTOCOL.md").read_text()
+    pack = encode_pack(
+        Command.LOGINACK, b'{"userId":"alice"}', app_id=10000, user_id="alice", client_type=3, imei="imei-1"
+    )
+    assert f"```json\n{pack.decode()}\n```" in doc
+    assert f"followed by the {len(pack)}-byte pack above" in doc
+    assert encode_ws_binary(Command.LOGINACK, pack)[:8].hex() == "0000232900000077"
