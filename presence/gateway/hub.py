@@ -97,15 +97,17 @@ class Encoded:
         size = len(head) + len(tail)
         total = size + SERVER_HEADER.size  # the seed's header is part of the WebSocket payload
         if total < 126:
-            return _SEED_SHORT.pack(_BINARY, total, self.command, size) + head + tail
-        if total < 1 << 16:
-            return _SEED_MEDIUM.pack(_BINARY, 126, total, self.command, size) + head + tail
-        return _SEED_LONG.pack(_BINARY, 127, total, self.command, size) + head + tail
+            prefix = _SEED_SHORT.pack(_BINARY, total, self.command, size)
+        elif total < 1 << 16:
+            prefix = _SEED_MEDIUM.pack(_BINARY, 126, total, self.command, size)
+        else:
+            prefix = _SEED_LONG.pack(_BINARY, 127, total, self.command, size)
+        return b"".join((prefix, head, tail))
 
     def ws_text_frame(self, tail: bytes) -> bytes:
         """A whole WebSocket text frame: the recipient's pack as JSON."""
         head = self._head or self.head()
-        return websocket_header(len(head) + len(tail), text=True) + head + tail
+        return b"".join((websocket_header(len(head) + len(tail), text=True), head, tail))
 
 
 class Connection(Protocol):
