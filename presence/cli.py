@@ -20,7 +20,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ws-port", type=int, help="WebSocket port, 0 = disabled [PRESENCE_WS_PORT] (19000)")
     p.add_argument("--http-port", type=int, help="REST port, 0 = disabled [PRESENCE_HTTP_PORT] (8000)")
     p.add_argument("--node-id", help="gateway node id [PRESENCE_NODE_ID] (default: random)")
-    p.add_argument("--heartbeat-timeout", type=float, help="seconds without PING [PRESENCE_HEARTBEAT_TIMEOUT] (30)")
+    p.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        help="seconds without a frame before a connection is closed, 0 = never; an app's own "
+        "[apps.N] heartbeat_timeout wins [PRESENCE_HEARTBEAT_TIMEOUT] (30)",
+    )
     p.add_argument("--node-ttl", type=float, help="seconds before a silent node is reaped [PRESENCE_NODE_TTL] (10)")
     p.add_argument(
         "--offline-grace", type=float, help="seconds before a drop is announced [PRESENCE_OFFLINE_GRACE] (3)"

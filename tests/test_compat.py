@@ -309,3 +309,13 @@ async def test_heartbeat_timeout_per_app(make_node: MakeNode, facade: Presence) 
     assert await bob.closed() == 1012
     assert (await facade.query_users(never, ["bob"]))["bob"].status == 2
     await bob.close()
+
+
+async def test_pong_opt_in_must_be_a_boolean(make_node: MakeNode) -> None:
+    node = await make_node()
+    client = await TcpClient.connect(node.tcp_port)
+    client.send(Command.LOGIN, {"userId": "alice", "userSign": sign("alice"), "pong": "yes"})
+    err = await expect(client, Command.ERROR)
+    assert err.data == {"code": 90001, "msg": "data.pong must be true or false"}
+    assert await client.closed()
+    assert (await node.presence.query_users(APP, ["alice"]))["alice"].status == 2  # nothing half-done

@@ -158,7 +158,7 @@ class ClientConnection:
             raise PresenceError("lastEventId must be a stream id like 1700000000000-0", Code.PARAMETER_ERROR)
         pong = data.get("pong", False)
         if not isinstance(pong, bool):
-            raise PresenceError("pong must be true or false", Code.PARAMETER_ERROR)
+            raise PresenceError("data.pong must be true or false", Code.PARAMETER_ERROR)
         cursor, resumed = await self.hub.login(
             self, frame.appId, user_id, frame.clientType, frame.imei, frame.version, app.login_model, last
         )
