@@ -36,16 +36,21 @@ def _hmac(key: str, identifier: str, app_id: int, issued_at: int, expire: int) -
 def generate_user_sign(
     app_id: int, key: str, identifier: str, expire: int = DEFAULT_EXPIRE_S, *, now: int | None = None
 ) -> str:
-    """A userSign for ``identifier`` valid ``expire`` seconds from ``now``."""
+    """A userSign for ``identifier`` valid ``expire`` seconds from ``now`` (Unix seconds, default: the clock).
+
+    Byte for byte what the Java ``SigAPI`` produces, because its verifier regenerates the whole sign and
+    compares strings: fastjson's key order (the HashMap's iteration order), compact, non-ASCII left as
+    UTF-8, zlib at its default level.
+    """
     issued_at = int(time.time()) if now is None else now
     doc = {
-        "TLS.identifier": identifier,
-        "TLS.appId": app_id,
         "TLS.expire": expire,
+        "TLS.appId": app_id,
         "TLS.expireTime": issued_at,
+        "TLS.identifier": identifier,
         "TLS.sig": _hmac(key, identifier, app_id, issued_at, expire),
     }
-    raw = json.dumps(doc, separators=(",", ":")).encode()
+    raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
     return base64.b64encode(zlib.compress(raw)).decode().translate(_TO_URL)
 
 

@@ -20,7 +20,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ws-port", type=int, help="WebSocket port, 0 = disabled [PRESENCE_WS_PORT] (19000)")
     p.add_argument("--http-port", type=int, help="REST port, 0 = disabled [PRESENCE_HTTP_PORT] (8000)")
     p.add_argument("--node-id", help="gateway node id [PRESENCE_NODE_ID] (default: random)")
-    p.add_argument("--heartbeat-timeout", type=float, help="seconds without PING [PRESENCE_HEARTBEAT_TIMEOUT] (30)")
+    p.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        help="seconds without a frame before a connection is closed, 0 = never; an app's own "
+        "[apps.N] heartbeat_timeout wins [PRESENCE_HEARTBEAT_TIMEOUT] (30)",
+    )
     p.add_argument("--node-ttl", type=float, help="seconds before a silent node is reaped [PRESENCE_NODE_TTL] (10)")
     p.add_argument(
         "--offline-grace", type=float, help="seconds before a drop is announced [PRESENCE_OFFLINE_GRACE] (3)"
@@ -47,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--key", required=True, help="the app's private key")
     s.add_argument("--user", required=True, help="the identifier (userId) to sign for")
     s.add_argument("--expire", type=int, default=DEFAULT_EXPIRE_S, help="validity in seconds")
+    s.add_argument("--issued-at", type=int, help="issue time in Unix seconds (default: now); for test vectors")
 
     f = sub.add_parser("functions", help="load or print the Redis Functions library")
     f.add_argument("action", choices=["load", "show"])
@@ -58,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.cmd == "sign":
-            print(generate_user_sign(args.app_id, args.key, args.user, args.expire))
+            print(generate_user_sign(args.app_id, args.key, args.user, args.expire, now=args.issued_at))
             return 0
         if args.cmd == "functions":
             return _functions(args.action, args.redis_url)

@@ -37,10 +37,14 @@ class AppConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     unsigned_login: bool = False
     # Live sessions per user, WEBAPI included; a login beyond it is refused (code 90005).
     max_sessions: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 10
+    # Seconds without a frame before a connection of this app is closed; None = the global setting, 0 = never.
+    heartbeat_timeout: _Seconds | None = None
 
     def __post_init__(self) -> None:  # constructors skip the Meta checks that decoding applies
         if not self.private_key:
             raise ParamError("private_key must not be empty")
+        if self.heartbeat_timeout is not None and not self.heartbeat_timeout >= 0:
+            raise ParamError(f"heartbeat_timeout must be a number >= 0, got {self.heartbeat_timeout}")
         if self.login_model not in (1, 2, 3, 4):
             raise ParamError(f"login_model must be 1..4, got {self.login_model}")
         if self.max_sessions < 1:
@@ -71,6 +75,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     def app(self, app_id: int) -> AppConfig | None:
         return self.apps.get(app_id)
+
+    def heartbeat_timeout_for(self, app_id: int) -> float:
+        """The app's own heartbeat timeout if it sets one, else the global (seconds, 0 = never)."""
+        app = self.apps.get(app_id)
+        return self.heartbeat_timeout if app is None or app.heartbeat_timeout is None else app.heartbeat_timeout
 
 
 class _Layer(msgspec.Struct, forbid_unknown_fields=True):

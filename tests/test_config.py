@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,22 @@ def test_cli_start_up_error_names_field_and_file(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert f"{conf}: Expected `bool`, got `str` - at `apps.10001.unsigned_login`" in proc.stderr
+
+
+def test_app_heartbeat_timeout_from_toml_defaults_to_the_global(tmp_path: Path) -> None:
+    conf = tmp_path / "p.toml"
+    conf.write_text(
+        'heartbeat_timeout = 12\n[apps.1]\nprivate_key = "k"\nheartbeat_timeout = 0\n'
+        '[apps.2]\nprivate_key = "k"\nheartbeat_timeout = 90.5\n[apps.3]\nprivate_key = "k"\n'
+    )
+    s = load_settings(conf, env={})
+    assert [s.heartbeat_timeout_for(app) for app in (1, 2, 3, 4)] == [0, 90.5, 12, 12]
+    assert s.apps[3].heartbeat_timeout is None
+
+
+@pytest.mark.parametrize(("value", "message"), [("-1", "`float` >= 0.0 - at `apps.1.heartbeat_timeout`"), ('"30"', "got `str` - at `apps.1.heartbeat_timeout`")])
+def test_bad_app_heartbeat_timeout(tmp_path: Path, value: str, message: str) -> None:
+    conf = tmp_path / "p.toml"
+    conf.write_text(f'[apps.1]\nprivate_key = "k"\nheartbeat_timeout = {value}\n')
+    with pytest.raises(ParamError, match=re.escape(message)):
+        load_settings(conf, env={})

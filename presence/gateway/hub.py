@@ -19,7 +19,7 @@ import msgspec
 
 from presence.config import Settings
 from presence.errors import Code
-from presence.gateway.codec import Command, encode_pack, encode_tcp, encode_ws_binary
+from presence.gateway.codec import SERVER_HEADER, Command, encode_tcp, pack_head
 from presence.metrics import CONNECTIONS, CONNECTIONS_REFUSED, DELIVERIES, DOORBELLS, LOGIN_TIMEOUTS, LOGINS, LOGOUTS
 from presence.models import ChangeResult
 from presence.nodes import NodeKeeper
@@ -53,55 +53,73 @@ def format_event_id(value: EventId) -> str:
     return f"{value[0]}-{value[1]}"
 
 
-def websocket_frame(payload: bytes, *, text: bool) -> bytes:
-    """An unmasked, unfragmented, uncompressed server frame (RFC 6455 section 5.2)."""
-    first = 0x81 if text else 0x82  # FIN + opcode
-    size = len(payload)
+# WebSocket frame headers (RFC 6455 5.2: FIN + opcode, then the 7-bit, 16-bit or 64-bit length form), and
+# the same followed by the seed's 8-byte server header (command, length), packed in one call per frame.
+_TEXT, _BINARY = 0x81, 0x82
+_WS_SHORT, _WS_MEDIUM, _WS_LONG = (struct.Struct(f) for f in ("!BB", "!BBH", "!BBQ"))
+_SEED_SHORT, _SEED_MEDIUM, _SEED_LONG = (struct.Struct(f) for f in ("!BB2i", "!BBH2i", "!BBQ2i"))
+
+
+def websocket_header(size: int, *, text: bool) -> bytes:
+    """The header of an unmasked, unfragmented, uncompressed server frame of ``size`` payload bytes."""
+    first = _TEXT if text else _BINARY
     if size < 126:
-        header = bytes((first, size))
-    elif size < 1 << 16:
-        header = struct.pack("!BBH", first, 126, size)
-    else:
-        header = struct.pack("!BBQ", first, 127, size)
-    return header + payload
+        return _WS_SHORT.pack(first, size)
+    if size < 1 << 16:
+        return _WS_MEDIUM.pack(first, 126, size)
+    return _WS_LONG.pack(first, 127, size)
 
 
 class Encoded:
-    """One entry's bytes per wire format, built on first use and shared by every connection."""
+    """One entry's bytes per wire format, built on first use and shared by every connection.
 
-    __slots__ = ("_binary", "_pack", "_tcp", "_text_frame", "app_id", "command", "data", "event_id", "user_id")
+    TCP frames carry only ``data``: one frame for all. A WebSocket pack also carries the recipient
+    session's ``clientType`` and ``imei``, so it is a shared head (``pack_head``, encoded once) plus the
+    connection's own ``pack_tail`` (encoded once per connection): per recipient only the lengths,
+    two small headers and one join.
+    """
+
+    __slots__ = ("_head", "_tcp", "app_id", "command", "data", "event_id", "user_id")
 
     def __init__(self, command: int, data: bytes, app_id: int, user_id: str, event_id: str | None) -> None:
         self.command, self.data, self.app_id, self.user_id, self.event_id = command, data, app_id, user_id, event_id
         self._tcp: bytes | None = None
-        self._pack: bytes | None = None
-        self._binary: bytes | None = None
-        self._text_frame: bytes | None = None
+        self._head: bytes | None = None
 
     def tcp(self) -> bytes:
         if self._tcp is None:
             self._tcp = encode_tcp(self.command, self.data)
         return self._tcp
 
-    def pack(self) -> bytes:
-        if self._pack is None:
-            pack = encode_pack(self.command, self.data, app_id=self.app_id, user_id=self.user_id)
-            if self.event_id:  # ours: lets a WebSocket client resume from the last entry it saw
-                pack = pack[:-1] + b',"eventId":"' + self.event_id.encode() + b'"}'
-            self._pack = pack
-        return self._pack
+    def head(self) -> bytes:
+        """The pack up to the recipient's fields (``eventId``, ours, lets a WebSocket client resume)."""
+        if self._head is None:
+            self._head = pack_head(
+                self.command, self.data, app_id=self.app_id, user_id=self.user_id, event_id=self.event_id
+            )
+        return self._head
 
-    def ws_binary_frame(self) -> bytes:
-        """A whole WebSocket binary frame: the seed's 8-byte header and the pack."""
-        if self._binary is None:
-            self._binary = websocket_frame(encode_ws_binary(self.command, self.pack()), text=False)
-        return self._binary
+    def pack(self, tail: bytes) -> bytes:
+        """The whole pack JSON for the session whose ``pack_tail`` is ``tail``."""
+        return self.head() + tail
 
-    def ws_text_frame(self) -> bytes:
-        """A whole WebSocket text frame: the pack as JSON."""
-        if self._text_frame is None:
-            self._text_frame = websocket_frame(self.pack(), text=True)
-        return self._text_frame
+    def ws_binary_frame(self, tail: bytes) -> bytes:
+        """A whole WebSocket binary frame: the seed's 8-byte header and the recipient's pack."""
+        head = self._head or self.head()
+        size = len(head) + len(tail)
+        total = size + SERVER_HEADER.size  # the seed's header is part of the WebSocket payload
+        if total < 126:
+            prefix = _SEED_SHORT.pack(_BINARY, total, self.command, size)
+        elif total < 1 << 16:
+            prefix = _SEED_MEDIUM.pack(_BINARY, 126, total, self.command, size)
+        else:
+            prefix = _SEED_LONG.pack(_BINARY, 127, total, self.command, size)
+        return b"".join((prefix, head, tail))
+
+    def ws_text_frame(self, tail: bytes) -> bytes:
+        """A whole WebSocket text frame: the recipient's pack as JSON."""
+        head = self._head or self.head()
+        return b"".join((websocket_header(len(head) + len(tail), text=True), head, tail))
 
 
 class Connection(Protocol):
@@ -118,6 +136,7 @@ class Connection(Protocol):
     cursor: EventId
     last_active: float
     login_deadline: asyncio.TimerHandle | None
+    heartbeat_timeout: float
 
     def frame(self, message: Encoded) -> bytes: ...
 
@@ -483,13 +502,17 @@ class Hub:
     # --- liveness ---
 
     async def _idle_check(self) -> None:
-        timeout = self.settings.heartbeat_timeout
-        if timeout <= 0:
+        """Close connections silent for their heartbeat timeout (the app's, else the global; 0 = never)."""
+        timeouts = [self.settings.heartbeat_timeout, *(a.heartbeat_timeout for a in self.settings.apps.values())]
+        positive = [t for t in timeouts if t is not None and t > 0]
+        if not positive:
             return
+        interval = min(1.0, min(positive) / 3)
         while not self.closing:
-            await asyncio.sleep(min(1.0, timeout / 3))
-            limit = time.monotonic() - timeout
-            for conn in [c for c in self.connections if c.last_active < limit]:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            idle = [c for c in self.connections if 0 < c.heartbeat_timeout < now - c.last_active]
+            for conn in idle:
                 conn.close(4000, "heartbeat timeout")
                 await self.end(conn, "timeout")
 

@@ -18,7 +18,7 @@ import msgspec
 
 from presence.auth import verify_user_sign
 from presence.errors import AuthError, Code, ParamError, PresenceError
-from presence.gateway.codec import Command, Frame, FrameError
+from presence.gateway.codec import Command, Frame, FrameError, pack_tail, unserved_reason
 from presence.gateway.hub import Encoded, EventId, Hub
 from presence.ids import check_imei, check_user_id
 from presence.models import PullUserOnlineStatusReq, ResponseVO, SubscribeUserOnlineStatusReq
@@ -42,6 +42,12 @@ class ClientConnection:
         self.user_id = ""
         self.client_type = 0
         self.imei = ""
+        # The recipient fields every pack to this connection ends with (the LOGIN's, once logged in).
+        self.pack_tail = pack_tail(0, "")
+        # WebSocket text mode (ours): always answered PING. Binary/TCP clients only when LOGIN asked ("pong").
+        self.text_mode = False
+        self.pong = False
+        self.heartbeat_timeout = hub.settings.heartbeat_timeout
         self.logged_in = False
         self.ended = False
         self.cursor: EventId = (0, 0)
@@ -107,8 +113,16 @@ class ClientConnection:
 
     async def handle(self, frame: Frame) -> None:
         command = frame.command
-        if command == Command.PING:
-            self.reply(Command.PING, b"{}", frame)
+        if not self.logged_in:
+            self.pack_tail = pack_tail(frame.clientType, frame.imei)
+        reason = unserved_reason(command)
+        if reason is not None:
+            # A seed client also sends chat commands (1103, ...) on this socket: say no, keep the connection.
+            self.reply(Command.ERROR, _json.encode({"code": Code.PARAMETER_ERROR, "msg": reason, "command": command}))
+        elif command == Command.PING:
+            # The seed never answered PING and its clients break on a reply (web.html evals every 9999).
+            if self.text_mode or self.pong:
+                self.reply(Command.PING, b"{}", frame)
         elif command == Command.LOGIN:
             await self._login(frame)
         elif not self.logged_in:
@@ -149,6 +163,9 @@ class ClientConnection:
             verify_user_sign(user_sign if isinstance(user_sign, str) else "", frame.appId, app.private_key, user_id)
         if last is not None and not (isinstance(last, str) and _EVENT_ID.match(last)):
             raise PresenceError("lastEventId must be a stream id like 1700000000000-0", Code.PARAMETER_ERROR)
+        pong = data.get("pong", False)
+        if not isinstance(pong, bool):
+            raise PresenceError("data.pong must be true or false", Code.PARAMETER_ERROR)
         cursor, resumed = await self.hub.login(
             self,
             frame.appId,
@@ -162,9 +179,15 @@ class ClientConnection:
         )
         if self.ended:
             return
-        ack: dict[str, Any] = {"userId": user_id, "lastEventId": cursor}
-        if resumed is not None:
-            ack["resumed"] = resumed
+        self.pong = pong
+        self.heartbeat_timeout = self.hub.settings.heartbeat_timeout_for(frame.appId)
+        # The seed's LOGINACK is {"userId"} exactly, and its clients read it by that size: our cursor and
+        # resume outcome only for a LOGIN that carries lastEventId (a stream id, or null for "none yet").
+        ack: dict[str, Any] = {"userId": user_id}
+        if "lastEventId" in data:
+            ack["lastEventId"] = cursor
+            if resumed is not None:
+                ack["resumed"] = resumed
         self.reply(Command.LOGINACK, _json.encode(ack), frame)
         self.hub.activate(self)
 

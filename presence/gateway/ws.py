@@ -15,9 +15,10 @@ from presence.gateway.session import ClientConnection
 class WsConnection(ClientConnection):
     """Pushes are written as ready-made WebSocket frames straight to the transport.
 
-    A push is framed once (``Encoded.ws_text_frame`` / ``ws_binary_frame``) and the same bytes go to
-    every connection, as on TCP; aiohttp's writer is only used for the close handshake. This is safe
-    because the response is created without compression (no per-connection state in frames).
+    A push's pack is encoded once (``Encoded.head``) and framed per connection with the connection's
+    own ``clientType``/``imei`` tail (``Encoded.ws_text_frame`` / ``ws_binary_frame``); aiohttp's writer
+    is only used for the close handshake. This is safe because the response is created without
+    compression (no per-connection state in frames).
     """
 
     transport_name = "ws"
@@ -26,11 +27,12 @@ class WsConnection(ClientConnection):
         super().__init__(hub)
         self.ws = ws
         self.transport = transport
-        self.text_mode = False
         self._closer: asyncio.Future[bool] | None = None
 
     def frame(self, message: Encoded) -> bytes:
-        return message.ws_text_frame() if self.text_mode else message.ws_binary_frame()
+        if self.text_mode:
+            return message.ws_text_frame(self.pack_tail)
+        return message.ws_binary_frame(self.pack_tail)
 
     def write(self, data: bytes) -> None:
         if self._closer is None:  # nothing after the close handshake has begun
