@@ -138,7 +138,10 @@ def test_app_heartbeat_timeout_from_toml_defaults_to_the_global(tmp_path: Path) 
     assert s.apps[3].heartbeat_timeout is None
 
 
-@pytest.mark.parametrize(("value", "message"), [("-1", "`float` >= 0.0 - at `apps.1.heartbeat_timeout`"), ('"30"', "got `str` - at `apps.1.heartbeat_timeout`")])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("-1", "`float` >= 0.0 - at `apps.1.heartbeat_timeout`"), ('"30"', "got `str` - at `apps.1.heartbeat_timeout`")],
+)
 def test_bad_app_heartbeat_timeout(tmp_path: Path, value: str, message: str) -> None:
     conf = tmp_path / "p.toml"
     conf.write_text(f'[apps.1]\nprivate_key = "k"\nheartbeat_timeout = {value}\n')

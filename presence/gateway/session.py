@@ -149,7 +149,7 @@ class ClientConnection:
 
     async def _login(self, frame: Frame) -> None:
         if self.logged_in:
-            raise PresenceError("this connection is already logged in", Code.PARAMETER_ERROR)
+            raise ParamError("this connection is already logged in")
         data = frame.data
         user_id, user_sign, last = data.get("userId"), data.get("userSign"), data.get("lastEventId")
         app = self.hub.settings.app(frame.appId)
@@ -162,10 +162,10 @@ class ClientConnection:
         if not (user_sign is None and app.unsigned_login):
             verify_user_sign(user_sign if isinstance(user_sign, str) else "", frame.appId, app.private_key, user_id)
         if last is not None and not (isinstance(last, str) and _EVENT_ID.match(last)):
-            raise PresenceError("lastEventId must be a stream id like 1700000000000-0", Code.PARAMETER_ERROR)
+            raise ParamError("lastEventId must be a stream id like 1700000000000-0")
         pong = data.get("pong", False)
         if not isinstance(pong, bool):
-            raise PresenceError("data.pong must be true or false", Code.PARAMETER_ERROR)
+            raise ParamError("data.pong must be true or false")
         cursor, resumed = await self.hub.login(
             self,
             frame.appId,
