@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import aiohttp
 import pytest
 from redis.asyncio import Redis
 
@@ -227,6 +228,17 @@ async def test_malformed_frame_closes_only_that_connection(make_node: MakeNode, 
     good.send(Command.PING)
     await expect(good, Command.PING)
     await good.close()
+
+
+async def test_malformed_first_text_message_gets_its_error_as_text(make_node: MakeNode) -> None:
+    node = await make_node()
+    bad = await WsClient.connect(node.ws_port, imei="bad")
+    await bad.ws.send_str('{"command": 9000, "appId": "nope"}')
+    msg = await bad.ws.receive(5)
+    assert msg.type == aiohttp.WSMsgType.TEXT  # presence-client.js reads text messages only
+    assert json.loads(msg.data)["data"]["code"] == 90001
+    assert await bad.closed()
+    await bad.close()
 
 
 async def test_oversize_websocket_message_closes_only_that_connection(make_node: MakeNode) -> None:

@@ -68,12 +68,13 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     try:
         async for msg in ws:
             try:
+                # The mode is set before decoding, so even a malformed message is answered in its own mode.
                 if msg.type == WSMsgType.BINARY:
-                    frame = decode_binary_message(msg.data)
                     conn.text_mode = False
+                    frame = decode_binary_message(msg.data)
                 elif msg.type == WSMsgType.TEXT:
-                    frame = decode_text_message(msg.data)
                     conn.text_mode = True
+                    frame = decode_text_message(msg.data)
                 else:
                     break
             except FrameError as exc:
