@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: install run test lint redis-server chromium bench bench-quick bench-cluster clean
+.PHONY: install run test lint fuzz redis-server chromium bench bench-quick bench-cluster clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ run: install
 
 test: install redis-server chromium
 	$(PY) -m pytest
+
+# Fuzz the frame codec and the userSign verifier (atheris, from the test extra); FUZZ_SECONDS=600 for longer.
+FUZZ_SECONDS ?= 60
+fuzz: install
+	$(PY) fuzz/fuzz_presence.py -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1
 
 lint: install
 	$(VENV)/bin/ruff check .

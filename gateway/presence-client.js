@@ -480,8 +480,8 @@ export class PresenceClient extends EventTarget {
     }
     if (ws !== this._ws) return;
     /** @type {Record<string, any>} */
-    const data = { userId: this.userId, userSign: sign };
-    if (this.lastEventId) data.lastEventId = this.lastEventId;
+    // lastEventId, even null (a first login), asks LOGINACK for the cursor: the gateway adds it only when asked.
+    const data = { userId: this.userId, userSign: sign, lastEventId: this.lastEventId || null };
     this._send(Command.LOGIN, data);
   }
 

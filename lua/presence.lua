@@ -13,19 +13,25 @@ Inbox entries (per-user STREAM) have the fields:
   x  connection id to skip (sync entries skip the session that caused them)  [optional]
   t  the only connection id to deliver to (kicks)                            [optional]
 A doorbell is PUBLISHed to <channel prefix><brokerId> with the inbox keys that got
-entries, one per line, once per gateway node per call. An empty channel prefix
-(presence_fanout on a cluster) publishes nothing: the reply names the nodes, and the
-caller rings each gateway once for all the slots of one change.
+entries as a JSON array of strings, once per gateway node per call. An empty
+channel prefix (presence_fanout on a cluster) publishes nothing: the reply names the
+nodes, and the caller rings each gateway once for all the slots of one change.
 
 On a Redis Cluster every call must name keys of one slot: operations over several
 users are split by the caller into one call per slot, each idempotent.
 
-Errors start with PRESENCE_PARAM (bad argument) or PRESENCE_STATE (a conflict).
+Identifiers (the rule of presence/ids.py): a userId is 1..64 bytes, an imei 1..128 bytes,
+both valid UTF-8 without control characters (C0, DEL, C1), U+2028, U+2029 or '|'; a userId
+also without '{' or '}'.
+
+Errors start with PRESENCE_PARAM (bad argument), PRESENCE_LIMIT (a per-user limit is
+reached) or PRESENCE_STATE (a conflict).
 ]]
 
 local VERSION = '2.0.0'
 local MAX_SUB_TIME = 2592000000 -- 30 days in ms
 local MAX_CUSTOM_TEXT = 100 -- bytes
+local DEFAULT_MAX_SESSIONS = 10
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -36,8 +42,52 @@ local function param_error(msg)
   return redis.error_reply('PRESENCE_PARAM ' .. msg)
 end
 
-local function valid_user_id(u)
+-- The identifier rule of presence/ids.py, on bytes: valid UTF-8, 1..most bytes, no control
+-- character (C0, DEL, C1), no U+2028/U+2029, none of the characters in `banned` (a pattern set).
+local function valid_id(s, most, banned)
+  if type(s) ~= 'string' or #s < 1 or #s > most then return false end
+  if string.find(s, '[%z\1-\31\127' .. banned .. ']') then return false end
+  local i, n = 1, #s
+  while i <= n do
+    local c = string.byte(s, i)
+    if c >= 0x80 then
+      local c2, c3, c4 = string.byte(s, i + 1, i + 3)
+      c2, c3, c4 = c2 or 0, c3 or 0, c4 or 0
+      if c >= 0xC2 and c <= 0xDF then
+        if c2 < 0x80 or c2 > 0xBF or (c == 0xC2 and c2 <= 0x9F) then return false end -- C1 controls
+        i = i + 1
+      elseif c >= 0xE0 and c <= 0xEF then
+        local lo, hi = 0x80, 0xBF
+        if c == 0xE0 then lo = 0xA0 elseif c == 0xED then hi = 0x9F end -- overlong; surrogates
+        if c2 < lo or c2 > hi or c3 < 0x80 or c3 > 0xBF then return false end
+        if c == 0xE2 and c2 == 0x80 and (c3 == 0xA8 or c3 == 0xA9) then return false end -- U+2028/9
+        i = i + 2
+      elseif c >= 0xF0 and c <= 0xF4 then
+        local lo, hi = 0x80, 0xBF
+        if c == 0xF0 then lo = 0x90 elseif c == 0xF4 then hi = 0x8F end
+        if c2 < lo or c2 > hi or c3 < 0x80 or c3 > 0xBF or c4 < 0x80 or c4 > 0xBF then return false end
+        i = i + 3
+      else
+        return false
+      end
+    end
+    i = i + 1
+  end
+  return true
+end
+
+local function valid_user_id(u) return valid_id(u, 64, '|{}') end
+local function valid_imei(s) return valid_id(s, 128, '|') end
+
+-- Looser: ids stored before the identifier rule still log out (no ghost sessions after an upgrade).
+local function stored_user_id(u)
   return type(u) == 'string' and #u >= 1 and #u <= 64 and not string.find(u, '[|{}]')
+end
+
+-- A subscription set lives as long as its latest entry, so no such key outlives what it holds.
+local function expire_with_latest(key)
+  local top = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  if top[2] then redis.call('PEXPIREAT', key, math.floor(tonumber(top[2]))) end
 end
 
 local function to_int(v)
@@ -74,7 +124,7 @@ local function ring(channel_prefix, by_node)
   local n = 0
   if channel_prefix == nil or channel_prefix == '' then return 0 end
   for node, inboxes in pairs(by_node) do
-    redis.call('PUBLISH', channel_prefix .. node, table.concat(inboxes, '\n'))
+    redis.call('PUBLISH', channel_prefix .. node, cjson.encode(inboxes))
     n = n + 1
   end
   return n
@@ -141,10 +191,13 @@ KEYS[4] inbox STREAM      KEYS[5] friends SET
 ARGV[1] appId  ARGV[2] userId  ARGV[3] clientType 0..5  ARGV[4] imei  ARGV[5] connId
 ARGV[6] brokerId  ARGV[7] brokerHost  ARGV[8] version  ARGV[9] loginModel 1..4
 ARGV[10] inbox MAXLEN  ARGV[11] inbox TTL ms  ARGV[12] doorbell channel prefix
+ARGV[13] most live sessions of the user, WEBAPI included (optional, default 10)
 Reply: {changed 0|1, 4004 data JSON, inbox last id, kicked count, recipient userIds...}
   changed = 0 when the login only replaced the same device's session (a reconnect):
   nobody is told, friends see no second "online". Kicked sessions (same device on
   another connection, or the login model's conflicts) are removed and get a 9002 entry.
+Errors: PRESENCE_LIMIT when the login would make more live sessions than ARGV[13]: the new
+  login is refused and nothing is written (existing sessions are never kicked for it).
 ]]
 local function presence_login(keys, args)
   if #keys ~= 5 then return param_error('presence_login takes 5 keys') end
@@ -152,13 +205,15 @@ local function presence_login(keys, args)
   local ct, model = to_int(args[3]), to_int(args[9])
   local broker_id = args[6] or ''
   if app_id == nil then return param_error('appId must be an integer') end
-  if not valid_user_id(user_id) then return param_error('userId must be 1..64 bytes without | { }') end
+  if not valid_user_id(user_id) then return param_error('userId must be 1..64 bytes of UTF-8 without control characters, | { }') end
   if ct == nil or ct < 0 or ct > 5 then return param_error('clientType must be 0..5') end
-  if imei == nil or #imei < 1 or #imei > 128 then return param_error('imei must be 1..128 bytes') end
+  if not valid_imei(imei) then return param_error('imei must be 1..128 bytes without control characters or |') end
   if conn_id == nil or #conn_id < 1 or string.find(conn_id, '"') then return param_error('connId is required') end
   if string.find(broker_id, '[^%w%._:-]') then return param_error('brokerId must be [A-Za-z0-9._:-]') end
   if model == nil or model < 1 or model > 4 then return param_error('loginModel must be 1..4') end
   local maxlen, ttl, prefix = args[10], args[11], args[12]
+  local max_sessions = to_int(args[13]) or DEFAULT_MAX_SESSIONS
+  if max_sessions < 1 then return param_error('max sessions must be at least 1') end
 
   local sessions, status, subscribers, inbox, friends = keys[1], keys[2], keys[3], keys[4], keys[5]
   local now = now_ms()
@@ -166,29 +221,35 @@ local function presence_login(keys, args)
   local by_node = {}
   local kicked, kicked_others, replaced = 0, 0, false
 
+  -- Decide first, write after the session cap check: a refused login leaves no trace.
   local existing = redis.call('HGETALL', sessions)
+  local to_kick, remaining = {}, 0
   for i = 1, #existing, 2 do
     local f, v = existing[i], existing[i + 1]
-    local old_conn = connid_of(v)
-    local kick = false
     if f == field then
       replaced = true
-      kick = old_conn ~= conn_id
+      if connid_of(v) ~= conn_id then to_kick[#to_kick + 1] = {f, v, false} end
     else
       local old_ct = to_int(string.match(f, '^(%d+):'))
       if old_ct and kicks(model, ct, old_ct) then
-        kick = true
+        to_kick[#to_kick + 1] = {f, v, true}
         kicked_others = kicked_others + 1
-        redis.call('HDEL', sessions, f)
+      else
+        remaining = remaining + 1
       end
     end
-    if kick then
-      kicked = kicked + 1
-      local data = '{"appId":' .. app_id .. ',"userId":' .. cjson.encode(user_id) ..
-        ',"clientType":' .. ct .. ',"imei":' .. cjson.encode(imei) .. '}'
-      inbox_add(inbox, maxlen, ttl, 9002, data, nil, old_conn)
-      add_nodes(by_node, {v}, inbox)
-    end
+  end
+  if remaining + 1 > max_sessions then
+    return redis.error_reply('PRESENCE_LIMIT ' .. user_id .. ' already has ' .. remaining ..
+      ' live sessions, the most per user is ' .. max_sessions)
+  end
+  for _, k in ipairs(to_kick) do
+    if k[3] then redis.call('HDEL', sessions, k[1]) end
+    kicked = kicked + 1
+    local data = '{"appId":' .. app_id .. ',"userId":' .. cjson.encode(user_id) ..
+      ',"clientType":' .. ct .. ',"imei":' .. cjson.encode(imei) .. '}'
+    inbox_add(inbox, maxlen, ttl, 9002, data, nil, connid_of(k[2]))
+    add_nodes(by_node, {k[2]}, inbox)
   end
   -- Only the same device coming back (a reconnect) is no change for anybody else.
   local changed = 1
@@ -234,7 +295,7 @@ local function presence_logout(keys, args)
   if #keys ~= 5 then return param_error('presence_logout takes 5 keys') end
   local app_id, user_id, ct, imei, conn_id = to_int(args[1]), args[2], to_int(args[3]), args[4], args[5] or ''
   if app_id == nil then return param_error('appId must be an integer') end
-  if not valid_user_id(user_id) then return param_error('userId must be 1..64 bytes without | { }') end
+  if not stored_user_id(user_id) then return param_error('userId must be 1..64 bytes without | { }') end
   if ct == nil or imei == nil then return param_error('clientType and imei are required') end
   local maxlen, ttl, prefix, idle_ttl = args[6], args[7], args[8], args[9]
   local sessions, status, subscribers, inbox, friends = keys[1], keys[2], keys[3], keys[4], keys[5]
@@ -274,7 +335,7 @@ local function presence_set_custom_status(keys, args)
   if #keys ~= 5 then return param_error('presence_set_custom_status takes 5 keys') end
   local app_id, user_id, custom, text, origin = to_int(args[1]), args[2], to_int(args[3]), args[4] or '', args[5] or ''
   if app_id == nil then return param_error('appId must be an integer') end
-  if not valid_user_id(user_id) then return param_error('userId must be 1..64 bytes without | { }') end
+  if not valid_user_id(user_id) then return param_error('userId must be 1..64 bytes of UTF-8 without control characters, | { }') end
   if custom == nil then return param_error('customStatus must be an integer') end
   if #text > MAX_CUSTOM_TEXT then return param_error('customText must be at most 100 bytes') end
   local maxlen, ttl, prefix = args[6], args[7], args[8]
@@ -303,7 +364,7 @@ KEYS: recipient pairs  sessions_1, inbox_1, sessions_2, inbox_2, ...  (one slot 
 ARGV[1] command (4004 | 4006)  ARGV[2] data JSON  ARGV[3] inbox MAXLEN  ARGV[4] inbox TTL ms
 ARGV[5] doorbell channel prefix ('' = publish nothing, name the nodes in the reply)
 Reply: {entries written, doorbells published}, and when ARGV[5] is '':
-  {entries written, 0, node id, inbox keys joined by newlines, node id, inboxes, ...}
+  {entries written, 0, node id, {inbox keys}, node id, {inbox keys}, ...}
   Only recipients with an online session get an entry: offline users pull on connect.
   Safe to repeat: a repeat writes the same pack again (clients keep the newest).
 ]]
@@ -324,7 +385,7 @@ local function presence_fanout(keys, args)
   if prefix == nil or prefix == '' then
     for node, inboxes in pairs(by_node) do
       reply[#reply + 1] = node
-      reply[#reply + 1] = table.concat(inboxes, '\n')
+      reply[#reply + 1] = inboxes
     end
   end
   return reply
@@ -337,13 +398,14 @@ ARGV[3] most live subscriptions per subscriber  ARGV[4..] target userIds
 Reply: {expireAt ms, live subscriptions after the call}
   Subscribing again overwrites the expiry. Expired entries are pruned first. Then the
   caller runs presence_subscribers_add with this expireAt on the targets' keys (per slot):
-  pushes start once that ran; repeating both converges.
+  pushes start once that ran; repeating both converges. The reverse index
+  expires (PEXPIREAT) with its latest entry.
 ]]
 local function presence_subscribe(keys, args)
   local subscriber, sub_time, limit = args[1], to_int(args[2]), to_int(args[3])
   local n = #args - 3
   if #keys ~= 1 or n < 1 then return param_error('presence_subscribe takes 1 key and at least one target') end
-  if not valid_user_id(subscriber) then return param_error('subscriber userId must be 1..64 bytes without | { }') end
+  if not valid_user_id(subscriber) then return param_error('subscriber userId must be 1..64 bytes of UTF-8 without control characters, | { }') end
   if sub_time == nil or sub_time < 1 or sub_time > MAX_SUB_TIME then
     return param_error('subTime must be between 1 and ' .. MAX_SUB_TIME .. ' ms')
   end
@@ -356,7 +418,7 @@ local function presence_subscribe(keys, args)
   local added = 0
   for i = 1, n do
     local target = args[i + 3]
-    if not valid_user_id(target) then return param_error('subUserId must be 1..64 bytes without | { }') end
+    if not valid_user_id(target) then return param_error('subUserId must be 1..64 bytes of UTF-8 without control characters, | { }') end
     if target == subscriber then return param_error('subUserId must not contain the subscriber itself') end
     if not fresh[target] and not redis.call('ZSCORE', index, target) then added = added + 1 end
     fresh[target] = true
@@ -368,6 +430,7 @@ local function presence_subscribe(keys, args)
   for i = 1, n do
     redis.call('ZADD', index, expire_at, args[i + 3])
   end
+  expire_with_latest(index)
   return {expire_at, live}
 end
 
@@ -375,18 +438,21 @@ end
 KEYS[1..n] each target's subscribers ZSET  (one slot on a cluster)
 ARGV[1] subscriber userId   ARGV[2] expireAt ms (absolute: the presence_subscribe reply)
 Reply: number of subscribers ZSETs the subscriber was new in
-  Expired entries are pruned first. Idempotent: a repeat sets the same score.
+  Expired entries are pruned first. Idempotent: a repeat sets the same score. Every set
+  written expires (PEXPIREAT) with its latest entry, so subscriptions to users who never
+  come online leave no key behind.
 ]]
 local function presence_subscribers_add(keys, args)
   local subscriber, expire_at = args[1], to_int(args[2])
   if #keys < 1 or #args ~= 2 then return param_error('presence_subscribers_add takes keys, a subscriber and expireAt') end
-  if not valid_user_id(subscriber) then return param_error('subscriber userId must be 1..64 bytes without | { }') end
+  if not valid_user_id(subscriber) then return param_error('subscriber userId must be 1..64 bytes of UTF-8 without control characters, | { }') end
   if expire_at == nil or expire_at < 1 then return param_error('expireAt must be a positive integer') end
   local now = now_ms()
   local added = 0
   for i = 1, #keys do
     redis.call('ZREMRANGEBYSCORE', keys[i], '-inf', now)
     added = added + redis.call('ZADD', keys[i], expire_at, subscriber)
+    expire_with_latest(keys[i])
   end
   return added
 end
@@ -423,8 +489,8 @@ local function friends_change(keys, args, op)
   if n < 1 or #args ~= 2 * n then return param_error('friend functions take a (userId, friendId) pair per key') end
   for i = 1, n do
     local owner, friend = args[2 * i - 1], args[2 * i]
-    if not valid_user_id(owner) then return param_error('fromId must be 1..64 bytes without | { }') end
-    if not valid_user_id(friend) then return param_error('toId must be 1..64 bytes without | { }') end
+    if not valid_user_id(owner) then return param_error('fromId must be 1..64 bytes of UTF-8 without control characters, | { }') end
+    if not valid_user_id(friend) then return param_error('toId must be 1..64 bytes of UTF-8 without control characters, | { }') end
     if owner == friend then return param_error('toId must differ from fromId') end
   end
   local changed = 0

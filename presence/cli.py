@@ -39,10 +39,23 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ws-port", type=int, help="WebSocket port, 0 = disabled [PRESENCE_WS_PORT] (19000)")
     p.add_argument("--http-port", type=int, help="REST port, 0 = disabled [PRESENCE_HTTP_PORT] (8000)")
     p.add_argument("--node-id", help="gateway node id [PRESENCE_NODE_ID] (default: random)")
-    p.add_argument("--heartbeat-timeout", type=float, help="seconds without PING [PRESENCE_HEARTBEAT_TIMEOUT] (30)")
+    p.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        help="seconds without a frame before a connection is closed, 0 = never; an app's own "
+        "[apps.N] heartbeat_timeout wins [PRESENCE_HEARTBEAT_TIMEOUT] (30)",
+    )
     p.add_argument("--node-ttl", type=float, help="seconds before a silent node is reaped [PRESENCE_NODE_TTL] (10)")
     p.add_argument(
         "--offline-grace", type=float, help="seconds before a drop is announced [PRESENCE_OFFLINE_GRACE] (3)"
+    )
+    p.add_argument(
+        "--login-timeout", type=float, help="seconds a connection may stay without LOGIN [PRESENCE_LOGIN_TIMEOUT] (10)"
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        help="most client connections, 0 = file descriptor limit minus reserve [PRESENCE_MAX_CONNECTIONS] (0)",
     )
     p.add_argument("--config", help="TOML settings file [PRESENCE_CONFIG]")
     p.add_argument("--log-level", default="INFO")
@@ -58,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--key", required=True, help="the app's private key")
     s.add_argument("--user", required=True, help="the identifier (userId) to sign for")
     s.add_argument("--expire", type=int, default=DEFAULT_EXPIRE_S, help="validity in seconds")
+    s.add_argument("--issued-at", type=int, help="issue time in Unix seconds (default: now); for test vectors")
 
     f = sub.add_parser(
         "functions",
@@ -76,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.cmd == "sign":
-            print(generate_user_sign(args.app_id, args.key, args.user, args.expire))
+            print(generate_user_sign(args.app_id, args.key, args.user, args.expire, now=args.issued_at))
             return 0
         if args.cmd == "functions":
             return _functions(args.action, args.redis_url)
@@ -131,6 +145,8 @@ def _serve(args: argparse.Namespace) -> int:
         heartbeat_timeout=args.heartbeat_timeout,
         node_ttl=args.node_ttl,
         offline_grace=args.offline_grace,
+        login_timeout=args.login_timeout,
+        max_connections=args.max_connections,
     )
     run(settings)
     return 0

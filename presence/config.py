@@ -1,4 +1,10 @@
-"""Settings from defaults, a TOML file, the environment and CLI flags (in rising precedence)."""
+"""Settings from defaults, a TOML file, the environment and CLI flags (in rising precedence).
+
+Every layer is decoded strictly with msgspec: a value of the wrong type (``unsigned_login = "false"``,
+``admins = "admin"``) or an unknown name is a start-up error naming the field and where it came from,
+never a silent other meaning. Environment variables are text, so there (only) ``"30"`` counts as 30
+and ``"true"``/``"false"`` as booleans.
+"""
 
 from __future__ import annotations
 
@@ -6,31 +12,46 @@ import os
 import secrets
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
 
 from presence.errors import ParamError
+from presence.ids import MAX_USER_ID_BYTES
 
 DEV_APP_ID = 10000
+DEFAULT_ADMINS = ("admin",)
+
+_Admin = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_USER_ID_BYTES)]
+_Seconds = Annotated[float, msgspec.Meta(ge=0)]
+_Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 
 
-@dataclass(frozen=True, slots=True)
-class AppConfig:
-    private_key: str
-    admins: tuple[str, ...] = ("admin",)
-    login_model: int = 3
+class AppConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One app: ``[apps.<id>]`` in the TOML file, or an entry of ``PRESENCE_APPS``."""
+
+    private_key: Annotated[str, msgspec.Meta(min_length=1)]
+    admins: tuple[_Admin, ...] = DEFAULT_ADMINS
+    login_model: Annotated[int, msgspec.Meta(ge=1, le=4)] = 3
     unsigned_login: bool = False
+    # Live sessions per user, WEBAPI included; a login beyond it is refused (code 90005).
+    max_sessions: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 10
+    # Seconds without a frame before a connection of this app is closed; None = the global setting, 0 = never.
+    heartbeat_timeout: _Seconds | None = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # constructors skip the Meta checks that decoding applies
         if not self.private_key:
             raise ParamError("private_key must not be empty")
+        if self.heartbeat_timeout is not None and not self.heartbeat_timeout >= 0:
+            raise ParamError(f"heartbeat_timeout must be a number >= 0, got {self.heartbeat_timeout}")
         if self.login_model not in (1, 2, 3, 4):
             raise ParamError(f"login_model must be 1..4, got {self.login_model}")
+        if self.max_sessions < 1:
+            raise ParamError(f"max_sessions must be at least 1, got {self.max_sessions}")
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_url: str | None = None
     host: str = "127.0.0.1"
     tcp_port: int = 9000
@@ -40,14 +61,48 @@ class Settings:
     heartbeat_timeout: float = 30.0
     node_ttl: float = 10.0
     offline_grace: float = 3.0
+    # A connection that has not logged in this many seconds after it opened is closed (0 = never).
+    login_timeout: float = 10.0
+    # Most client connections at once; 0 = as many as the file descriptor limit allows minus fd_reserve.
+    max_connections: int = 0
+    # Descriptors kept free of client connections: Redis pool, REST and /healthz, listeners, logs.
+    fd_reserve: int = 128
     prefix: str = "presence"
     inbox_maxlen: int = 100
     inbox_ttl: float = 86400.0
-    apps: Mapping[int, AppConfig] = field(default_factory=dict)
+    apps: Mapping[int, AppConfig] = msgspec.field(default_factory=dict)
     dev_mode: bool = False
 
     def app(self, app_id: int) -> AppConfig | None:
         return self.apps.get(app_id)
+
+    def heartbeat_timeout_for(self, app_id: int) -> float:
+        """The app's own heartbeat timeout if it sets one, else the global (seconds, 0 = never)."""
+        app = self.apps.get(app_id)
+        return self.heartbeat_timeout if app is None or app.heartbeat_timeout is None else app.heartbeat_timeout
+
+
+class _Layer(msgspec.Struct, forbid_unknown_fields=True):
+    """The settings one layer (file, environment, flags) may set; UNSET = not set there."""
+
+    redis_url: str | msgspec.UnsetType | None = msgspec.UNSET
+    host: str | msgspec.UnsetType = msgspec.UNSET
+    tcp_port: _Port | msgspec.UnsetType = msgspec.UNSET
+    ws_port: _Port | msgspec.UnsetType = msgspec.UNSET
+    http_port: _Port | msgspec.UnsetType = msgspec.UNSET
+    node_id: str | msgspec.UnsetType | None = msgspec.UNSET
+    heartbeat_timeout: _Seconds | msgspec.UnsetType = msgspec.UNSET
+    node_ttl: _Seconds | msgspec.UnsetType = msgspec.UNSET
+    offline_grace: _Seconds | msgspec.UnsetType = msgspec.UNSET
+    login_timeout: _Seconds | msgspec.UnsetType = msgspec.UNSET
+    max_connections: Annotated[int, msgspec.Meta(ge=0)] | msgspec.UnsetType = msgspec.UNSET
+    fd_reserve: Annotated[int, msgspec.Meta(ge=0)] | msgspec.UnsetType = msgspec.UNSET
+    prefix: Annotated[str, msgspec.Meta(min_length=1)] | msgspec.UnsetType = msgspec.UNSET
+    inbox_maxlen: Annotated[int, msgspec.Meta(ge=1)] | msgspec.UnsetType = msgspec.UNSET
+    inbox_ttl: _Seconds | msgspec.UnsetType = msgspec.UNSET
+
+    def values(self) -> dict[str, Any]:
+        return {f: v for f in self.__struct_fields__ if (v := getattr(self, f)) is not msgspec.UNSET}
 
 
 _ENV = {
@@ -60,47 +115,54 @@ _ENV = {
     "heartbeat_timeout": ("PRESENCE_HEARTBEAT_TIMEOUT",),
     "node_ttl": ("PRESENCE_NODE_TTL",),
     "offline_grace": ("PRESENCE_OFFLINE_GRACE",),
+    "login_timeout": ("PRESENCE_LOGIN_TIMEOUT",),
+    "max_connections": ("PRESENCE_MAX_CONNECTIONS",),
+    "fd_reserve": ("PRESENCE_FD_RESERVE",),
     "prefix": ("PRESENCE_PREFIX",),
     "inbox_maxlen": ("PRESENCE_INBOX_MAXLEN",),
     "inbox_ttl": ("PRESENCE_INBOX_TTL",),
 }
-_TYPES = {f.name: f.type for f in fields(Settings)}
 
 
-def _coerce(name: str, value: Any) -> Any:
-    kind = _TYPES[name]
+def _decode(value: Any, kind: type[Any], where: str, path: str, *, strict: bool = True) -> Any:
+    """msgspec.convert with the error rewritten to name ``where`` (file, variable, flag) and the field path."""
     try:
-        if kind == "int":
-            return int(value)
-        if kind == "float":
-            return float(value)
-    except (TypeError, ValueError):
-        raise ParamError(f"{name} must be a number, got {value!r}") from None
-    return None if value in ("", None) else str(value)
+        return msgspec.convert(value, kind, strict=strict)
+    except msgspec.ValidationError as exc:
+        message = str(exc).replace("`$.", f"`{path}." if path else "`").replace("`$", f"`{path}")
+        if path and " - at `" not in message:  # msgspec names no path for an error at the top
+            message += f" - at `{path}`"
+        raise ParamError(f"{where}: {message}") from None
 
 
 def parse_apps_env(text: str) -> dict[int, AppConfig]:
-    """``"10000:key,10001:other"`` -> apps with default settings."""
+    """``PRESENCE_APPS``: comma-separated ``appId:privateKey[:admins=a|b]`` (admins default ``admin``).
+
+    ``admins=`` with nothing after it means no admin. The key may contain ``:`` but not ``,``.
+    """
     apps: dict[int, AppConfig] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
-        app_id, sep, key = item.partition(":")
+        app_id, sep, rest = item.partition(":")
+        key, has_admins, admins = rest.rpartition(":admins=") if ":admins=" in rest else (rest, "", "")
         if not sep or not app_id.strip().isdigit() or not key:
-            raise ParamError(f"PRESENCE_APPS entries look like 10000:privateKey, got {item!r}")
-        apps[int(app_id)] = AppConfig(private_key=key)
+            raise ParamError(
+                f"PRESENCE_APPS entries look like 10000:privateKey or 10000:privateKey:admins=alice|bob, got {item!r}"
+            )
+        conf: dict[str, Any] = {"private_key": key}
+        if has_admins:
+            conf["admins"] = [a for a in admins.split("|") if a]
+        apps[int(app_id)] = _decode(conf, AppConfig, f"PRESENCE_APPS entry {app_id}", "")
     return apps
 
 
-def _apps_from_toml(table: Mapping[str, Any]) -> dict[int, AppConfig]:
+def _apps_from_toml(table: object, where: str) -> dict[int, AppConfig]:
+    if not isinstance(table, dict):
+        raise ParamError(f"{where}: apps must be a table of [apps.<id>] tables")
     apps = {}
     for app_id, conf in table.items():
         if not str(app_id).isdigit():
-            raise ParamError(f"[apps.{app_id}]: the app id must be an integer")
-        apps[int(app_id)] = AppConfig(
-            private_key=str(conf.get("private_key", "")),
-            admins=tuple(conf.get("admins", ("admin",))),
-            login_model=int(conf.get("login_model", 3)),
-            unsigned_login=bool(conf.get("unsigned_login", False)),
-        )
+            raise ParamError(f"{where}: [apps.{app_id}]: the app id must be an integer")
+        apps[int(app_id)] = _decode(conf, AppConfig, where, f"apps.{app_id}")
     return apps
 
 
@@ -109,33 +171,39 @@ def load_settings(
     env: Mapping[str, str] | None = None,
     **overrides: Any,
 ) -> Settings:
-    """Build Settings: defaults < TOML file < environment < ``overrides`` (None means unset)."""
+    """Build Settings: defaults < TOML file < environment < ``overrides`` (None means unset).
+
+    Raises ParamError naming the file, variable or flag, and the field, for anything it cannot take.
+    """
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
     apps: dict[int, AppConfig] = {}
     config_file = config_file or env.get("PRESENCE_CONFIG")
     if config_file:
-        data = tomllib.loads(Path(config_file).read_text())
-        apps.update(_apps_from_toml(data.pop("apps", {})))
-        for name, value in data.items():
-            if name not in _ENV:
-                raise ParamError(f"{config_file}: unknown setting {name!r}")
-            values[name] = _coerce(name, value)
+        where = str(config_file)
+        try:
+            data = tomllib.loads(Path(config_file).read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ParamError(f"{where}: {exc}") from None
+        apps.update(_apps_from_toml(data.pop("apps", {}), where))
+        try:
+            values.update(msgspec.convert(data, _Layer, strict=True).values())
+        except msgspec.ValidationError as exc:
+            message = str(exc).replace("`$.", "`").replace("Object contains unknown field", "unknown setting")
+            raise ParamError(f"{where}: {message}") from None
     for name, names in _ENV.items():
         for var in names:
             if env.get(var):
-                values[name] = _coerce(name, env[var])
+                values.update(
+                    _decode({name: env[var]}, _Layer, f"environment variable {var}", "", strict=False).values()
+                )
                 break
     if env.get("PRESENCE_APPS"):
         apps.update(parse_apps_env(env["PRESENCE_APPS"]))
     for name, value in overrides.items():
         if value is not None:
-            values[name] = _coerce(name, value)
-    settings = Settings(**values, apps=apps)
-    for name in ("heartbeat_timeout", "node_ttl", "offline_grace", "inbox_ttl"):
-        if getattr(settings, name) < 0:
-            raise ParamError(f"{name} must not be negative")
-    return settings
+            values.update(_decode({name: value}, _Layer, f"option --{name.replace('_', '-')}", "").values())
+    return Settings(**values, apps=apps)
 
 
 def with_dev_app(settings: Settings) -> Settings:
@@ -143,4 +211,13 @@ def with_dev_app(settings: Settings) -> Settings:
     if settings.apps:
         return settings
     app = AppConfig(private_key=secrets.token_urlsafe(24))
-    return replace(settings, apps={DEV_APP_ID: app}, dev_mode=True)
+    return msgspec.structs.replace(settings, apps={DEV_APP_ID: app}, dev_mode=True)
+
+
+def describe_apps(settings: Settings) -> list[str]:
+    """One line per app for the start-up log: who its admins are and its limits."""
+    return [
+        f"app {app_id}: admins {list(app.admins)}, login_model {app.login_model}, "
+        f"max_sessions {app.max_sessions}, unsigned_login {'on' if app.unsigned_login else 'off'}"
+        for app_id, app in sorted(settings.apps.items())
+    ]

@@ -17,6 +17,7 @@ class Code(IntEnum):
     USER_SIGN_MISMATCH = 60005
     FORBIDDEN = 60006
     NOT_FOUND = 90004
+    SESSION_LIMIT = 90005  # ours: the user already has the app's max_sessions live sessions
 
 
 class PresenceError(Exception):
@@ -55,3 +56,10 @@ class UnavailableError(PresenceError):
     """Redis cannot serve the request now (down, or failing over for longer than the retry window)."""
 
     http_status = 503
+
+
+class LimitError(PresenceError):
+    """A per-user limit is reached (live sessions); the request is refused and nothing changed."""
+
+    code = Code.SESSION_LIMIT
+    http_status = 429

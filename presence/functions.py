@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
-from presence.errors import ParamError, PresenceError, UnavailableError
+from presence.errors import LimitError, ParamError, PresenceError, UnavailableError
 from presence.keys import UserKeys
 from presence.metrics import REDIS_LATENCY
 from presence.models import UserOnlineStatus
@@ -77,10 +77,15 @@ def fcall(name: str, keys: Sequence[str], args: Sequence[Any], *, read_only: boo
 
 
 def raise_mapped(exc: ResponseError) -> NoReturn:
-    """A library error as ParamError (PRESENCE_PARAM) or PresenceError (anything else)."""
+    """A library error as ParamError (PRESENCE_PARAM), LimitError (PRESENCE_LIMIT) or PresenceError (anything else).
+
+    A PresenceError's message quotes Redis: transports log it and show clients only "system error".
+    """
     message = str(exc)
     if message.startswith("PRESENCE_PARAM "):
         raise ParamError(message.removeprefix("PRESENCE_PARAM ")) from None
+    if message.startswith("PRESENCE_LIMIT "):
+        raise LimitError(message.removeprefix("PRESENCE_LIMIT ")) from None
     raise PresenceError(f"redis: {message}") from exc
 
 
@@ -152,6 +157,7 @@ class PresenceFunctions:
         broker_host: str,
         version: int,
         login_model: int,
+        max_sessions: int = 10,
     ) -> list[Any]:
         i = self.inbox
         return [
@@ -167,6 +173,7 @@ class PresenceFunctions:
             i.maxlen,
             i.ttl_ms,
             i.doorbell_prefix,
+            max_sessions,
         ]
 
     def logout_args(self, app_id: int, user_id: str, client_type: int, imei: str, conn_id: str) -> list[Any]:
@@ -226,7 +233,7 @@ class PresenceFunctions:
         """(entries written, {node id: [inbox keys]} still to ring)."""
         bells: dict[str, list[str]] = {}
         for j in range(2, len(reply), 2):
-            bells.setdefault(_text(reply[j]), []).extend(_text(reply[j + 1]).split("\n"))
+            bells.setdefault(_text(reply[j]), []).extend(_text(key) for key in reply[j + 1])
         return int(reply[0]), bells
 
     async def subscribe(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import msgspec
+
 
 @dataclass(frozen=True, slots=True)
 class UserKeys:
@@ -53,3 +55,8 @@ class KeySchema:
 
     def doorbell(self, node_id: str) -> str:
         return self.doorbell_prefix + node_id
+
+
+def doorbell_message(inboxes: list[str]) -> bytes:
+    """A doorbell's payload: the inbox keys as a JSON array, as the library's ``ring`` sends it."""
+    return msgspec.json.encode(inboxes)

@@ -7,6 +7,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 CONNECTIONS = Gauge("presence_connections", "Open client connections", ["transport"], registry=REGISTRY)
+CONNECTIONS_REFUSED = Counter(
+    "presence_connections_refused_total", "Connections refused at capacity", ["transport"], registry=REGISTRY
+)
+LOGIN_TIMEOUTS = Counter(
+    "presence_login_timeouts_total", "Connections closed for sending no LOGIN in time", registry=REGISTRY
+)
 LOGINS = Counter("presence_logins_total", "Successful socket logins", ["transport"], registry=REGISTRY)
 LOGOUTS = Counter("presence_logouts_total", "Sessions ended, by reason", ["reason"], registry=REGISTRY)
 STATUS_CHANGES = Counter("presence_status_changes_total", "Status changes by kind", ["kind"], registry=REGISTRY)

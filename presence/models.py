@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import msgspec
 
 ONLINE = 1
 OFFLINE = 2
-
-UserId = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[^|{}]+$")]
 
 
 class Session(msgspec.Struct, kw_only=True):
@@ -114,6 +110,15 @@ class ResponseVO(msgspec.Struct):
     code: int = 200
     msg: str = "success"
     data: object = None
+
+
+class ErrorVO(msgspec.Struct):
+    """The seed's envelope for an error, plus ``requestId``: the id of the log line with the details."""
+
+    code: int
+    msg: str
+    data: None = None
+    requestId: str = ""
 
 
 # --- results of the service facade ---

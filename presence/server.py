@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import re
+import resource
 import secrets
 import signal
 import socket
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from presence.auth import generate_user_sign
-from presence.config import DEV_APP_ID, Settings, with_dev_app
+from presence.config import DEV_APP_ID, Settings, describe_apps, with_dev_app
 from presence.gateway.hub import Hub
 from presence.gateway.tcp import start_tcp_server
 from presence.gateway.ws import create_ws_app
@@ -28,6 +29,43 @@ log = logging.getLogger("presence.server")
 def default_node_id() -> str:
     host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:40]
     return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; returns (before, after).
+
+    Each client connection holds a descriptor, and the usual soft limit (1024) would cap a node at
+    about 900 of them while the hard limit is much higher.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:  # the kernel still caps it (fs.nr_open)
+        target = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the file descriptor limit from %d to %d: %s", soft, target, exc)
+            return soft, soft
+        return soft, target
+    return soft, soft
+
+
+def connection_capacity(settings: Settings) -> int:
+    """Raise the descriptor limit and size the gateway from it, keeping ``fd_reserve`` descriptors free."""
+    before, limit = raise_fd_limit()
+    capacity = max(limit - settings.fd_reserve, 1)
+    if settings.max_connections:
+        capacity = min(capacity, settings.max_connections)
+    log.info(
+        "file descriptors: soft limit %d (was %d); up to %d client connections, %d descriptors kept for "
+        "Redis, REST and /healthz",
+        limit,
+        before,
+        capacity,
+        limit - capacity,
+    )
+    return capacity
 
 
 @dataclass
@@ -68,6 +106,9 @@ async def _site(app: web.Application, host: str, port: int) -> tuple[web.AppRunn
 
 async def start(settings: Settings) -> Running:
     settings = with_dev_app(settings)
+    for line in describe_apps(settings):
+        log.info("%s", line)
+    capacity = connection_capacity(settings)
     store = await open_store(settings.redis_url)
     embedded = store.mode == "embedded"
     presence = Presence(store, settings)
@@ -75,6 +116,7 @@ async def start(settings: Settings) -> Running:
         log.info("loaded the presence function library into Redis")
     node_id = settings.node_id or default_node_id()
     hub = Hub(presence, settings, node_id, node_host=settings.host)
+    hub.capacity = capacity
     await hub.start()
     running = Running(settings, presence, hub, embedded=embedded)
     if _enabled(settings.tcp_port):

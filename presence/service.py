@@ -27,7 +27,8 @@ from presence.functions import (
     fcall,
     raise_mapped,
 )
-from presence.keys import KeySchema, UserKeys
+from presence.ids import check_imei, check_user_id
+from presence.keys import KeySchema, UserKeys, doorbell_message
 from presence.metrics import FANOUT_ENTRIES, REDIS_LATENCY, STATUS_CHANGES
 from presence.models import ChangeResult, SubscribeResult, UserOnlineStatus
 from presence.store import Command, RedisUnavailable, Store
@@ -46,17 +47,6 @@ class Limits:
     custom_text_bytes: int = 100
     sub_time_ms: int = 30 * 86400 * 1000
     imei_bytes: int = 128
-
-
-def check_user_id(field: str, value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise ParamError(f"{field} must be a non-empty string")
-    size = len(value.encode())
-    if size > 64:
-        raise ParamError(f"{field} must be at most 64 bytes, got {size}")
-    if any(c in value for c in "|{}"):
-        raise ParamError(f"{field} must not contain | {{ or }}")
-    return value
 
 
 def check_user_list(field: str, values: Sequence[object], most: int) -> list[str]:
@@ -133,12 +123,16 @@ class Presence:
         node_host: str = "",
         version: int = 0,
         login_model: int = 3,
+        max_sessions: int = 10,
     ) -> ChangeResult:
+        """Add a session; LimitError (90005) when the user already has ``max_sessions`` others."""
         check_user_id("userId", user_id)
         self._check_session(client_type, imei)
         conn_id = conn_id or new_conn_id()
         keys = self.user(app_id, user_id)
-        args = self.fn.login_args(app_id, user_id, client_type, imei, conn_id, node_id, node_host, version, login_model)
+        args = self.fn.login_args(
+            app_id, user_id, client_type, imei, conn_id, node_id, node_host, version, login_model, max_sessions
+        )
         if node_id:
             member = node_member(app_id, user_id, client_type, imei, conn_id)
             change = await self._login_on_node(keys, args, node_id, member)
@@ -200,9 +194,12 @@ class Presence:
     async def logout(
         self, app_id: int, user_id: str, client_type: int, imei: str, *, conn_id: str = "", node_id: str = ""
     ) -> ChangeResult:
-        """Remove a session; with ``conn_id``, only if it still belongs to that connection."""
-        check_user_id("userId", user_id)
-        self._check_session(client_type, imei)
+        """Remove a session; with ``conn_id``, only if it still belongs to that connection.
+
+        Ids are not held to the identifier rule here: a session stored before it must still end.
+        """
+        if not isinstance(user_id, str) or not user_id or not isinstance(imei, str) or not imei:
+            raise ParamError("userId and imei must be non-empty strings")
         keys = self.user(app_id, user_id)
         args = self.fn.logout_args(app_id, user_id, client_type, imei, conn_id)
         commands: list[Command] = [(keys.sessions, fcall("presence_logout", keys.state(), args))]
@@ -266,7 +263,9 @@ class Presence:
                 bells.setdefault(node, []).extend(inboxes)
         if bells:
             channel = self.keys.doorbell
-            await self._run([(None, ["PUBLISH", channel(node), "\n".join(inboxes)]) for node, inboxes in bells.items()])
+            await self._run(
+                [(None, ["PUBLISH", channel(node), doorbell_message(inboxes)]) for node, inboxes in bells.items()]
+            )
         return written
 
     # --- subscriptions and friends ---
@@ -487,9 +486,7 @@ class Presence:
     def _check_session(self, client_type: int, imei: str) -> None:
         if isinstance(client_type, bool) or client_type not in CLIENT_TYPES:
             raise ParamError("clientType must be 0..5")
-        size = len(imei.encode()) if isinstance(imei, str) else 0
-        if not 1 <= size <= self.limits.imei_bytes:
-            raise ParamError(f"imei must be 1..{self.limits.imei_bytes} bytes")
+        check_imei("imei", imei, self.limits.imei_bytes)
 
 
 RawEntry = tuple[bytes, list[bytes]]

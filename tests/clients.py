@@ -70,6 +70,8 @@ class TcpClient:
             return False
 
     async def login(self, user: str, app: int = APP, key: str = KEY, **extra: Any) -> Msg:
+        """LOGIN asking for PING replies (``pong``, opt-in for binary clients): tests use a PING as a barrier."""
+        extra.setdefault("pong", True)
         self.send(Command.LOGIN, {"userId": user, "userSign": sign(user, key, app), **extra}, app_id=app)
         return await self.recv()
 
@@ -139,6 +141,9 @@ class WsClient:
                 return self.ws.close_code
 
     async def login(self, user: str, app: int = APP, key: str = KEY, **extra: Any) -> Msg:
+        """LOGIN; a binary client asks for PING replies (``pong``) so tests can use a PING as a barrier."""
+        if not self.text:
+            extra.setdefault("pong", True)
         await self.send(Command.LOGIN, {"userId": user, "userSign": sign(user, key, app), **extra}, app=app)
         return await self.recv()
 

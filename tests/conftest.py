@@ -162,14 +162,15 @@ async def make_node(store_redis: Any, store_url: str) -> AsyncIterator[MakeNode]
     running: list[Running] = []
 
     async def make(login_model: int = 3, node_id: str | None = None, **overrides: Any) -> Running:
+        """A node; ``apps`` replaces the default (APP signed with KEY, this ``login_model``)."""
         overrides.setdefault("offline_grace", 0)
+        overrides.setdefault("http_port", 0)
+        overrides.setdefault("apps", {APP: AppConfig(private_key=KEY, login_model=login_model)})
         settings = Settings(
             redis_url=redis_url,
             tcp_port=free_port(),
             ws_port=free_port(),
-            http_port=0,
             node_id=node_id,
-            apps={APP: AppConfig(private_key=KEY, login_model=login_model)},
             **overrides,
         )
         node = await start(settings)

@@ -17,7 +17,8 @@ KEY = "123456"
 
 
 def java_style_sign(identifier: str, app_id: int, key: str, issued: int, expire: int, field: str = "TLS.sig") -> str:
-    """Built step by step from PROTOCOL-NOTES.md, as the lld-im Java SigAPI does (fastjson key order)."""
+    """Built step by step from PROTOCOL-NOTES.md, but as another client library might: keys sorted, spaced
+    JSON, zlib level 9 (not the Java SigAPI's bytes; those are JAVA_VECTORS)."""
     content = f"TLS.identifier:{identifier}\nTLS.appId:{app_id}\nTLS.expireTime:{issued}\nTLS.expire:{expire}\n"
     sig = base64.b64encode(hmac.new(key.encode(), content.encode(), hashlib.sha256).digest()).decode()
     doc = {
@@ -29,6 +30,40 @@ def java_style_sign(identifier: str, app_id: int, key: str, issued: int, expire:
     }
     raw = zlib.compress(json.dumps(doc).encode(), 9)
     return base64.b64encode(raw).decode().replace("+", "*").replace("/", "-").replace("=", "_")
+
+
+# Computed with the lld-im Java SigAPI (fastjson): app 10000, key "compat-test-key-1", expire 3600 s,
+# issued at 1700000000. Their server regenerates the sign and compares strings, so ours must be identical.
+JAVA_KEY = "compat-test-key-1"
+JAVA_VECTORS = {
+    "lld": (
+        "eJyrVgrxCdZLrSjILEpVsjI2MzDQAYskFhR4pihZGRoYwEQgakIyc4HqDM0NoAAil5mSmleSmZaZWqRkpZSTk6IE"
+        "ES7OTAfyc01S3DxzfUO93bKNC4tdPSy1q8oyckMjjcqS-ZMMjPK8wg1KU3ILg4OyTWyVagEfpSvW"
+    ),
+    "a/b": (
+        "eJyrVgrxCdZLrSjILEpVsjI2MzDQAYskFhR4pihZGRoYwEQgakIyc4HqDM0NoAAil5mSmleSmZaZWqRkpZSon6QE"
+        "ES7OTAfynfJTggLck4yNsrL1TU3zTH2zyoNKQ3MsfUpcLFNL3ZxKnD0N9Y1SfAKyQm2VagH-4irP"
+    ),
+}
+
+
+def _document(sign: str) -> bytes:
+    return zlib.decompress(base64.b64decode(sign.replace("*", "+").replace("-", "/").replace("_", "=")))
+
+
+@pytest.mark.parametrize("user", sorted(JAVA_VECTORS))
+def test_generated_sign_is_byte_identical_to_the_java_sigapi(user: str) -> None:
+    sign = generate_user_sign(10000, JAVA_KEY, user, 3600, now=1_700_000_000)
+    assert sign == JAVA_VECTORS[user]
+    verify_user_sign(sign, 10000, JAVA_KEY, user, now=1_700_000_000 + 3600)
+
+
+def test_generated_document_is_fastjson_shaped_with_utf8_left_as_is() -> None:
+    doc = _document(generate_user_sign(10000, JAVA_KEY, "李雷", 3600, now=1_700_000_000)).decode()
+    keys = ["TLS.expire", "TLS.appId", "TLS.expireTime", "TLS.identifier", "TLS.sig"]
+    assert list(json.loads(doc)) == keys
+    assert doc.startswith('{"TLS.expire":3600,"TLS.appId":10000,"TLS.expireTime":1700000000,"TLS.identifier":"李雷",')
+    assert "\\u" not in doc
 
 
 def test_round_trip() -> None:

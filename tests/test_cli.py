@@ -5,10 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from redis import Redis
 
 from presence.auth import verify_user_sign
 from presence.functions import library_source
+from tests.test_auth import JAVA_KEY, JAVA_VECTORS
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -19,6 +21,13 @@ def test_sign_prints_a_verifiable_user_sign() -> None:
     out = run("sign", "--app-id", "10000", "--key", "secret", "--user", "alice", "--expire", "60")
     assert out.returncode == 0
     verify_user_sign(out.stdout.strip(), 10000, "secret", "alice")
+
+
+@pytest.mark.parametrize("user", sorted(JAVA_VECTORS))
+def test_sign_with_issued_at_prints_the_java_sigapi_vector(user: str) -> None:
+    args = ("--app-id", "10000", "--key", JAVA_KEY, "--user", user, "--expire", "3600", "--issued-at", "1700000000")
+    out = run("sign", *args)
+    assert out.returncode == 0 and out.stdout == JAVA_VECTORS[user] + "\n"
 
 
 def test_functions_show_prints_the_library() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +26,9 @@ from presence.gateway.codec import (
     encode_pack,
     encode_tcp,
     encode_ws_binary,
+    pack_head,
+    pack_tail,
+    unserved_reason,
 )
 
 LOGIN_DATA = {"userId": "alice", "userSign": "x"}
@@ -193,9 +197,6 @@ BAD_FRAMES = [
     pytest.param(raw_frame(imei_len=300), "imeiLength 300 exceeds 128 bytes", id="imei-too-long"),
     pytest.param(raw_frame(body_len=MAX_BODY + 1), f"bodyLength {MAX_BODY + 1} exceeds {MAX_BODY} bytes", id="body"),
     pytest.param(raw_frame(message_type=1), "unknown messageType 1: only 0 (JSON) is supported", id="protobuf"),
-    pytest.param(raw_frame(1234), "unknown command 1234", id="unknown-command"),
-    pytest.param(raw_frame(Command.LOGINACK), "command 9001 (LOGINACK)", id="server-command"),
-    pytest.param(raw_frame(Command.ERROR), "command 9100 (ERROR)", id="error-command"),
     pytest.param(raw_frame(imei=b"\xff\xfe"), "imei is not valid UTF-8", id="imei-utf8"),
     pytest.param(raw_frame(body=b'{"a":"\xff"}'), "body is not valid UTF-8", id="body-utf8"),
     pytest.param(raw_frame(body=b"[1,2]"), "body must be a JSON object", id="body-array"),
@@ -220,6 +221,29 @@ def test_bad_frame_stream(raw: bytes, message: str) -> None:
     # Pad so the declared lengths are satisfiable where they are not negative: the error must still come.
     with pytest.raises(FrameError, match=message.replace("(", r"\(").replace(")", r"\)")):
         FrameDecoder().feed(raw + b"\0" * 300)
+
+
+@pytest.mark.parametrize(
+    ("command", "reason"),
+    [
+        (1103, "command 1103 is not served by this gateway (it serves 9000, 9003, 9999, 4002, 4003)"),
+        (-5, "command -5 is not served"),
+        (Command.LOGINACK, "command 9001 (LOGINACK) is server-to-client only, not accepted from clients"),
+        (Command.ERROR, "command 9100 (ERROR) is server-to-client only"),
+        (Command.NOTIFY, "command 4004 (NOTIFY) is server-to-client only"),
+    ],
+)
+def test_unserved_commands_decode_and_have_a_reason(command: int, reason: str) -> None:
+    """A well-formed frame with a command we do not serve is not malformed: it decodes, the session answers."""
+    raw = encode_client_frame(command, {"msg": "hi"})
+    assert decode_binary_message(raw).command == command
+    assert FrameDecoder().feed(raw + raw)[1].command == command
+    assert decode_text_message(json.dumps({"command": command})).command == command
+    assert reason in (unserved_reason(command) or "")
+
+
+def test_served_commands_have_no_unserved_reason() -> None:
+    assert all(unserved_reason(c) is None for c in CLIENT_COMMANDS)
 
 
 def test_binary_message_must_be_exactly_one_frame() -> None:
@@ -256,8 +280,6 @@ def test_text_message_defaults_and_unknown_fields() -> None:
         ('{"command":9000,"data":null}', "$.data"),
         ('{"command":9000,"appId":4294967296}', "$.appId"),
         ('{"command":9000,"imei":7}', "$.imei"),
-        ('{"command":1234}', "unknown command 1234"),
-        ('{"command":4004}', "command 4004 (NOTIFY)"),
         ('{"command":9000,"messageType":2}', "unknown messageType 2"),
         ('{"command":9000,"imei":"' + "x" * 129 + '"}', "imei of 129 bytes exceeds 128 bytes"),
         ("[9000]", "Expected `object`"),
@@ -308,7 +330,27 @@ def test_encode_pack_splices_data() -> None:
         "command": 4004,
         "data": {"z": 1, "a": [1, 2]},
     }
-    assert list(parsed) == ["userId", "appId", "toId", "clientType", "imei", "command", "data"]
+    # The recipient session's fields last: a shared head, a per-session tail.
+    assert list(parsed) == ["userId", "appId", "toId", "command", "data", "clientType", "imei"]
+
+
+def test_pack_is_a_shared_head_and_a_per_session_tail() -> None:
+    head = pack_head(Command.NOTIFY, b'{"s":1}', app_id=7, user_id="bob", event_id="1-2")
+    phone, tab = pack_tail(2, "phone \u2603"), pack_tail(1, 'tab "1"')
+    assert json.loads(head + phone) == {
+        "userId": "bob",
+        "appId": 7,
+        "toId": "bob",
+        "command": 4004,
+        "data": {"s": 1},
+        "eventId": "1-2",
+        "clientType": 2,
+        "imei": "phone \u2603",
+    }
+    assert json.loads(head + tab)["imei"] == 'tab "1"' and json.loads(head + tab)["clientType"] == 1
+    assert head + phone == encode_pack(
+        Command.NOTIFY, b'{"s":1}', app_id=7, user_id="bob", client_type=2, imei="phone \u2603", event_id="1-2"
+    )
 
 
 def test_encode_pack_defaults_and_empty_data() -> None:
@@ -353,3 +395,13 @@ def test_decode_server_frames_leaves_partial_frame() -> None:
 def test_decode_server_frames_negative_length() -> None:
     with pytest.raises(FrameError, match="negative length"):
         decode_server_frames(bytearray(SERVER_HEADER.pack(9001, -1)))
+
+
+def test_protocol_md_pack_example_is_what_the_server_sends() -> None:
+    doc = (Path(__file__).resolve().parent.parent / "gateway" / "PROTOCOL.md").read_text()
+    pack = encode_pack(
+        Command.LOGINACK, b'{"userId":"alice"}', app_id=10000, user_id="alice", client_type=3, imei="imei-1"
+    )
+    assert f"```json\n{pack.decode()}\n```" in doc
+    assert f"followed by the {len(pack)}-byte pack above" in doc
+    assert encode_ws_binary(Command.LOGINACK, pack)[:8].hex() == "0000232900000077"

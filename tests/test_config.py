@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,8 @@ def test_precedence_toml_env_flags(tmp_path: Path) -> None:
     ("env", "message"),
     [
         ({"PRESENCE_APPS": "10000"}, "PRESENCE_APPS entries look like"),
-        ({"PRESENCE_TCP_PORT": "nine"}, "tcp_port must be a number"),
-        ({"PRESENCE_OFFLINE_GRACE": "-1"}, "offline_grace must not be negative"),
+        ({"PRESENCE_TCP_PORT": "nine"}, "PRESENCE_TCP_PORT: Expected `int`, got `str` - at `tcp_port`"),
+        ({"PRESENCE_OFFLINE_GRACE": "-1"}, "PRESENCE_OFFLINE_GRACE: Expected `float` >= 0.0 - at `offline_grace`"),
     ],
 )
 def test_bad_settings_say_what_is_wrong(env: dict[str, str], message: str) -> None:
@@ -51,7 +52,7 @@ def test_bad_settings_say_what_is_wrong(env: dict[str, str], message: str) -> No
 def test_bad_login_model_in_toml(tmp_path: Path) -> None:
     conf = tmp_path / "p.toml"
     conf.write_text('[apps.1]\nprivate_key = "k"\nlogin_model = 9\n')
-    with pytest.raises(ParamError, match=r"login_model must be 1\.\.4"):
+    with pytest.raises(ParamError, match=r"p\.toml: Expected `int` <= 4 - at `apps\.1\.login_model`"):
         load_settings(conf, env={})
 
 
@@ -60,3 +61,89 @@ def test_dev_mode_only_without_apps() -> None:
     assert dev.dev_mode and list(dev.apps) == [DEV_APP_ID] and len(dev.apps[DEV_APP_ID].private_key) > 20
     configured = with_dev_app(load_settings(env={"PRESENCE_APPS": "5:k"}))
     assert not configured.dev_mode and list(configured.apps) == [5]
+
+
+# --- strict decoding (issue 12): a wrong type is a start-up error naming the field and the file ---
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        (
+            '[apps.10001]\nprivate_key = "k"\nunsigned_login = "false"\n',
+            "`bool`, got `str` - at `apps.10001.unsigned_login`",
+        ),
+        ('[apps.10001]\nprivate_key = "k"\nadmins = "admin"\n', "`array`, got `str` - at `apps.10001.admins`"),
+        ('[apps.10001]\nprivate_key = "k"\nmax_sessions = 0\n', "`int` >= 1 - at `apps.10001.max_sessions`"),
+        ('[apps.10001]\nprivate_key = "k"\nadmin = ["root"]\n', "unknown field `admin` - at `apps.10001`"),
+        ('[apps.10001]\nadmins = ["root"]\n', "missing required field `private_key` - at `apps.10001`"),
+        ('heartbeat_timeout = "30"\n', "`float`, got `str` - at `heartbeat_timeout`"),
+        ("login_timeout = -1\n", "`float` >= 0.0 - at `login_timeout`"),
+        ("tcp_prot = 9000\n", "unknown setting `tcp_prot`"),
+        ("apps = 3\n", "apps must be a table"),
+    ],
+    ids=[
+        "bool-as-string",
+        "admins-as-string",
+        "max-sessions-0",
+        "unknown-app-field",
+        "no-key",
+        "float-as-string",
+        "negative-login-timeout",
+        "typo",
+        "apps-not-table",
+    ],
+)
+def test_wrong_type_in_toml_names_field_and_file(tmp_path: Path, toml: str, message: str) -> None:
+    conf = tmp_path / "presence.toml"
+    conf.write_text(toml)
+    with pytest.raises(ParamError) as info:
+        load_settings(conf, env={})
+    assert str(conf) in info.value.message and message in info.value.message
+
+
+def test_presence_apps_states_admins() -> None:
+    apps = load_settings(env={"PRESENCE_APPS": "1:k1,2:key:with:colons:admins=alice|bob,3:k3:admins="}).apps
+    assert apps[1].admins == ("admin",)  # the documented default, logged at start (test_hostile)
+    assert apps[2].private_key == "key:with:colons" and apps[2].admins == ("alice", "bob")
+    assert apps[3].admins == ()
+
+
+def test_cli_start_up_error_names_field_and_file(tmp_path: Path) -> None:
+    """``presence serve`` with a mistyped file refuses to start, with the reason on stderr."""
+    import subprocess
+    import sys
+
+    conf = tmp_path / "bad.toml"
+    conf.write_text('[apps.10001]\nprivate_key = "k"\nunsigned_login = "false"\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "presence", "serve", "--config", str(conf)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 2
+    assert f"{conf}: Expected `bool`, got `str` - at `apps.10001.unsigned_login`" in proc.stderr
+
+
+def test_app_heartbeat_timeout_from_toml_defaults_to_the_global(tmp_path: Path) -> None:
+    conf = tmp_path / "p.toml"
+    conf.write_text(
+        'heartbeat_timeout = 12\n[apps.1]\nprivate_key = "k"\nheartbeat_timeout = 0\n'
+        '[apps.2]\nprivate_key = "k"\nheartbeat_timeout = 90.5\n[apps.3]\nprivate_key = "k"\n'
+    )
+    s = load_settings(conf, env={})
+    assert [s.heartbeat_timeout_for(app) for app in (1, 2, 3, 4)] == [0, 90.5, 12, 12]
+    assert s.apps[3].heartbeat_timeout is None
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("-1", "`float` >= 0.0 - at `apps.1.heartbeat_timeout`"), ('"30"', "got `str` - at `apps.1.heartbeat_timeout`")],
+)
+def test_bad_app_heartbeat_timeout(tmp_path: Path, value: str, message: str) -> None:
+    conf = tmp_path / "p.toml"
+    conf.write_text(f'[apps.1]\nprivate_key = "k"\nheartbeat_timeout = {value}\n')
+    with pytest.raises(ParamError, match=re.escape(message)):
+        load_settings(conf, env={})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import aiohttp
 import pytest
 from redis.asyncio import Redis
 
@@ -31,9 +32,9 @@ async def friends_online(node: Running, facade: Presence) -> tuple[WsClient, Tcp
 async def test_tcp_login_gets_loginack(make_node: MakeNode) -> None:
     node = await make_node()
     alice = await TcpClient.connect(node.tcp_port)
-    ack = await alice.login("alice")
+    ack = await alice.login("alice", lastEventId=None)  # null: no cursor yet, but report it
     assert ack.command == Command.LOGINACK and ack.data["userId"] == "alice"
-    assert "-" in ack.data["lastEventId"]
+    assert "-" in ack.data["lastEventId"] and "resumed" not in ack.data
     await alice.close()
 
 
@@ -212,7 +213,6 @@ async def test_bad_sign_gets_readable_error_and_close(make_node: MakeNode) -> No
         (HEADER.pack(9000, 1, 1, 0, APP, 500, 2) + b"x" * 502, "imeiLength 500"),
         (HEADER.pack(9000, 1, 1, 0, APP, 1, 70_000), "bodyLength"),
         (HEADER.pack(9000, 1, 1, 1, APP, 0, 0), "messageType"),
-        (HEADER.pack(1234, 1, 1, 0, APP, 0, 0), "unknown command"),
         (HEADER.pack(9000, 1, 1, 0, APP, 0, 5) + b"nope!", "JSON"),
     ],
 )
@@ -228,6 +228,17 @@ async def test_malformed_frame_closes_only_that_connection(make_node: MakeNode, 
     good.send(Command.PING)
     await expect(good, Command.PING)
     await good.close()
+
+
+async def test_malformed_first_text_message_gets_its_error_as_text(make_node: MakeNode) -> None:
+    node = await make_node()
+    bad = await WsClient.connect(node.ws_port, imei="bad")
+    await bad.ws.send_str('{"command": 9000, "appId": "nope"}')
+    msg = await bad.ws.receive(5)
+    assert msg.type == aiohttp.WSMsgType.TEXT  # presence-client.js reads text messages only
+    assert json.loads(msg.data)["data"]["code"] == 90001
+    assert await bad.closed()
+    await bad.close()
 
 
 async def test_oversize_websocket_message_closes_only_that_connection(make_node: MakeNode) -> None:
@@ -246,7 +257,9 @@ async def test_oversize_websocket_message_closes_only_that_connection(make_node:
 async def test_frames_split_across_reads_and_batched_in_one_write(make_node: MakeNode) -> None:
     node = await make_node()
     c = await TcpClient.connect(node.tcp_port)
-    login = encode_client_frame(Command.LOGIN, {"userId": "alice", "userSign": sign("alice")}, imei="tcp-1")
+    login = encode_client_frame(
+        Command.LOGIN, {"userId": "alice", "userSign": sign("alice"), "pong": True}, imei="tcp-1"
+    )
     for i in range(len(login)):  # one byte at a time
         c.send_raw(login[i : i + 1])
         await c.writer.drain()
@@ -270,7 +283,7 @@ async def test_resume_replays_missed_entries_within_grace(make_node: MakeNode, f
     node = await make_node(offline_grace=30)
     await facade.add_friend(APP, "alice", "bob")
     bob = await WsClient.connect(node.ws_port, imei="bob-tab")
-    ack = await bob.login("bob")
+    ack = await bob.login("bob", lastEventId=None)
     first = ack.data["lastEventId"]
     await facade.set_custom_status(APP, "alice", 1, "one")
     seen = await expect(bob, Command.CUSTOM_NOTIFY)
@@ -288,7 +301,7 @@ async def test_resume_replays_missed_entries_within_grace(make_node: MakeNode, f
 async def test_resume_after_the_session_ended_asks_for_a_pull(make_node: MakeNode, facade: Presence) -> None:
     node = await make_node(offline_grace=0)
     bob = await WsClient.connect(node.ws_port, imei="bob-tab")
-    ack = await bob.login("bob")
+    ack = await bob.login("bob", lastEventId=None)
     await bob.send(Command.LOGOUT)
     await bob.closed()
     await bob.close()

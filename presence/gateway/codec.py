@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from presence.bounded import MAX_JSON_DEPTH, too_deep
 from presence.errors import Code
 
 
@@ -36,7 +37,7 @@ class Command(IntEnum):
     ERROR = 9100  # ours: the server's last word (code + message) before it closes a bad connection
 
 
-# The server only accepts what a client may send; anything else is a protocol error, not a no-op.
+# The commands the server serves; any other command in a well-formed frame gets a (non-fatal) ERROR.
 CLIENT_COMMANDS = frozenset({Command.LOGIN, Command.LOGOUT, Command.PING, Command.SUBSCRIBE, Command.PULL})
 
 HEADER = struct.Struct(">7i")  # command, version, clientType, messageType, appId, imeiLength, bodyLength
@@ -79,8 +80,12 @@ _TEXT_DECODER = msgspec.json.Decoder(Frame)
 _ENCODER = msgspec.json.Encoder()
 
 
-def _check_header(command: int, message_type: int, imei_len: int, body_len: int, max_imei: int, max_body: int) -> None:
-    """Validate a header as soon as it arrives, so an oversize frame is refused before it is buffered."""
+def _check_header(message_type: int, imei_len: int, body_len: int, max_imei: int, max_body: int) -> None:
+    """Validate a header as soon as it arrives, so an oversize frame is refused before it is buffered.
+
+    The command is not checked here: a well-formed frame with a command we do not serve is answered
+    with an ERROR and the connection stays open (see ``unserved_reason``).
+    """
     if imei_len < 0:
         raise FrameError(f"negative imeiLength {imei_len}")
     if body_len < 0:
@@ -91,17 +96,17 @@ def _check_header(command: int, message_type: int, imei_len: int, body_len: int,
         raise FrameError(f"bodyLength {body_len} exceeds {max_body} bytes")
     if message_type != 0:
         raise FrameError(f"unknown messageType {message_type}: only 0 (JSON) is supported")
-    _check_command(command)
 
 
-def _check_command(command: int) -> None:
+def unserved_reason(command: int) -> str | None:
+    """Why a well-formed frame's command is not served (None when it is): answered, not fatal."""
     if command in CLIENT_COMMANDS:
-        return
+        return None
     try:
         name = Command(command).name
     except ValueError:
-        raise FrameError(f"unknown command {command}") from None
-    raise FrameError(f"command {command} ({name}) is server-to-client only, not accepted from clients")
+        return f"command {command} is not served by this gateway (it serves 9000, 9003, 9999, 4002, 4003)"
+    return f"command {command} ({name}) is server-to-client only, not accepted from clients"
 
 
 def _decode_imei(raw: bytes | memoryview) -> str:
@@ -116,6 +121,8 @@ def _decode_imei(raw: bytes | memoryview) -> str:
 def _decode_body(raw: bytes | memoryview) -> dict[str, Any]:
     if not raw:
         return {}
+    if too_deep(raw):
+        raise FrameError(f"body is JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)")
     try:
         return _BODY_DECODER.decode(raw)
     except msgspec.ValidationError as e:
@@ -124,6 +131,8 @@ def _decode_body(raw: bytes | memoryview) -> dict[str, Any]:
         raise FrameError(f"body is not valid JSON: {e}") from None
     except UnicodeDecodeError:  # msgspec checks UTF-8 inside strings; bytes outside them are malformed JSON
         raise FrameError("body is not valid UTF-8") from None
+    except RecursionError:  # unreachable after too_deep; kept so no parser error can escape as another type
+        raise FrameError("body is JSON nested too deeply") from None
 
 
 class FrameDecoder:
@@ -175,7 +184,7 @@ class FrameDecoder:
                 if end - pos < HEADER.size:
                     break
                 head = HEADER.unpack_from(view, pos)
-                _check_header(head[0], head[3], head[5], head[6], self._max_imei, self._max_body)
+                _check_header(head[3], head[5], head[6], self._max_imei, self._max_body)
                 pos += HEADER.size
             imei_end = pos + head[5]
             body_end = imei_end + head[6]
@@ -202,7 +211,7 @@ def decode_binary_message(msg: bytes, max_imei: int = MAX_IMEI, max_body: int = 
     if len(msg) < HEADER.size:
         raise FrameError(f"binary message is {len(msg)} bytes, shorter than the {HEADER.size}-byte header")
     command, version, client_type, message_type, app_id, imei_len, body_len = HEADER.unpack_from(msg)
-    _check_header(command, message_type, imei_len, body_len, max_imei, max_body)
+    _check_header(message_type, imei_len, body_len, max_imei, max_body)
     expected = HEADER.size + imei_len + body_len
     if len(msg) != expected:
         raise FrameError(
@@ -230,18 +239,21 @@ def decode_text_message(msg: str | bytes, max_body: int = MAX_BODY, *, max_imei:
         size = len(msg.encode("utf-8", "surrogatepass"))
     if size > max_body:
         raise FrameError(f"text message of {size} bytes exceeds {max_body} bytes")
+    if too_deep(msg):
+        raise FrameError(f"text message is JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)")
     try:
         frame = _TEXT_DECODER.decode(msg)
     except msgspec.DecodeError as e:  # ValidationError included: names the field, e.g. "at `$.data`"
         raise FrameError(f"invalid text message: {e}") from None
     except UnicodeDecodeError:
         raise FrameError("text message is not valid UTF-8") from None
+    except RecursionError:
+        raise FrameError("text message is JSON nested too deeply") from None
     if frame.messageType != 0:
         raise FrameError(f"unknown messageType {frame.messageType}: only 0 (JSON) is supported")
     imei_len = len(frame.imei.encode("utf-8", "surrogatepass"))
     if imei_len > max_imei:
         raise FrameError(f"imei of {imei_len} bytes exceeds {max_imei} bytes")
-    _check_command(frame.command)
     return frame
 
 
@@ -267,27 +279,55 @@ def encode_tcp(command: int, data_json: bytes) -> bytes:
     return SERVER_HEADER.pack(command, len(data_json)) + data_json
 
 
-class _Pack(msgspec.Struct):
-    """The seed's MessagePack, field order as it serialised it."""
+class _PackHead(msgspec.Struct, omit_defaults=True):
+    """The seed's MessagePack, minus the recipient session's fields (see ``pack_tail``); ``eventId`` is ours."""
 
     userId: str
     appId: int
     toId: str
-    clientType: int
-    imei: str
     command: int
     data: msgspec.Raw
+    eventId: str | None = None
+
+
+class _PackTail(msgspec.Struct):
+    clientType: int
+    imei: str
+
+
+def pack_head(command: int, data_json: bytes, *, app_id: int, user_id: str, event_id: str | None = None) -> bytes:
+    """The whole pack but the recipient session's fields, open-ended: ``{"userId":..,...,"data":..`` (no ``}``).
+
+    Shared by every recipient of a push; ``pack_head(...) + pack_tail(...)`` is one pack. The pre-encoded
+    ``data_json`` is spliced in as is (never re-parsed); it must be one JSON value, empty means ``{}``.
+    ``toId`` is the recipient user, as ``userId``: a pack goes to that user's sessions only.
+    """
+    head = _PackHead(user_id, app_id, user_id, command, msgspec.Raw(data_json or b"{}"), event_id)
+    return _ENCODER.encode(head)[:-1]
+
+
+def pack_tail(client_type: int, imei: str) -> bytes:
+    """The recipient session's fields that close a pack: ``,"clientType":3,"imei":"phone"}``.
+
+    The seed filled ``clientType`` and ``imei`` of every server pack per session; built once per connection.
+    """
+    return b"," + _ENCODER.encode(_PackTail(client_type, imei))[1:]
 
 
 def encode_pack(
-    command: int, data_json: bytes, *, app_id: int, user_id: str, client_type: int = 0, imei: str = ""
+    command: int,
+    data_json: bytes,
+    *,
+    app_id: int,
+    user_id: str,
+    client_type: int = 0,
+    imei: str = "",
+    event_id: str | None = None,
 ) -> bytes:
-    """The whole MessagePack as JSON, with the pre-encoded ``data`` spliced in as is (never re-parsed).
-
-    ``data_json`` must be one JSON value; empty means ``{}``, as for client bodies.
-    """
-    pack = _Pack(user_id, app_id, user_id, client_type, imei, command, msgspec.Raw(data_json or b"{}"))
-    return _ENCODER.encode(pack)
+    """The whole MessagePack as JSON for one recipient session (see ``pack_head`` and ``pack_tail``)."""
+    return pack_head(command, data_json, app_id=app_id, user_id=user_id, event_id=event_id) + pack_tail(
+        client_type, imei
+    )
 
 
 def encode_ws_binary(command: int, pack_json: bytes) -> bytes:

@@ -15,9 +15,12 @@ import struct
 import time
 from typing import Protocol
 
+import msgspec
+
 from presence.config import Settings
-from presence.gateway.codec import Command, encode_pack, encode_tcp, encode_ws_binary
-from presence.metrics import CONNECTIONS, DELIVERIES, DOORBELLS, LOGINS, LOGOUTS
+from presence.errors import Code
+from presence.gateway.codec import SERVER_HEADER, Command, encode_tcp, pack_head
+from presence.metrics import CONNECTIONS, CONNECTIONS_REFUSED, DELIVERIES, DOORBELLS, LOGIN_TIMEOUTS, LOGINS, LOGOUTS
 from presence.models import ChangeResult
 from presence.nodes import NodeKeeper
 from presence.service import Presence, new_conn_id, node_member, parse_node_member
@@ -28,6 +31,15 @@ EventId = tuple[int, int]
 READ_COUNT = 100
 READ_BATCH = 500
 LOGOUT_ATTEMPTS = 5
+REFUSED_LOG_INTERVAL = 10.0  # seconds between "at capacity" log lines
+_doorbell_decoder = msgspec.json.Decoder(list[str])
+
+
+def doorbell_inboxes(message: bytes) -> list[str]:
+    """The inbox keys a doorbell names: a JSON array (so no byte of a key can split it)."""
+    if message[:1] != b"[":  # a library older than the JSON framing: one key per line
+        return message.decode().split("\n")
+    return _doorbell_decoder.decode(message)
 
 
 def parse_event_id(value: str | bytes) -> EventId:
@@ -41,55 +53,73 @@ def format_event_id(value: EventId) -> str:
     return f"{value[0]}-{value[1]}"
 
 
-def websocket_frame(payload: bytes, *, text: bool) -> bytes:
-    """An unmasked, unfragmented, uncompressed server frame (RFC 6455 section 5.2)."""
-    first = 0x81 if text else 0x82  # FIN + opcode
-    size = len(payload)
+# WebSocket frame headers (RFC 6455 5.2: FIN + opcode, then the 7-bit, 16-bit or 64-bit length form), and
+# the same followed by the seed's 8-byte server header (command, length), packed in one call per frame.
+_TEXT, _BINARY = 0x81, 0x82
+_WS_SHORT, _WS_MEDIUM, _WS_LONG = (struct.Struct(f) for f in ("!BB", "!BBH", "!BBQ"))
+_SEED_SHORT, _SEED_MEDIUM, _SEED_LONG = (struct.Struct(f) for f in ("!BB2i", "!BBH2i", "!BBQ2i"))
+
+
+def websocket_header(size: int, *, text: bool) -> bytes:
+    """The header of an unmasked, unfragmented, uncompressed server frame of ``size`` payload bytes."""
+    first = _TEXT if text else _BINARY
     if size < 126:
-        header = bytes((first, size))
-    elif size < 1 << 16:
-        header = struct.pack("!BBH", first, 126, size)
-    else:
-        header = struct.pack("!BBQ", first, 127, size)
-    return header + payload
+        return _WS_SHORT.pack(first, size)
+    if size < 1 << 16:
+        return _WS_MEDIUM.pack(first, 126, size)
+    return _WS_LONG.pack(first, 127, size)
 
 
 class Encoded:
-    """One entry's bytes per wire format, built on first use and shared by every connection."""
+    """One entry's bytes per wire format, built on first use and shared by every connection.
 
-    __slots__ = ("_binary", "_pack", "_tcp", "_text_frame", "app_id", "command", "data", "event_id", "user_id")
+    TCP frames carry only ``data``: one frame for all. A WebSocket pack also carries the recipient
+    session's ``clientType`` and ``imei``, so it is a shared head (``pack_head``, encoded once) plus the
+    connection's own ``pack_tail`` (encoded once per connection): per recipient only the lengths,
+    two small headers and one join.
+    """
+
+    __slots__ = ("_head", "_tcp", "app_id", "command", "data", "event_id", "user_id")
 
     def __init__(self, command: int, data: bytes, app_id: int, user_id: str, event_id: str | None) -> None:
         self.command, self.data, self.app_id, self.user_id, self.event_id = command, data, app_id, user_id, event_id
         self._tcp: bytes | None = None
-        self._pack: bytes | None = None
-        self._binary: bytes | None = None
-        self._text_frame: bytes | None = None
+        self._head: bytes | None = None
 
     def tcp(self) -> bytes:
         if self._tcp is None:
             self._tcp = encode_tcp(self.command, self.data)
         return self._tcp
 
-    def pack(self) -> bytes:
-        if self._pack is None:
-            pack = encode_pack(self.command, self.data, app_id=self.app_id, user_id=self.user_id)
-            if self.event_id:  # ours: lets a WebSocket client resume from the last entry it saw
-                pack = pack[:-1] + b',"eventId":"' + self.event_id.encode() + b'"}'
-            self._pack = pack
-        return self._pack
+    def head(self) -> bytes:
+        """The pack up to the recipient's fields (``eventId``, ours, lets a WebSocket client resume)."""
+        if self._head is None:
+            self._head = pack_head(
+                self.command, self.data, app_id=self.app_id, user_id=self.user_id, event_id=self.event_id
+            )
+        return self._head
 
-    def ws_binary_frame(self) -> bytes:
-        """A whole WebSocket binary frame: the seed's 8-byte header and the pack."""
-        if self._binary is None:
-            self._binary = websocket_frame(encode_ws_binary(self.command, self.pack()), text=False)
-        return self._binary
+    def pack(self, tail: bytes) -> bytes:
+        """The whole pack JSON for the session whose ``pack_tail`` is ``tail``."""
+        return self.head() + tail
 
-    def ws_text_frame(self) -> bytes:
-        """A whole WebSocket text frame: the pack as JSON."""
-        if self._text_frame is None:
-            self._text_frame = websocket_frame(self.pack(), text=True)
-        return self._text_frame
+    def ws_binary_frame(self, tail: bytes) -> bytes:
+        """A whole WebSocket binary frame: the seed's 8-byte header and the recipient's pack."""
+        head = self._head or self.head()
+        size = len(head) + len(tail)
+        total = size + SERVER_HEADER.size  # the seed's header is part of the WebSocket payload
+        if total < 126:
+            prefix = _SEED_SHORT.pack(_BINARY, total, self.command, size)
+        elif total < 1 << 16:
+            prefix = _SEED_MEDIUM.pack(_BINARY, 126, total, self.command, size)
+        else:
+            prefix = _SEED_LONG.pack(_BINARY, 127, total, self.command, size)
+        return b"".join((prefix, head, tail))
+
+    def ws_text_frame(self, tail: bytes) -> bytes:
+        """A whole WebSocket text frame: the recipient's pack as JSON."""
+        head = self._head or self.head()
+        return b"".join((websocket_header(len(head) + len(tail), text=True), head, tail))
 
 
 class Connection(Protocol):
@@ -105,8 +135,12 @@ class Connection(Protocol):
     ended: bool
     cursor: EventId
     last_active: float
+    login_deadline: asyncio.TimerHandle | None
+    heartbeat_timeout: float
 
     def frame(self, message: Encoded) -> bytes: ...
+
+    async def fail(self, code: int, message: str, request_id: str | None = None) -> None: ...
 
     def write(self, data: bytes) -> None: ...
 
@@ -133,6 +167,10 @@ class Hub:
         self._suspects: set[str] = set()
         self.keeper = NodeKeeper(presence, node_id, settings.node_ttl, on_reaped=self._reaped_meanwhile)
         self.closing = False
+        # Most client connections at once; the server sets it from the file descriptor limit at start.
+        self.capacity: int | None = settings.max_connections or None
+        self._refused_since_log = 0
+        self._refused_logged_at = -REFUSED_LOG_INTERVAL
 
     # --- lifecycle ---
 
@@ -180,9 +218,39 @@ class Hub:
 
     # --- sessions ---
 
+    def has_room(self, transport: str) -> bool:
+        """False (counted, and logged at most every 10 s) when a new connection would exceed the capacity.
+
+        The capacity leaves a reserve of file descriptors, so Redis, /healthz and REST keep working
+        while the gateway is full.
+        """
+        if self.capacity is None or len(self.connections) < self.capacity:
+            return True
+        CONNECTIONS_REFUSED.labels(transport).inc()
+        self._refused_since_log += 1
+        now = time.monotonic()
+        if now - self._refused_logged_at >= REFUSED_LOG_INTERVAL:
+            log.warning(
+                "at capacity (%d connections): refused %d new connection(s) since the last report",
+                self.capacity,
+                self._refused_since_log,
+            )
+            self._refused_logged_at, self._refused_since_log = now, 0
+        return False
+
     def opened(self, conn: Connection) -> None:
         self.connections.add(conn)
         CONNECTIONS.labels(conn.transport_name).inc()
+        timeout = self.settings.login_timeout
+        if timeout > 0:
+            conn.login_deadline = asyncio.get_running_loop().call_later(timeout, self._login_expired, conn)
+
+    def _login_expired(self, conn: Connection) -> None:
+        conn.login_deadline = None
+        if conn.logged_in or conn.ended:
+            return
+        LOGIN_TIMEOUTS.inc()
+        self._spawn(conn.fail(Code.PARAMETER_ERROR, f"no LOGIN (9000) within {self.settings.login_timeout:g} s"))
 
     async def login(
         self,
@@ -194,6 +262,7 @@ class Hub:
         version: int,
         login_model: int,
         last_event_id: str | None,
+        max_sessions: int = 10,
     ) -> tuple[str, bool | None]:
         """Log the connection in; returns (cursor to report, resume outcome or None when not asked)."""
         conn.conn_id = new_conn_id()
@@ -207,6 +276,7 @@ class Hub:
             node_host=self.node_host,
             version=version,
             login_model=login_model,
+            max_sessions=max_sessions,
         )
         conn.app_id, conn.user_id, conn.client_type, conn.imei = app_id, user_id, client_type, imei
         conn.cursor = parse_event_id(result.inbox_last_id)
@@ -221,6 +291,9 @@ class Hub:
             await self._logout(conn, "close")
             return format_event_id(conn.cursor), resumed
         conn.logged_in = True
+        if conn.login_deadline is not None:
+            conn.login_deadline.cancel()
+            conn.login_deadline = None
         LOGINS.labels(conn.transport_name).inc()
         return format_event_id(conn.cursor), resumed
 
@@ -237,6 +310,9 @@ class Hub:
         if conn.ended:
             return
         conn.ended = True
+        if conn.login_deadline is not None:
+            conn.login_deadline.cancel()
+            conn.login_deadline = None
         if conn in self.connections:
             self.connections.discard(conn)
             CONNECTIONS.labels(conn.transport_name).dec()
@@ -337,7 +413,12 @@ class Hub:
             if msg is None or msg.get("type") != "message":
                 continue
             DOORBELLS.inc()
-            for inbox in msg["data"].decode().split("\n"):
+            try:
+                inboxes = doorbell_inboxes(msg["data"])
+            except (msgspec.DecodeError, UnicodeDecodeError):
+                log.warning("ignoring a malformed doorbell on %s; the sweep delivers", msg.get("channel"))
+                continue
+            for inbox in inboxes:
                 if inbox in self.by_inbox:
                     self._dirty.add(inbox)
             if self._dirty:
@@ -435,13 +516,17 @@ class Hub:
     # --- liveness ---
 
     async def _idle_check(self) -> None:
-        timeout = self.settings.heartbeat_timeout
-        if timeout <= 0:
+        """Close connections silent for their heartbeat timeout (the app's, else the global; 0 = never)."""
+        timeouts = [self.settings.heartbeat_timeout, *(a.heartbeat_timeout for a in self.settings.apps.values())]
+        positive = [t for t in timeouts if t is not None and t > 0]
+        if not positive:
             return
+        interval = min(1.0, min(positive) / 3)
         while not self.closing:
-            await asyncio.sleep(min(1.0, timeout / 3))
-            limit = time.monotonic() - timeout
-            for conn in [c for c in self.connections if c.last_active < limit]:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            idle = [c for c in self.connections if 0 < c.heartbeat_timeout < now - c.last_active]
+            for conn in idle:
                 conn.close(4000, "heartbeat timeout")
                 await self.end(conn, "timeout")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import secrets
 import time
 from collections import deque
 from typing import Any
@@ -17,8 +18,9 @@ import msgspec
 
 from presence.auth import verify_user_sign
 from presence.errors import AuthError, Code, ParamError, PresenceError
-from presence.gateway.codec import Command, Frame, FrameError
+from presence.gateway.codec import Command, Frame, FrameError, pack_tail, unserved_reason
 from presence.gateway.hub import Encoded, EventId, Hub
+from presence.ids import check_imei, check_user_id
 from presence.models import PullUserOnlineStatusReq, ResponseVO, SubscribeUserOnlineStatusReq
 
 log = logging.getLogger("presence.gateway")
@@ -40,6 +42,12 @@ class ClientConnection:
         self.user_id = ""
         self.client_type = 0
         self.imei = ""
+        # The recipient fields every pack to this connection ends with (the LOGIN's, once logged in).
+        self.pack_tail = pack_tail(0, "")
+        # WebSocket text mode (ours): always answered PING. Binary/TCP clients only when LOGIN asked ("pong").
+        self.text_mode = False
+        self.pong = False
+        self.heartbeat_timeout = hub.settings.heartbeat_timeout
         self.logged_in = False
         self.ended = False
         self.cursor: EventId = (0, 0)
@@ -48,6 +56,7 @@ class ClientConnection:
         self._busy = False
         self._task: asyncio.Future[None] | None = None
         self.transport: asyncio.WriteTransport | None = None
+        self.login_deadline: asyncio.TimerHandle | None = None  # set by the hub; closes a silent newcomer
 
     # --- transport hooks ---
 
@@ -93,17 +102,27 @@ class ClientConnection:
                 try:
                     await self.handle(item)
                 except PresenceError as exc:
-                    await self.fail(exc.code, exc.message)
-                except Exception:
-                    log.exception("frame %s from %s failed", item.command, self.user_id or "?")
-                    await self.fail(Code.SYSTEM_ERROR, "system error")
+                    if exc.http_status >= 500:  # its message may quote Redis: only the log gets it
+                        await self.fail_system(f"frame {item.command} failed: {exc.message}")
+                    else:
+                        await self.fail(exc.code, exc.message)
+                except Exception as exc:
+                    await self.fail_system(f"frame {item.command} failed: {type(exc).__name__}", exc_info=True)
         finally:
             self._busy = False
 
     async def handle(self, frame: Frame) -> None:
         command = frame.command
-        if command == Command.PING:
-            self.reply(Command.PING, b"{}", frame)
+        if not self.logged_in:
+            self.pack_tail = pack_tail(frame.clientType, frame.imei)
+        reason = unserved_reason(command)
+        if reason is not None:
+            # A seed client also sends chat commands (1103, ...) on this socket: say no, keep the connection.
+            self.reply(Command.ERROR, _json.encode({"code": Code.PARAMETER_ERROR, "msg": reason, "command": command}))
+        elif command == Command.PING:
+            # The seed never answered PING and its clients break on a reply (web.html evals every 9999).
+            if self.text_mode or self.pong:
+                self.reply(Command.PING, b"{}", frame)
         elif command == Command.LOGIN:
             await self._login(frame)
         elif not self.logged_in:
@@ -130,7 +149,7 @@ class ClientConnection:
 
     async def _login(self, frame: Frame) -> None:
         if self.logged_in:
-            raise PresenceError("this connection is already logged in", Code.PARAMETER_ERROR)
+            raise ParamError("this connection is already logged in")
         data = frame.data
         user_id, user_sign, last = data.get("userId"), data.get("userSign"), data.get("lastEventId")
         app = self.hub.settings.app(frame.appId)
@@ -138,18 +157,37 @@ class ClientConnection:
             raise AuthError(f"unknown appId {frame.appId}", Code.APP_ID_MISSING)
         if not isinstance(user_id, str) or not user_id:
             raise AuthError("data.userId is missing", Code.IDENTIFIER_MISSING)
+        check_user_id("data.userId", user_id)
+        check_imei("imei", frame.imei)
         if not (user_sign is None and app.unsigned_login):
             verify_user_sign(user_sign if isinstance(user_sign, str) else "", frame.appId, app.private_key, user_id)
         if last is not None and not (isinstance(last, str) and _EVENT_ID.match(last)):
-            raise PresenceError("lastEventId must be a stream id like 1700000000000-0", Code.PARAMETER_ERROR)
+            raise ParamError("lastEventId must be a stream id like 1700000000000-0")
+        pong = data.get("pong", False)
+        if not isinstance(pong, bool):
+            raise ParamError("data.pong must be true or false")
         cursor, resumed = await self.hub.login(
-            self, frame.appId, user_id, frame.clientType, frame.imei, frame.version, app.login_model, last
+            self,
+            frame.appId,
+            user_id,
+            frame.clientType,
+            frame.imei,
+            frame.version,
+            app.login_model,
+            last,
+            max_sessions=app.max_sessions,
         )
         if self.ended:
             return
-        ack: dict[str, Any] = {"userId": user_id, "lastEventId": cursor}
-        if resumed is not None:
-            ack["resumed"] = resumed
+        self.pong = pong
+        self.heartbeat_timeout = self.hub.settings.heartbeat_timeout_for(frame.appId)
+        # The seed's LOGINACK is {"userId"} exactly, and its clients read it by that size: our cursor and
+        # resume outcome only for a LOGIN that carries lastEventId (a stream id, or null for "none yet").
+        ack: dict[str, Any] = {"userId": user_id}
+        if "lastEventId" in data:
+            ack["lastEventId"] = cursor
+            if resumed is not None:
+                ack["resumed"] = resumed
         self.reply(Command.LOGINACK, _json.encode(ack), frame)
         self.hub.activate(self)
 
@@ -170,8 +208,24 @@ class ClientConnection:
         app = self.app_id or (frame.appId if frame else 0)
         self.send(Encoded(command, data_json, app, str(user), None))
 
-    async def fail(self, code: int, message: str) -> None:
-        """The connection's last word: an ERROR (9100) frame with the code and reason, then close."""
-        self.reply(Command.ERROR, _json.encode({"code": int(code), "msg": message}))
+    async def fail(self, code: int, message: str, request_id: str | None = None) -> None:
+        """The connection's last word: an ERROR (9100) frame with the code, reason and request id, then close."""
+        rid = request_id or secrets.token_hex(8)
+        if request_id is None:
+            log.debug("request %s: %s connection of %s: %s %s", rid, self.transport_name, self.user_id, code, message)
+        self.reply(Command.ERROR, _json.encode({"code": int(code), "msg": message, "requestId": rid}))
         self.close(4001, message[:120])
         await self.hub.end(self, "error")
+
+    async def fail_system(self, detail: str, *, exc_info: bool = False) -> None:
+        """90000 ``system error`` to the client; the detail (maybe naming Redis internals) only to the log."""
+        rid = secrets.token_hex(8)
+        log.error(
+            "request %s: %s connection of %s: %s",
+            rid,
+            self.transport_name,
+            self.user_id or "?",
+            detail,
+            exc_info=exc_info,
+        )
+        await self.fail(Code.SYSTEM_ERROR, "system error", rid)

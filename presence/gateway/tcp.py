@@ -22,8 +22,9 @@ class TcpConnection(ClientConnection, asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.hub.closing:
-            transport.close()
+        if self.hub.closing or not self.hub.has_room(self.transport_name):
+            transport.abort()  # frees the descriptor now; no LOGIN could be served anyway
+            self.ended = True
             return
         self.hub.opened(self)
 

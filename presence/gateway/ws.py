@@ -15,9 +15,10 @@ from presence.gateway.session import ClientConnection
 class WsConnection(ClientConnection):
     """Pushes are written as ready-made WebSocket frames straight to the transport.
 
-    A push is framed once (``Encoded.ws_text_frame`` / ``ws_binary_frame``) and the same bytes go to
-    every connection, as on TCP; aiohttp's writer is only used for the close handshake. This is safe
-    because the response is created without compression (no per-connection state in frames).
+    A push's pack is encoded once (``Encoded.head``) and framed per connection with the connection's
+    own ``clientType``/``imei`` tail (``Encoded.ws_text_frame`` / ``ws_binary_frame``); aiohttp's writer
+    is only used for the close handshake. This is safe because the response is created without
+    compression (no per-connection state in frames).
     """
 
     transport_name = "ws"
@@ -26,11 +27,12 @@ class WsConnection(ClientConnection):
         super().__init__(hub)
         self.ws = ws
         self.transport = transport
-        self.text_mode = False
         self._closer: asyncio.Future[bool] | None = None
 
     def frame(self, message: Encoded) -> bytes:
-        return message.ws_text_frame() if self.text_mode else message.ws_binary_frame()
+        if self.text_mode:
+            return message.ws_text_frame(self.pack_tail)
+        return message.ws_binary_frame(self.pack_tail)
 
     def write(self, data: bytes) -> None:
         if self._closer is None:  # nothing after the close handshake has begun
@@ -51,23 +53,28 @@ class WsConnection(ClientConnection):
                 pass
 
 
-async def ws_handler(request: web.Request) -> web.WebSocketResponse:
+async def ws_handler(request: web.Request) -> web.StreamResponse:
     hub = request.app[HUB]
     ws = web.WebSocketResponse(max_msg_size=HEADER.size + MAX_IMEI + MAX_BODY, autoping=True, compress=False)
     if hub.closing:
         raise web.HTTPServiceUnavailable(text="server is shutting down")
+    if not hub.has_room(WsConnection.transport_name):
+        refusal = web.Response(status=503, text="server is at capacity, try another node or later")
+        refusal.force_close()  # give the descriptor back now, not after a keep-alive timeout
+        return refusal
     await ws.prepare(request)
     conn = WsConnection(hub, ws, request.transport)
     hub.opened(conn)
     try:
         async for msg in ws:
             try:
+                # The mode is set before decoding, so even a malformed message is answered in its own mode.
                 if msg.type == WSMsgType.BINARY:
-                    frame = decode_binary_message(msg.data)
                     conn.text_mode = False
+                    frame = decode_binary_message(msg.data)
                 elif msg.type == WSMsgType.TEXT:
-                    frame = decode_text_message(msg.data)
                     conn.text_mode = True
+                    frame = decode_text_message(msg.data)
                 else:
                     break
             except FrameError as exc:

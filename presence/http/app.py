@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple, TypeVar
 
@@ -20,13 +21,16 @@ from prometheus_client import generate_latest
 
 from presence.appkeys import OPENAPI_SPEC, PRESENCE, SETTINGS
 from presence.auth import generate_user_sign, verify_user_sign
+from presence.bounded import MAX_JSON_DEPTH, too_deep
 from presence.config import DEV_APP_ID, AppConfig, Settings
 from presence.errors import AuthError, Code, ForbiddenError, ParamError, PresenceError
 from presence.http.demo import add_demo_routes, ws_url_on_port
+from presence.ids import check_user_id
 from presence.metrics import REGISTRY, REST_REQUESTS
 from presence.models import (
     AddFriendReq,
     DeleteFriendReq,
+    ErrorVO,
     ImportFriendReq,
     PullFriendOnlineStatusReq,
     PullUserOnlineStatusReq,
@@ -36,7 +40,7 @@ from presence.models import (
     UnsubscribeUserOnlineStatusReq,
 )
 from presence.resources import resource_path
-from presence.service import Presence, check_user_id
+from presence.service import Presence
 
 log = logging.getLogger("presence.http")
 
@@ -100,6 +104,35 @@ def envelope(data: object = None, *, code: int = Code.SUCCESS, msg: str = "succe
     )
 
 
+def new_request_id() -> str:
+    """The id that ties an error the client saw to its line in our log."""
+    return secrets.token_hex(8)
+
+
+def error_envelope(request: web.Request, code: int, msg: str, status: int) -> web.Response:
+    """An error envelope with ``requestId`` (also in the ``X-Request-Id`` header), logged under that id."""
+    rid = new_request_id()
+    log.debug("request %s: %s %s -> %s %s %s", rid, request.method, request.rel_url.raw_path, status, int(code), msg)
+    response = web.Response(
+        body=_ENCODER.encode(ErrorVO(int(code), msg, None, rid)),
+        status=status,
+        content_type="application/json",
+        charset="utf-8",
+    )
+    response.headers["X-Request-Id"] = rid
+    return response
+
+
+def system_error(request: web.Request, detail: str, *, exc_info: bool = False, status: int = 500) -> web.Response:
+    """``status`` (500, or 503 when Redis is away: a client may retry) with the seed's ``system error`` code and
+    a request id; what went wrong goes only to the log, under that id."""
+    response = error_envelope(request, Code.SYSTEM_ERROR, "system error", status)
+    rid = response.headers["X-Request-Id"]
+    # The raw (still percent-encoded) path: a decoded one could carry a newline into the log.
+    log.error("request %s: %s %s failed: %s", rid, request.method, request.rel_url.raw_path, detail, exc_info=exc_info)
+    return response
+
+
 class Caller(NamedTuple):
     app_id: int
     identifier: str
@@ -130,7 +163,7 @@ def authenticate(request: web.Request) -> Caller:
     if not user_sign:
         raise AuthError("userSign is missing", Code.USER_SIGN_MISSING)
     verify_user_sign(user_sign, app_id, app.private_key, identifier)
-    check_user_id("identifier", identifier)
+    check_user_id("identifier", identifier)  # a sign issued for a bad id is still refused
     return Caller(app_id, identifier, app)
 
 
@@ -146,6 +179,12 @@ async def decode_body(request: web.Request, decoder: msgspec.json.Decoder[T]) ->
         raise web.HTTPRequestEntityTooLarge(MAX_BODY_BYTES, request.content_length)
     raw = await request.read() or b"{}"
     try:
+        raw.decode("utf-8")  # all of it, ignored fields included (msgspec only checks what it keeps)
+    except UnicodeDecodeError as exc:
+        raise ParamError(f"body is not valid UTF-8 (byte {exc.start})") from None
+    if too_deep(raw):
+        raise ParamError(f"body is JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)")
+    try:
         return decoder.decode(raw)
     except msgspec.ValidationError as exc:  # names rule and path: "Expected `int`, got `str` - at `$.subTime`"
         if "got `float`" not in str(exc):
@@ -153,14 +192,16 @@ async def decode_body(request: web.Request, decoder: msgspec.json.Decoder[T]) ->
         error = exc
     except msgspec.DecodeError as exc:
         raise ParamError(str(exc)) from None
-    except RecursionError:  # msgspec's answer to a deeply nested document, even in an ignored field
+    except UnicodeDecodeError:  # msgspec checks UTF-8 inside strings itself, with this error
+        raise ParamError("body is not valid UTF-8") from None
+    except RecursionError:  # unreachable after too_deep; kept so no parser error can become a 500
         raise ParamError("JSON is nested too deeply") from None
     # JSON Schema (and the seed's Jackson) take 3.0 as the integer 3; strict msgspec does not. Slow path only.
     try:
         return msgspec.convert(_integral(_ANY.decode(raw)), decoder.type)
     except msgspec.ValidationError as exc:  # another field is wrong too
         raise ParamError(str(exc)) from None
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         raise ParamError(str(error)) from None
 
 
@@ -203,37 +244,32 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except PresenceError as exc:
-        if exc.http_status >= 500:
-            # 503 (Redis away past the retry window): the seed's system code, a status a client may retry.
-            log.error("%s %s failed: %s", request.method, request.path, exc.message)
-            return envelope(code=Code.SYSTEM_ERROR, msg="system error", status=exc.http_status)
-        return envelope(code=exc.code, msg=exc.message, status=exc.http_status)
+        if exc.http_status >= 500:  # its message may quote Redis: only the log gets it
+            return system_error(request, exc.message, status=exc.http_status)
+        return error_envelope(request, exc.code, exc.message, exc.http_status)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         return _http_error(request, exc)
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return envelope(code=Code.SYSTEM_ERROR, msg="system error", status=500)
+    except Exception as exc:
+        return system_error(request, f"unhandled {type(exc).__name__}", exc_info=True)
 
 
 def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
     if exc.status == 404:
-        return envelope(code=Code.NOT_FOUND, msg=f"no such endpoint: {request.path}", status=404)
+        return error_envelope(request, Code.NOT_FOUND, f"no such endpoint: {request.path}", 404)
     if exc.status == 405:
         allowed = exc.headers.get("Allow", "")
-        response = envelope(
-            code=Code.PARAMETER_ERROR, msg=f"method {request.method} is not allowed here; use {allowed}", status=405
-        )
+        msg = f"method {request.method} is not allowed here; use {allowed}"
+        response = error_envelope(request, Code.PARAMETER_ERROR, msg, 405)
         response.headers["Allow"] = allowed
         return response
     if exc.status == 413:
         msg = f"request body is larger than {MAX_BODY_BYTES} bytes"
-        return envelope(code=Code.PARAMETER_ERROR, msg=msg, status=413)
+        return error_envelope(request, Code.PARAMETER_ERROR, msg, 413)
     if exc.status >= 500:
-        log.error("%s %s failed: HTTP %s %s", request.method, request.path, exc.status, exc.reason)
-        return envelope(code=Code.SYSTEM_ERROR, msg="system error", status=500)
-    return envelope(code=Code.PARAMETER_ERROR, msg=exc.reason, status=exc.status)
+        return system_error(request, f"HTTP {exc.status} {exc.reason}")
+    return error_envelope(request, Code.PARAMETER_ERROR, exc.reason, exc.status)
 
 
 # --- API handlers ---
