@@ -232,7 +232,7 @@ async def test_rest_body_not_utf8_is_400(rest: TestClient, body: bytes) -> None:
 
 
 async def test_webapi_sessions_are_capped_and_the_new_login_is_refused(
-    make_node: MakeNode, real_redis: Redis, facade: Presence
+    make_node: MakeNode, store_redis: Redis, facade: Presence
 ) -> None:
     node = await make_node()
     clients = []
@@ -246,13 +246,13 @@ async def test_webapi_sessions_are_capped_and_the_new_login_is_refused(
     assert "10 live sessions" in error.data["msg"]
     assert await extra.closed()
     sessions_key = facade.user(APP, "alice").sessions
-    assert await real_redis.hlen(sessions_key) == 10
+    assert await store_redis.hlen(sessions_key) == 10
     assert len([m for m in await facade.node_session_members(node.hub.node_id) if "|alice|" in m]) == 10
     # The same device coming back is a replacement, not an 11th session.
     await clients[0].close()
     again = await TcpClient.connect(node.tcp_port, client_type=WEBAPI, imei="api-0")
     assert (await again.login("alice")).command == Command.LOGINACK
-    assert await real_redis.hlen(sessions_key) == 10
+    assert await store_redis.hlen(sessions_key) == 10
     for client in [*clients[1:], again]:
         await client.close()
 
@@ -309,17 +309,17 @@ async def out_of_memory(real_redis: Redis) -> AsyncIterator[None]:
 
 
 async def test_socket_system_error_has_request_id_and_no_internals(
-    make_node: MakeNode, real_redis: Redis, caplog: pytest.LogCaptureFixture
+    make_node: MakeNode, store_redis: Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     node = await make_node()
     client = await TcpClient.connect(node.tcp_port)
-    await real_redis.config_set("maxmemory-policy", "noeviction")
-    await real_redis.config_set("maxmemory", 1)
+    await store_redis.config_set("maxmemory-policy", "noeviction")
+    await store_redis.config_set("maxmemory", 1)
     try:
         with caplog.at_level(logging.ERROR, logger="presence.gateway"):
             error = await client.login("alice")
     finally:
-        await real_redis.config_set("maxmemory", 0)
+        await store_redis.config_set("maxmemory", 0)
     assert error.command == Command.ERROR
     assert (error.data["code"], error.data["msg"]) == (Code.SYSTEM_ERROR, "system error")
     assert "OOM" not in json.dumps(error.data) and "maxmemory" not in json.dumps(error.data)
@@ -486,9 +486,8 @@ async def test_lua_applies_the_same_identifier_rule(any_redis: Redis) -> None:
     """presence_friends_add validates both ids in Lua: it must accept exactly what ids.py accepts."""
     presence = Presence(any_redis)
     for user in BAD_USER_IDS + GOOD_USER_IDS:
-        keys = [presence.user(APP, "anchor").friends, presence.user(APP, user).friends]
-        try:
-            await any_redis.fcall("presence_friends_add", 2, *keys, "anchor", user)
+        try:  # the owner's side: one key, a (userId, friendId) pair
+            await any_redis.fcall("presence_friends_add", 1, presence.user(APP, "anchor").friends, "anchor", user)
             lua_ok = True
         except Exception as exc:
             assert "PRESENCE_PARAM" in str(exc)
@@ -497,16 +496,19 @@ async def test_lua_applies_the_same_identifier_rule(any_redis: Redis) -> None:
     # Bytes no Python str can carry: invalid UTF-8, CESU surrogates, overlong forms.
     for raw in (b"\xff", b"a\xc0\xafb", b"\xed\xa0\x80", b"\xe2\x80", b"\xf4\x90\x80\x80"):
         with pytest.raises(Exception, match="PRESENCE_PARAM"):
-            await any_redis.fcall("presence_friends_add", 2, "k1", "k2", "anchor", raw)
+            await any_redis.fcall("presence_friends_add", 1, "k1", "anchor", raw)
 
 
-async def test_newline_user_id_is_refused_everywhere(make_node: MakeNode, real_redis: Redis, rest: TestClient) -> None:
+async def test_newline_user_id_is_refused_everywhere(
+    make_node: MakeNode, store_redis: Redis, real_redis: Redis, rest: TestClient
+) -> None:
     node = await make_node()
     client = await TcpClient.connect(node.tcp_port)
     error = await client.login("eve\nil")
     assert error.command == Command.ERROR and error.data["code"] == Code.PARAMETER_ERROR
     assert "must not contain '\\n'" in error.data["msg"]
-    assert not [k async for k in real_redis.scan_iter(match="presence:{*eve*")]
+    for redis in (store_redis, real_redis):  # the gateway's store, and the REST app's
+        assert not [k async for k in redis.scan_iter(match="presence:{*eve*")]
     status, env = await rest_post(rest, QUERY_USERS, b'{"userList":["bob"]}', user="eve\nil")
     assert (status, env["code"]) == (400, Code.PARAMETER_ERROR)
     status, env = await rest_post(rest, QUERY_USERS, b'{"userList":["bob\\u2028x"]}')
