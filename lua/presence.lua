@@ -171,6 +171,34 @@ local function last_id(inbox)
   return last[1][1]
 end
 
+-- The change feed and the online counters (optional KEYS of the user's functions).
+-- Feed entries go to the user's outbox STREAM (the user's slot, so atomic with the change);
+-- the caller relays them to the app's feed shard with presence_feed_append. Fields (all strings):
+--   event login|logout|status  appId  userId  clientType  imei  reason  status 1|2 (after the change)
+--   sessions (live sessions after)  version (the status hash's version field, 0 until versions exist)
+--   time ms  [customStatus customText]
+local function user_version(status)
+  return tonumber(redis.call('HGET', status, 'version') or '0') or 0
+end
+
+local function feed_add(outbox, maxlen, ttl_ms, fields)
+  redis.call('XADD', outbox, 'MAXLEN', '~', maxlen, '*', unpack(fields))
+  redis.call('PEXPIRE', outbox, ttl_ms)
+end
+
+local function session_fields(event, app_id, user_id, ct, imei, reason, online, sessions, version, now)
+  return {'event', event, 'appId', tostring(app_id), 'userId', user_id, 'clientType', tostring(ct),
+    'imei', imei, 'reason', reason, 'status', tostring(online), 'sessions', tostring(sessions),
+    'version', tostring(version), 'time', tostring(now)}
+end
+
+-- Online counters: one HASH per cluster slot (its hash tag shares the user's slot), fields
+-- '<appId>:u' (users online) and '<appId>:s:<clientType>' (sessions of that client type).
+local function count(counters, app_id, ct, sessions_delta, users_delta)
+  if sessions_delta ~= 0 then redis.call('HINCRBY', counters, app_id .. ':s:' .. ct, sessions_delta) end
+  if users_delta ~= 0 then redis.call('HINCRBY', counters, app_id .. ':u', users_delta) end
+end
+
 -- Which existing session (client type old_ct) a new login (client type new_ct) kicks
 -- under the app's multi-login model. WEBAPI (0) neither kicks nor is kicked.
 local function kicks(model, new_ct, old_ct)
@@ -192,6 +220,11 @@ ARGV[1] appId  ARGV[2] userId  ARGV[3] clientType 0..5  ARGV[4] imei  ARGV[5] co
 ARGV[6] brokerId  ARGV[7] brokerHost  ARGV[8] version  ARGV[9] loginModel 1..4
 ARGV[10] inbox MAXLEN  ARGV[11] inbox TTL ms  ARGV[12] doorbell channel prefix
 ARGV[13] most live sessions of the user, WEBAPI included (optional, default 10)
+Optional (the change feed and online counters; both or neither):
+KEYS[6] the user's outbox STREAM   KEYS[7] the online counters HASH of the user's slot
+ARGV[14] outbox MAXLEN  ARGV[15] outbox TTL ms
+  A login that changed something appends a 'logout' entry (reason kicked) per kicked session,
+  then a 'login' entry, to the outbox, and moves the counters.
 Reply: {changed 0|1, 4004 data JSON, inbox last id, kicked count, recipient userIds...}
   changed = 0 when the login only replaced the same device's session (a reconnect):
   nobody is told, friends see no second "online". Kicked sessions (same device on
@@ -200,7 +233,7 @@ Errors: PRESENCE_LIMIT when the login would make more live sessions than ARGV[13
   login is refused and nothing is written (existing sessions are never kicked for it).
 ]]
 local function presence_login(keys, args)
-  if #keys ~= 5 then return param_error('presence_login takes 5 keys') end
+  if #keys ~= 5 and #keys ~= 7 then return param_error('presence_login takes 5 or 7 keys') end
   local app_id, user_id, imei, conn_id = to_int(args[1]), args[2], args[4], args[5]
   local ct, model = to_int(args[3]), to_int(args[9])
   local broker_id = args[6] or ''
@@ -243,8 +276,21 @@ local function presence_login(keys, args)
     return redis.error_reply('PRESENCE_LIMIT ' .. user_id .. ' already has ' .. remaining ..
       ' live sessions, the most per user is ' .. max_sessions)
   end
+  local outbox, counters = keys[6], keys[7]
+  local before = #existing / 2
+  local version, live = 0, before
+  if outbox then version = user_version(status) end
   for _, k in ipairs(to_kick) do
-    if k[3] then redis.call('HDEL', sessions, k[1]) end
+    if k[3] then
+      redis.call('HDEL', sessions, k[1])
+      live = live - 1
+      if outbox then
+        local kct = to_int(string.match(k[1], '^(%d+):'))
+        count(counters, app_id, kct, -1, 0)
+        feed_add(outbox, args[14], args[15], session_fields('logout', app_id, user_id, kct,
+          string.match(k[1], '^%d+:(.*)$'), 'kicked', 1, live, version, now))
+      end
+    end
     kicked = kicked + 1
     local data = '{"appId":' .. app_id .. ',"userId":' .. cjson.encode(user_id) ..
       ',"clientType":' .. ct .. ',"imei":' .. cjson.encode(imei) .. '}'
@@ -262,6 +308,11 @@ local function presence_login(keys, args)
     ',"connId":' .. cjson.encode(conn_id) .. '}'
   redis.call('HSET', sessions, field, session)
   redis.call('HSET', status, 'lastSeen', now)
+  if outbox and changed == 1 then
+    if not replaced then count(counters, app_id, ct, 1, before == 0 and 1 or 0) end
+    feed_add(outbox, args[14], args[15], session_fields('login', app_id, user_id, ct, imei, 'login', 1,
+      redis.call('HLEN', sessions), user_version(status), now))
+  end
 
   local values = redis.call('HVALS', sessions)
   local pack = status_pack(app_id, user_id, values)
@@ -287,12 +338,15 @@ ARGV[1] appId  ARGV[2] userId  ARGV[3] clientType  ARGV[4] imei
 ARGV[5] connId: remove only if the session still belongs to this connection ('' = any)
 ARGV[6] inbox MAXLEN  ARGV[7] inbox TTL ms  ARGV[8] doorbell channel prefix
 ARGV[9] TTL ms of the inbox once the last session is gone (undelivered kicks drain)
+Optional (the change feed and online counters; both or neither):
+KEYS[6] the user's outbox STREAM   KEYS[7] the online counters HASH of the user's slot
+ARGV[10] reason (logout|close|timeout|reaped|kicked|shutdown|error)  ARGV[11] outbox MAXLEN  ARGV[12] outbox TTL ms
 Reply: {changed 0|1, 4004 data JSON, online 1|2, recipient userIds...}
   changed = 0 (and nothing else) when the session is gone or belongs to a newer
   connection: a late logout never removes a newer login of the same device.
 ]]
 local function presence_logout(keys, args)
-  if #keys ~= 5 then return param_error('presence_logout takes 5 keys') end
+  if #keys ~= 5 and #keys ~= 7 then return param_error('presence_logout takes 5 or 7 keys') end
   local app_id, user_id, ct, imei, conn_id = to_int(args[1]), args[2], to_int(args[3]), args[4], args[5] or ''
   if app_id == nil then return param_error('appId must be an integer') end
   if not stored_user_id(user_id) then return param_error('userId must be 1..64 bytes without | { }') end
@@ -309,6 +363,11 @@ local function presence_logout(keys, args)
   redis.call('HDEL', sessions, field)
   local values = redis.call('HVALS', sessions)
   local pack, online = status_pack(app_id, user_id, values)
+  if keys[6] then
+    count(keys[7], app_id, ct, -1, #values == 0 and -1 or 0)
+    feed_add(keys[6], args[11], args[12], session_fields('logout', app_id, user_id, ct, imei,
+      args[10] or 'logout', online, #values, user_version(status), now))
+  end
   if #values == 0 then
     redis.call('HSET', status, 'lastSeen', now)
     if redis.call('EXISTS', inbox) == 1 then redis.call('PEXPIRE', inbox, idle_ttl) end
@@ -329,10 +388,12 @@ KEYS[4] inbox STREAM      KEYS[5] friends SET
 ARGV[1] appId  ARGV[2] userId  ARGV[3] customStatus (integer)  ARGV[4] customText (<= 100 bytes)
 ARGV[5] origin connId ('' = none: every session of the user gets the 4007 sync)
 ARGV[6] inbox MAXLEN  ARGV[7] inbox TTL ms  ARGV[8] doorbell channel prefix
+Optional (the change feed): KEYS[6] the user's outbox STREAM  ARGV[9] outbox MAXLEN  ARGV[10] outbox TTL ms
+  appends a 'status' entry (clientType 0, imei and reason '') with customStatus and customText.
 Reply: {1, 4006 data JSON, recipient userIds...}
 ]]
 local function presence_set_custom_status(keys, args)
-  if #keys ~= 5 then return param_error('presence_set_custom_status takes 5 keys') end
+  if #keys ~= 5 and #keys ~= 6 then return param_error('presence_set_custom_status takes 5 or 6 keys') end
   local app_id, user_id, custom, text, origin = to_int(args[1]), args[2], to_int(args[3]), args[4] or '', args[5] or ''
   if app_id == nil then return param_error('appId must be an integer') end
   if not valid_user_id(user_id) then return param_error('userId must be 1..64 bytes of UTF-8 without control characters, | { }') end
@@ -346,6 +407,13 @@ local function presence_set_custom_status(keys, args)
   local pack = '{"userId":' .. cjson.encode(user_id) .. ',"customStatus":' .. custom ..
     ',"customText":' .. cjson.encode(text) .. '}'
   local values = redis.call('HVALS', sessions)
+  if keys[6] then
+    local fields = session_fields('status', app_id, user_id, 0, '', '', #values > 0 and 1 or 2, #values,
+      user_version(status), now)
+    fields[#fields + 1] = 'customStatus'; fields[#fields + 1] = tostring(custom)
+    fields[#fields + 1] = 'customText'; fields[#fields + 1] = text
+    feed_add(keys[6], args[9], args[10], fields)
+  end
   local others = #values
   if origin ~= '' then others = others - 1 end
   if others > 0 then
@@ -535,6 +603,68 @@ local function presence_query(keys, args)
   return '{' .. table.concat(parts, ',') .. '}'
 end
 
+local function parse_id(id)
+  local ms, seq = string.match(id or '', '^(%d+)-(%d+)$')
+  if not ms then return nil end
+  return {tonumber(ms), tonumber(seq)}
+end
+
+local function id_after(a, b) return a[1] > b[1] or (a[1] == b[1] and a[2] > b[2]) end
+
+--[[ presence_feed_append  (the relay step of the change feed)
+KEYS[1] the app's feed shard STREAM   KEYS[2] the user's relay cursor STRING (same slot as KEYS[1])
+KEYS[3] the user's outbox STREAM (optional; only where it may share the call: one server)
+ARGV[1] feed MAXLEN (~)  ARGV[2] cursor TTL ms
+ARGV[3..] entries in outbox order: outbox id, field count n, then n field and value strings
+Reply: {entries appended, the cursor after the call}
+  Entries whose outbox id is not after the cursor were appended before (a retry, or a concurrent
+  relay of the same user) and are skipped: the shard gets each entry of a user once while the cursor
+  lives, in outbox order. With KEYS[3] the relayed entries are also trimmed from the outbox (else the
+  caller runs presence_outbox_trim on the outbox afterwards).
+]]
+local function presence_feed_append(keys, args)
+  if #keys ~= 2 and #keys ~= 3 then return param_error('presence_feed_append takes 2 or 3 keys') end
+  local maxlen, ttl = to_int(args[1]), to_int(args[2])
+  if maxlen == nil or maxlen < 1 or ttl == nil or ttl < 1 then return param_error('MAXLEN and cursor TTL must be positive') end
+  local cursor_text = redis.call('GET', keys[2]) or '0-0'
+  local cursor = parse_id(cursor_text) or {0, 0}
+  local appended, last = 0, nil
+  local i = 3
+  while i <= #args do
+    local id, n = args[i], to_int(args[i + 1])
+    local parsed = parse_id(id)
+    if parsed == nil or n == nil or n < 2 or n % 2 ~= 0 then return param_error('entries are: outbox id, field count, fields') end
+    if id_after(parsed, cursor) then
+      local fields = {}
+      for j = 1, n do fields[j] = args[i + 1 + j] end
+      redis.call('XADD', keys[1], 'MAXLEN', '~', maxlen, '*', unpack(fields))
+      appended = appended + 1
+      cursor, cursor_text = parsed, id
+    end
+    if last == nil or id_after(parsed, last) then last = parsed end
+    i = i + 2 + n
+  end
+  if appended > 0 then redis.call('SET', keys[2], cursor_text, 'PX', ttl) end
+  if keys[3] and last then
+    redis.call('XTRIM', keys[3], 'MINID', last[1] .. '-' .. (last[2] + 1))
+    if redis.call('XLEN', keys[3]) == 0 then redis.call('DEL', keys[3]) end
+  end
+  return {appended, cursor_text}
+end
+
+--[[ presence_outbox_trim
+KEYS[1] the user's outbox STREAM   ARGV[1] the last relayed outbox id
+Reply: entries left in the outbox (the key is deleted when none are left)
+]]
+local function presence_outbox_trim(keys, args)
+  local last = parse_id(args[1])
+  if #keys ~= 1 or last == nil then return param_error('presence_outbox_trim takes 1 key and an entry id') end
+  redis.call('XTRIM', keys[1], 'MINID', last[1] .. '-' .. (last[2] + 1))
+  local left = redis.call('XLEN', keys[1])
+  if left == 0 then redis.call('DEL', keys[1]) end
+  return left
+end
+
 --[[ presence_node_heartbeat
 KEYS[1] nodes ZSET   ARGV[1] node id
 Reply: {1 if the node was already registered else 0, now ms}
@@ -571,6 +701,8 @@ redis.register_function('presence_subscribers_remove', presence_subscribers_remo
 redis.register_function('presence_friends_add', presence_friends_add)
 redis.register_function('presence_friends_remove', presence_friends_remove)
 redis.register_function{function_name = 'presence_query', callback = presence_query, flags = {'no-writes'}}
+redis.register_function('presence_feed_append', presence_feed_append)
+redis.register_function('presence_outbox_trim', presence_outbox_trim)
 redis.register_function('presence_node_heartbeat', presence_node_heartbeat)
 redis.register_function{function_name = 'presence_nodes_expired', callback = presence_nodes_expired, flags = {'no-writes'}}
 redis.register_function{function_name = 'presence_version', callback = presence_version, flags = {'no-writes'}}

@@ -70,6 +70,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     prefix: str = "presence"
     inbox_maxlen: int = 100
     inbox_ttl: float = 86400.0
+    # The change feed: partitions per app (a user's entries all go to one) and entries kept per partition.
+    feed_shards: int = 4
+    feed_maxlen: int = 100_000
     apps: Mapping[int, AppConfig] = msgspec.field(default_factory=dict)
     dev_mode: bool = False
 
@@ -100,6 +103,8 @@ class _Layer(msgspec.Struct, forbid_unknown_fields=True):
     prefix: Annotated[str, msgspec.Meta(min_length=1)] | msgspec.UnsetType = msgspec.UNSET
     inbox_maxlen: Annotated[int, msgspec.Meta(ge=1)] | msgspec.UnsetType = msgspec.UNSET
     inbox_ttl: _Seconds | msgspec.UnsetType = msgspec.UNSET
+    feed_shards: Annotated[int, msgspec.Meta(ge=1, le=1024)] | msgspec.UnsetType = msgspec.UNSET
+    feed_maxlen: Annotated[int, msgspec.Meta(ge=1)] | msgspec.UnsetType = msgspec.UNSET
 
     def values(self) -> dict[str, Any]:
         return {f: v for f in self.__struct_fields__ if (v := getattr(self, f)) is not msgspec.UNSET}
@@ -121,6 +126,8 @@ _ENV = {
     "prefix": ("PRESENCE_PREFIX",),
     "inbox_maxlen": ("PRESENCE_INBOX_MAXLEN",),
     "inbox_ttl": ("PRESENCE_INBOX_TTL",),
+    "feed_shards": ("PRESENCE_FEED_SHARDS",),
+    "feed_maxlen": ("PRESENCE_FEED_MAXLEN",),
 }
 
 

@@ -174,6 +174,8 @@ class PresenceFunctions:
             i.ttl_ms,
             i.doorbell_prefix,
             max_sessions,
+            1000,  # the feed outbox's MAXLEN and TTL ms (used when the feed keys are passed)
+            i.ttl_ms,
         ]
 
     def logout_args(self, app_id: int, user_id: str, client_type: int, imei: str, conn_id: str) -> list[Any]:

@@ -137,3 +137,11 @@ class ChangeResult(msgspec.Struct, kw_only=True):
 class SubscribeResult(msgspec.Struct, kw_only=True):
     expireAt: int
     liveSubscriptions: int
+
+
+class OnlineCount(msgspec.Struct, kw_only=True):
+    """queryOnlineCount: users with a live session, live sessions, and sessions per clientType ("0".."5")."""
+
+    onlineUsers: int = 0
+    onlineSessions: int = 0
+    sessionsByClientType: dict[str, int] = msgspec.field(default_factory=dict)

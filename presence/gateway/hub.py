@@ -347,7 +347,9 @@ class Hub:
     async def _do_logout(self, app_id: int, user_id: str, ct: int, imei: str, conn_id: str, reason: str) -> None:
         for attempt in range(LOGOUT_ATTEMPTS):
             try:
-                result = await self.presence.logout(app_id, user_id, ct, imei, conn_id=conn_id, node_id=self.node_id)
+                result = await self.presence.logout(
+                    app_id, user_id, ct, imei, conn_id=conn_id, node_id=self.node_id, reason=reason
+                )
             except Exception as exc:
                 if attempt == LOGOUT_ATTEMPTS - 1 or self.closing:
                     # The session stays in this node's set: reconcile() (or a reaper) logs it out later.
