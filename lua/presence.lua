@@ -622,6 +622,10 @@ Reply: {entries appended, the cursor after the call}
   lives, in outbox order. With KEYS[3] the relayed entries are also trimmed from the outbox (else the
   caller runs presence_outbox_trim on the outbox afterwards).
 ]]
+-- An emptied outbox is kept a minute, not deleted: a stream remembers its last id, so the user's
+-- next entry (maybe in the same millisecond) still gets an id after the relay cursor.
+local EMPTY_OUTBOX_TTL = 60000
+
 local function presence_feed_append(keys, args)
   if #keys ~= 2 and #keys ~= 3 then return param_error('presence_feed_append takes 2 or 3 keys') end
   local maxlen, ttl = to_int(args[1]), to_int(args[2])
@@ -647,21 +651,21 @@ local function presence_feed_append(keys, args)
   if appended > 0 then redis.call('SET', keys[2], cursor_text, 'PX', ttl) end
   if keys[3] and last then
     redis.call('XTRIM', keys[3], 'MINID', last[1] .. '-' .. (last[2] + 1))
-    if redis.call('XLEN', keys[3]) == 0 then redis.call('DEL', keys[3]) end
+    if redis.call('XLEN', keys[3]) == 0 then redis.call('PEXPIRE', keys[3], EMPTY_OUTBOX_TTL) end
   end
   return {appended, cursor_text}
 end
 
 --[[ presence_outbox_trim
 KEYS[1] the user's outbox STREAM   ARGV[1] the last relayed outbox id
-Reply: entries left in the outbox (the key is deleted when none are left)
+Reply: entries left in the outbox (an empty outbox expires a minute later)
 ]]
 local function presence_outbox_trim(keys, args)
   local last = parse_id(args[1])
   if #keys ~= 1 or last == nil then return param_error('presence_outbox_trim takes 1 key and an entry id') end
   redis.call('XTRIM', keys[1], 'MINID', last[1] .. '-' .. (last[2] + 1))
   local left = redis.call('XLEN', keys[1])
-  if left == 0 then redis.call('DEL', keys[1]) end
+  if left == 0 then redis.call('PEXPIRE', keys[1], EMPTY_OUTBOX_TTL) end
   return left
 end
 
