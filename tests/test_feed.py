@@ -12,10 +12,15 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from presence.config import Settings
 from presence.functions import fcall
+from presence.gateway.codec import Command
 from presence.service import Presence
-from tests.clients import APP
+from tests.clients import APP, TcpClient, WsClient, expect, sign
+from tests.conftest import MakeNode, free_port
+from tests.serve_process import ServeProcess
 
 FEED_MD = Path(__file__).resolve().parent.parent / "gateway" / "FEED.md"
 API, WEB, IOS, ANDROID, WINDOWS = 0, 1, 2, 3, 4
@@ -141,3 +146,54 @@ async def test_feed_md_consumer_group_example_runs(store_redis: Any, store_url: 
     assert lines[lines.index("event") + 1] == "login"
     groups = await p.redis.xinfo_groups(p.keys.feed_shard(APP, 3))
     assert [(_s(g["name"]), g["pending"]) for g in groups] == [("analytics", 0)]  # read, then acknowledged
+
+
+async def rest(port: int, path: str, user: str, body: dict[str, Any]) -> Any:
+    params = {"appId": str(APP), "identifier": user, "userSign": sign(user)}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://127.0.0.1:{port}{path}", params=params, json=body) as resp:
+            env = await resp.json()
+            assert resp.status == 200 and env["code"] == 200, env
+            return env["data"]
+
+
+async def test_online_count_is_exact_after_a_gateway_is_killed_and_reaped(
+    make_node: MakeNode, facade: Presence, store_url: str
+) -> None:
+    await facade.import_friends(APP, "bob", ["alice", "carol"])
+    survivor = await make_node(node_ttl=1.0, http_port=free_port())
+    bob = await WsClient.connect(survivor.ws_port)  # WEB (1)
+    await bob.login("bob")
+    doomed = ServeProcess(["--redis", store_url, "--node-ttl", "1", "--offline-grace", "0", "--node-id", "doomed"])
+    try:
+        alice = await TcpClient.connect(doomed.tcp_port, client_type=IOS, imei="alice-phone")
+        await alice.login("alice")
+        carol = await TcpClient.connect(doomed.tcp_port, client_type=ANDROID, imei="carol-phone")
+        await carol.login("carol")
+        for _ in range(2):
+            assert (await expect(bob, Command.NOTIFY)).data["status"] == 1
+        count = await rest(survivor.http_port, "/v1/user/queryOnlineCount", "admin", {})
+        assert count == {"onlineUsers": 3, "onlineSessions": 3, "sessionsByClientType": {"1": 1, "2": 1, "3": 1}}
+        doomed.kill()  # SIGKILL: no logout from it; the survivor's reaper logs its sessions out
+        gone = {(await expect(bob, Command.NOTIFY, timeout=5.0)).data["userId"] for _ in range(2)}
+        assert gone == {"alice", "carol"}
+        count = await rest(survivor.http_port, "/v1/user/queryOnlineCount", "admin", {})
+        assert count["onlineUsers"] == 1 and count["onlineSessions"] == 1
+        assert {k: v for k, v in count["sessionsByClientType"].items() if v} == {"1": 1}
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{survivor.http_port}/metrics") as resp:
+                text = await resp.text()
+        assert f'presence_online_users{{app="{APP}"}} 1.0' in text
+        assert f'presence_online_sessions{{app="{APP}",client_type="2"}} 0.0' in text
+    finally:
+        doomed.kill()
+    await bob.close()
+
+
+async def test_online_count_needs_an_app_admin(make_node: MakeNode) -> None:
+    node = await make_node(http_port=free_port())
+    params = {"appId": str(APP), "identifier": "alice", "userSign": sign("alice")}
+    async with aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{node.http_port}/v1/user/queryOnlineCount"
+        async with http.post(url, params=params, json={}) as resp:
+            assert resp.status == 403 and "admin" in (await resp.json())["msg"]

@@ -12,7 +12,8 @@ import asyncio
 import logging
 import re
 import secrets
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from typing import NamedTuple, TypeVar
 
 import msgspec
@@ -26,12 +27,13 @@ from presence.config import DEV_APP_ID, AppConfig, Settings
 from presence.errors import AuthError, Code, ForbiddenError, ParamError, PresenceError
 from presence.http.demo import add_demo_routes, ws_url_on_port
 from presence.ids import check_user_id
-from presence.metrics import REGISTRY, REST_REQUESTS
+from presence.metrics import ONLINE_SESSIONS, ONLINE_USERS, REGISTRY, REST_REQUESTS
 from presence.models import (
     AddFriendReq,
     DeleteFriendReq,
     ErrorVO,
     ImportFriendReq,
+    OnlineCount,
     PullFriendOnlineStatusReq,
     PullUserOnlineStatusReq,
     ResponseVO,
@@ -49,6 +51,8 @@ HEALTH_TIMEOUT_S = 2.0
 # Pinned to the text-format version every scraper accepts (prometheus_client's CONTENT_TYPE_LATEST now says 1.0.0).
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _APP_ID = re.compile(r"[0-9]{1,18}")
+GAUGE_REFRESH_S = 5.0
+GAUGES_READ_AT = web.AppKey("gauges_read_at", list[float])
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 T = TypeVar("T")
@@ -319,6 +323,16 @@ async def query_user_online_status(request: web.Request) -> web.Response:
     return envelope(await request.app[PRESENCE].query_users(caller.app_id, req.userList))
 
 
+@routes.post("/v1/user/queryOnlineCount")
+async def query_online_count(request: web.Request) -> web.Response:
+    """The app's users online and sessions by clientType, exact (an app admin only: app-wide numbers)."""
+    caller = authenticate(request)
+    require_admin(caller, "queryOnlineCount")
+    await decode_body(request, _QUERY_FRIENDS)  # no fields
+    counts = await request.app[PRESENCE].online_counts()
+    return envelope(counts.get(caller.app_id, OnlineCount()))
+
+
 @routes.post("/v1/friendship/addFriend")
 async def add_friend(request: web.Request) -> web.Response:
     caller = authenticate(request)
@@ -359,8 +373,26 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def refresh_online_gauges(presence: Presence, apps: Iterable[int]) -> None:
+    """``presence_online_users{app}`` and ``presence_online_sessions{app,client_type}`` from the counters."""
+    counts = await presence.online_counts()
+    for app_id in sorted(set(apps) | set(counts)):
+        count = counts.get(app_id, OnlineCount())
+        ONLINE_USERS.labels(str(app_id)).set(count.onlineUsers)
+        for ct in range(6):
+            ONLINE_SESSIONS.labels(str(app_id), str(ct)).set(count.sessionsByClientType.get(str(ct), 0))
+
+
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
+    # The online gauges are read from Redis at most every GAUGE_REFRESH_S (a cluster has a counter per slot).
+    now = time.monotonic()
+    if now - request.app[GAUGES_READ_AT][0] >= GAUGE_REFRESH_S:
+        request.app[GAUGES_READ_AT][0] = now
+        try:
+            await refresh_online_gauges(request.app[PRESENCE], request.app[SETTINGS].apps)
+        except PresenceError as exc:
+            log.warning("online gauges not refreshed: %s", exc.message)
     return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
@@ -402,6 +434,7 @@ def create_app(presence: Presence, settings: Settings) -> web.Application:
     app = web.Application(middlewares=[metrics_middleware, error_middleware], client_max_size=MAX_BODY_BYTES)
     app[PRESENCE] = presence
     app[SETTINGS] = settings
+    app[GAUGES_READ_AT] = [-GAUGE_REFRESH_S]
     # Read once at start: a missing contract fails the start, not the first request for it.
     app[OPENAPI_SPEC] = resource_path("http/openapi.yaml").read_bytes()
     app.add_routes(routes)
