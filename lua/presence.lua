@@ -502,6 +502,25 @@ local function presence_subscribe(keys, args)
   return {expire_at, live}
 end
 
+--[[ presence_subscriptions  (no-writes)
+KEYS[1] the subscriber's subscriptions ZSET
+ARGV[1] most entries to return
+Reply: {now ms, target userId, expireAt ms, target userId, expireAt ms, ...}: the live subscriptions,
+  the soonest to expire first (expired entries are left for the next write to prune)
+]]
+local function presence_subscriptions(keys, args)
+  local limit = to_int(args[1])
+  if #keys ~= 1 or limit == nil or limit < 1 then return param_error('presence_subscriptions takes 1 key and a limit') end
+  local now = now_ms()
+  local reply = {now}
+  local live = redis.call('ZRANGE', keys[1], '(' .. now, '+inf', 'BYSCORE', 'LIMIT', 0, limit, 'WITHSCORES')
+  for i = 1, #live, 2 do
+    reply[#reply + 1] = live[i]
+    reply[#reply + 1] = math.floor(tonumber(live[i + 1]))
+  end
+  return reply
+end
+
 --[[ presence_subscribers_add  (the targets' side of presence_subscribe)
 KEYS[1..n] each target's subscribers ZSET  (one slot on a cluster)
 ARGV[1] subscriber userId   ARGV[2] expireAt ms (absolute: the presence_subscribe reply)
@@ -701,6 +720,7 @@ redis.register_function('presence_fanout', presence_fanout)
 redis.register_function('presence_subscribe', presence_subscribe)
 redis.register_function('presence_subscribers_add', presence_subscribers_add)
 redis.register_function('presence_unsubscribe', presence_unsubscribe)
+redis.register_function{function_name = 'presence_subscriptions', callback = presence_subscriptions, flags = {'no-writes'}}
 redis.register_function('presence_subscribers_remove', presence_subscribers_remove)
 redis.register_function('presence_friends_add', presence_friends_add)
 redis.register_function('presence_friends_remove', presence_friends_remove)

@@ -6,6 +6,7 @@ schema know Redis key names.
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import logging
 import secrets
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
@@ -32,13 +34,23 @@ from presence.functions import (
 from presence.ids import check_imei, check_user_id
 from presence.keys import KeySchema, UserKeys, doorbell_message, slot_tags, user_slot
 from presence.metrics import FANOUT_ENTRIES, FEED_ENTRIES, REDIS_LATENCY, STATUS_CHANGES
-from presence.models import ChangeResult, OnlineCount, SubscribeResult, UserOnlineStatus
+from presence.models import (
+    ChangeResult,
+    FriendshipPack,
+    OnlineCount,
+    SubscribeResult,
+    Subscription,
+    SubscriptionList,
+    UserOnlineStatus,
+)
 from presence.store import Command, RedisUnavailable, Store
 
 log = logging.getLogger("presence.service")
+_pack_json = msgspec.json.Encoder()
 
 NOTIFY_STATUS = 4004
 NOTIFY_CUSTOM = 4006
+NOTIFY_FRIENDSHIP = 4010  # ours: friends added or deleted, with their status
 CLIENT_TYPES = range(0, 6)
 OUTBOX_READ = 100  # unrelayed feed entries of one user taken per change
 OUTBOX_MAXLEN = 1000  # a user's unrelayed feed entries kept at most (only a relay that keeps failing fills it)
@@ -424,11 +436,33 @@ class Presence:
         expire_at, live = await self.fn.subscribe(
             self.user(app_id, subscriber).subscriptions, subscriber, users, sub_time_ms, self.limits.live_subscriptions
         )
-        await self._per_slot(
-            [self.user(app_id, u).subscribers for u in users],
-            lambda keys, _: self.fn.subscribers_add_command(keys, subscriber, expire_at),
+        # The targets' sides, then their status, in the same pipelines (per slot: the add runs first), so
+        # any change after the snapshot is pushed: no gap between the pull and the subscription.
+        subs = [self.user(app_id, u).subscribers for u in users]
+        commands: list[Command] = []
+        for group in self.store.group(subs):
+            chunk = [subs[i] for i in group]
+            commands.append((chunk[0], self.fn.subscribers_add_command(chunk, subscriber, expire_at)))
+        base = self.keys.base
+        pairs = [(b + "sessions", b + "status") for b in (base(app_id, u) for u in users)]
+        adds = len(commands)
+        for group in self.store.group([p[0] for p in pairs]):
+            chunk = [pairs[i] for i in group]
+            commands.append((chunk[0][0], self.fn.query_command(chunk, [users[i] for i in group])))
+        snapshot: dict[str, UserOnlineStatus] = {}
+        for raw in (await self._run(commands))[adds:]:
+            snapshot.update(self.fn.parse_query(raw))
+        return SubscribeResult(expireAt=expire_at, liveSubscriptions=live, users=snapshot)
+
+    async def subscriptions(self, app_id: int, subscriber: str) -> SubscriptionList:
+        """The subscriber's live subscriptions with their expiry (ms, Redis clock), the soonest first."""
+        check_user_id("identifier", subscriber)
+        key = self.user(app_id, subscriber).subscriptions
+        reply = await self._one(
+            key, *fcall("presence_subscriptions", [key], [self.limits.live_subscriptions], read_only=True)
         )
-        return SubscribeResult(expireAt=expire_at, liveSubscriptions=live)
+        subs = [Subscription(userId=_text(reply[i]), expireAt=int(reply[i + 1])) for i in range(1, len(reply), 2)]
+        return SubscriptionList(subscriptions=subs, serverTime=int(reply[0]))
 
     async def unsubscribe(self, app_id: int, subscriber: str, targets: Sequence[str]) -> int:
         check_user_id("identifier", subscriber)
@@ -465,7 +499,22 @@ class Presence:
             [self.user(app_id, u).friends for u in users],
             lambda keys, idx: self.fn.friends_command(add, keys, [(users[i], from_id) for i in idx]),
         )
+        await self._friendship_notify(add, app_id, from_id, users)
         return changed
+
+    async def _friendship_notify(self, add: bool, app_id: int, from_id: str, users: list[str]) -> None:
+        """4010 to both sides' online sessions, with the other side's status now (read after the sets changed,
+        so any later change of a new friend is pushed too): ``from_id`` gets one entry naming all ``users``,
+        each of them one naming ``from_id``. Offline users pull their friends on connect."""
+        status = await self._query(app_id, [from_id, *users])
+        action = "add" if add else "delete"
+        offline = UserOnlineStatus(session=[])
+        to_owner = FriendshipPack(appId=app_id, action=action, friends={u: status.get(u, offline) for u in users})
+        to_friends = FriendshipPack(appId=app_id, action=action, friends={from_id: status.get(from_id, offline)})
+        await asyncio.gather(
+            self.fanout(app_id, [from_id], NOTIFY_FRIENDSHIP, _pack_json.encode(to_owner)),
+            self.fanout(app_id, users, NOTIFY_FRIENDSHIP, _pack_json.encode(to_friends)),
+        )
 
     async def _per_slot(self, keys: list[str], build: Callable[[list[str], list[int]], list[Any]]) -> list[Any]:
         """One call per slot group of ``keys``: ``build(keys of the group, their indexes)`` makes it."""

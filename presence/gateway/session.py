@@ -131,11 +131,13 @@ class ClientConnection:
             # Logged out before the close: a client that reconnects at once finds the session gone.
             await self.hub.end(self, "logout")
             self.close(1000, "logged out")
-        elif command in (Command.SUBSCRIBE, Command.PULL):
+        elif command in (Command.SUBSCRIBE, Command.PULL, Command.QUERY_SUBSCRIPTIONS):
             # A bad request is answered like REST answers it; the connection stays up.
             try:
                 if command == Command.SUBSCRIBE:
                     result = await self._subscribe(msgspec.convert(frame.data, SubscribeUserOnlineStatusReq))
+                elif command == Command.QUERY_SUBSCRIPTIONS:
+                    result = await self.hub.presence.subscriptions(self.app_id, self.user_id)
                 else:
                     result = await self._pull(frame.data)
             except msgspec.ValidationError as exc:

@@ -289,6 +289,13 @@ async def subscribe_user_online_status(request: web.Request) -> web.Response:
     return envelope(result)
 
 
+@routes.post("/v1/user/querySubscriptions")
+async def query_subscriptions(request: web.Request) -> web.Response:
+    caller = authenticate(request)
+    await decode_body(request, _QUERY_FRIENDS)  # no fields
+    return envelope(await request.app[PRESENCE].subscriptions(caller.app_id, caller.identifier))
+
+
 @routes.post("/v1/user/unsubscribeUserOnlineStatus")
 async def unsubscribe_user_online_status(request: web.Request) -> web.Response:
     caller = authenticate(request)
