@@ -39,6 +39,8 @@ class AppConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     max_sessions: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 10
     # Seconds without a frame before a connection of this app is closed; None = the global setting, 0 = never.
     heartbeat_timeout: _Seconds | None = None
+    # Every change feed entry of the app is POSTed to each of these (gateway/FEED.md).
+    webhook_urls: tuple[Annotated[str, msgspec.Meta(pattern=r"^https?://\S+$")], ...] = ()
 
     def __post_init__(self) -> None:  # constructors skip the Meta checks that decoding applies
         if not self.private_key:
@@ -73,6 +75,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # The change feed: partitions per app (a user's entries all go to one) and entries kept per partition.
     feed_shards: int = 4
     feed_maxlen: int = 100_000
+    # Webhooks: attempts per entry before the dead-letter stream, first retry delay (s, doubling), POST timeout (s).
+    webhook_attempts: int = 8
+    webhook_backoff: float = 0.5
+    webhook_timeout: float = 5.0
     apps: Mapping[int, AppConfig] = msgspec.field(default_factory=dict)
     dev_mode: bool = False
 
@@ -105,6 +111,9 @@ class _Layer(msgspec.Struct, forbid_unknown_fields=True):
     inbox_ttl: _Seconds | msgspec.UnsetType = msgspec.UNSET
     feed_shards: Annotated[int, msgspec.Meta(ge=1, le=1024)] | msgspec.UnsetType = msgspec.UNSET
     feed_maxlen: Annotated[int, msgspec.Meta(ge=1)] | msgspec.UnsetType = msgspec.UNSET
+    webhook_attempts: Annotated[int, msgspec.Meta(ge=1)] | msgspec.UnsetType = msgspec.UNSET
+    webhook_backoff: _Seconds | msgspec.UnsetType = msgspec.UNSET
+    webhook_timeout: Annotated[float, msgspec.Meta(gt=0)] | msgspec.UnsetType = msgspec.UNSET
 
     def values(self) -> dict[str, Any]:
         return {f: v for f in self.__struct_fields__ if (v := getattr(self, f)) is not msgspec.UNSET}
@@ -128,6 +137,9 @@ _ENV = {
     "inbox_ttl": ("PRESENCE_INBOX_TTL",),
     "feed_shards": ("PRESENCE_FEED_SHARDS",),
     "feed_maxlen": ("PRESENCE_FEED_MAXLEN",),
+    "webhook_attempts": ("PRESENCE_WEBHOOK_ATTEMPTS",),
+    "webhook_backoff": ("PRESENCE_WEBHOOK_BACKOFF",),
+    "webhook_timeout": ("PRESENCE_WEBHOOK_TIMEOUT",),
 }
 
 
@@ -226,5 +238,6 @@ def describe_apps(settings: Settings) -> list[str]:
     return [
         f"app {app_id}: admins {list(app.admins)}, login_model {app.login_model}, "
         f"max_sessions {app.max_sessions}, unsigned_login {'on' if app.unsigned_login else 'off'}"
+        + (f", webhooks {list(app.webhook_urls)}" if app.webhook_urls else "")
         for app_id, app in sorted(settings.apps.items())
     ]

@@ -22,6 +22,7 @@ from presence.gateway.tcp import start_tcp_server
 from presence.gateway.ws import create_ws_app
 from presence.service import Presence
 from presence.store import open_store
+from presence.webhooks import WebhookWorker
 
 log = logging.getLogger("presence.server")
 
@@ -81,11 +82,14 @@ class Running:
     _servers: list[asyncio.Server] = field(default_factory=list)
     _runners: list[web.AppRunner] = field(default_factory=list)
     embedded: bool = False
+    webhooks: WebhookWorker | None = None
 
     async def stop(self) -> None:
         for server in self._servers:
             server.close()  # stop accepting first
         await self.hub.stop()
+        if self.webhooks is not None:  # after the hub: the sessions' last logouts are in the feed by now
+            await self.webhooks.stop()
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 2)
@@ -119,6 +123,9 @@ async def start(settings: Settings) -> Running:
     hub.capacity = capacity
     await hub.start()
     running = Running(settings, presence, hub, embedded=embedded)
+    if WebhookWorker.enabled(settings):
+        running.webhooks = WebhookWorker(presence, settings, node_id)
+        await running.webhooks.start()
     if _enabled(settings.tcp_port):
         server = await start_tcp_server(hub, settings.host, settings.tcp_port)
         running._servers.append(server)
