@@ -81,6 +81,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     webhook_timeout: float = 5.0
     apps: Mapping[int, AppConfig] = msgspec.field(default_factory=dict)
     dev_mode: bool = False
+    # Dev mode's key for app 10000 (None: a new random one at each start, which invalidates old userSigns).
+    dev_key: str | None = None
 
     def app(self, app_id: int) -> AppConfig | None:
         return self.apps.get(app_id)
@@ -114,6 +116,7 @@ class _Layer(msgspec.Struct, forbid_unknown_fields=True):
     webhook_attempts: Annotated[int, msgspec.Meta(ge=1)] | msgspec.UnsetType = msgspec.UNSET
     webhook_backoff: _Seconds | msgspec.UnsetType = msgspec.UNSET
     webhook_timeout: Annotated[float, msgspec.Meta(gt=0)] | msgspec.UnsetType = msgspec.UNSET
+    dev_key: Annotated[str, msgspec.Meta(min_length=1)] | msgspec.UnsetType | None = msgspec.UNSET
 
     def values(self) -> dict[str, Any]:
         return {f: v for f in self.__struct_fields__ if (v := getattr(self, f)) is not msgspec.UNSET}
@@ -140,6 +143,7 @@ _ENV = {
     "webhook_attempts": ("PRESENCE_WEBHOOK_ATTEMPTS",),
     "webhook_backoff": ("PRESENCE_WEBHOOK_BACKOFF",),
     "webhook_timeout": ("PRESENCE_WEBHOOK_TIMEOUT",),
+    "dev_key": ("PRESENCE_DEV_KEY",),
 }
 
 
@@ -226,10 +230,10 @@ def load_settings(
 
 
 def with_dev_app(settings: Settings) -> Settings:
-    """No app configured: dev mode with app 10000 and a random key."""
+    """No app configured: dev mode with app 10000 and ``dev_key`` (PRESENCE_DEV_KEY), else a random key."""
     if settings.apps:
         return settings
-    app = AppConfig(private_key=secrets.token_urlsafe(24))
+    app = AppConfig(private_key=settings.dev_key or secrets.token_urlsafe(24))
     return msgspec.structs.replace(settings, apps={DEV_APP_ID: app}, dev_mode=True)
 
 

@@ -161,6 +161,11 @@ def _announce(running: Running, node_id: str) -> None:
     )
     if s.dev_mode:
         key = s.apps[DEV_APP_ID].private_key
+        if not running.embedded and not s.dev_key:
+            log.warning(
+                "dev mode on a real Redis: the key is new at each start, so userSigns from an earlier start "
+                "fail (60003); set PRESENCE_DEV_KEY to keep one across restarts"
+            )
         sample = generate_user_sign(DEV_APP_ID, key, "alice")
         print(
             f"dev mode: app {DEV_APP_ID}, private key {key}\n"

@@ -147,3 +147,22 @@ def test_bad_app_heartbeat_timeout(tmp_path: Path, value: str, message: str) -> 
     conf.write_text(f'[apps.1]\nprivate_key = "k"\nheartbeat_timeout = {value}\n')
     with pytest.raises(ParamError, match=re.escape(message)):
         load_settings(conf, env={})
+
+
+def test_dev_mode_keeps_its_key_across_restarts_with_presence_dev_key() -> None:
+    kept = [with_dev_app(load_settings(env={"PRESENCE_DEV_KEY": "stay"})).apps[10000].private_key for _ in range(2)]
+    assert kept == ["stay", "stay"]
+    fresh = {with_dev_app(load_settings(env={})).apps[10000].private_key for _ in range(2)}
+    assert len(fresh) == 2  # without it, a new key at each start
+
+
+def test_feed_and_webhook_settings_from_environment_and_toml(tmp_path: Path) -> None:
+    env = {"PRESENCE_FEED_SHARDS": "8", "PRESENCE_FEED_MAXLEN": "500", "PRESENCE_WEBHOOK_ATTEMPTS": "3"}
+    s = load_settings(env=env)
+    assert (s.feed_shards, s.feed_maxlen, s.webhook_attempts) == (8, 500, 3)
+    conf = tmp_path / "p.toml"
+    conf.write_text('[apps.1]\nprivate_key = "k"\nwebhook_urls = ["http://127.0.0.1:9/hook"]\n')
+    assert load_settings(conf, env={}).apps[1].webhook_urls == ("http://127.0.0.1:9/hook",)
+    conf.write_text('[apps.1]\nprivate_key = "k"\nwebhook_urls = ["ftp://x"]\n')
+    with pytest.raises(ParamError, match="webhook_urls"):
+        load_settings(conf, env={})
