@@ -182,8 +182,8 @@ local function user_version(status)
 end
 
 local function feed_add(outbox, maxlen, ttl_ms, fields)
-  redis.call('XADD', outbox, 'MAXLEN', '~', maxlen, '*', unpack(fields))
-  redis.call('PEXPIRE', outbox, ttl_ms)
+  redis.call('XADD', outbox, 'MAXLEN', '~', to_int(maxlen) or 1000, '*', unpack(fields))
+  redis.call('PEXPIRE', outbox, to_int(ttl_ms) or 86400000)
 end
 
 local function session_fields(event, app_id, user_id, ct, imei, reason, online, sessions, version, now)

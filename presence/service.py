@@ -205,6 +205,44 @@ class Presence:
             args += [last, len(flat), *flat]
         return (keys[0], fcall("presence_feed_append", keys, args)), last
 
+    async def relay_outboxes(self, cursors: dict[Any, int], count: int = 500) -> int:
+        """One SCAN step per primary over the users' feed outboxes; relays any that still hold entries.
+
+        The normal path relays a change's entry right after it; this catches an entry whose caller died
+        between the two steps and whose user changes no more. ``cursors`` (primary -> SCAN cursor) is
+        kept by the caller between rounds; a full pass visits every key once. Returns entries relayed.
+        """
+        pattern = f"{self.keys.prefix}:{{*}}:outbox"
+        relayed = 0
+        for node in self.store.primaries():
+            try:
+                reply = await self.store.on_node(
+                    node, "SCAN", cursors.get(node, 0), "MATCH", pattern, "COUNT", count, "TYPE", "stream"
+                )
+                cursor, keys = reply
+                if isinstance(cursor, dict):  # a cluster client names the node: ({node: cursor}, keys)
+                    (cursor,) = cursor.values()
+            except Exception as exc:  # next round
+                log.debug("outbox scan failed: %r", exc)
+                continue
+            cursors[node] = int(cursor)
+            for raw in keys:
+                parsed = _outbox_user(self.keys.prefix, _text(raw))
+                if parsed is not None:
+                    relayed += await self.relay_user(*parsed)
+        return relayed
+
+    async def relay_user(self, app_id: int, user_id: str) -> int:
+        """Relay whatever waits in one user's outbox (idempotent: the cursor skips what was appended)."""
+        keys = self.user(app_id, user_id)
+        pending = await self._one(keys.outbox, *self._outbox_read(keys))
+        relay = self._relay(app_id, user_id, pending)
+        if relay is None:
+            return 0
+        (reply,) = await self._run([relay[0]], raise_errors=False)
+        await self._relayed(app_id, user_id, relay[1], reply)
+        return 0 if isinstance(reply, BaseException) else int(reply[0])
+
     async def online_counts(self) -> dict[int, OnlineCount]:
         """Users online and sessions by client type, per app, summed over every counters HASH (exact:
         each moves in the same function call as the session it counts). One pipeline per primary."""
@@ -676,6 +714,15 @@ class Presence:
 
 
 RawEntry = tuple[bytes, list[bytes]]
+
+
+def _outbox_user(prefix: str, key: str) -> tuple[int, str] | None:
+    """(appId, userId) of ``<prefix>:{appId:userId}:outbox``, or None for another key."""
+    head, tail = f"{prefix}:{{", "}:outbox"
+    if not (key.startswith(head) and key.endswith(tail)):
+        return None
+    app, sep, user = key[len(head) : -len(tail)].partition(":")
+    return (int(app), user) if sep and app.isdigit() and user else None
 
 
 def _text(value: Any) -> str:

@@ -197,3 +197,23 @@ async def test_online_count_needs_an_app_admin(make_node: MakeNode) -> None:
         url = f"http://127.0.0.1:{node.http_port}/v1/user/queryOnlineCount"
         async with http.post(url, params=params, json={}) as resp:
             assert resp.status == 403 and "admin" in (await resp.json())["msg"]
+
+
+async def test_the_outbox_sweep_relays_an_entry_whose_user_changes_no_more(facade: Presence) -> None:
+    """The caller died after the user's own call and the user does nothing more: a gateway's periodic
+    sweep (a SCAN over the outboxes, one step per primary per round) relays the entry."""
+    p = facade
+    await p.login(APP, "dora", IOS, "phone")
+    keys = p.user(APP, "dora")
+    args = [*p.fn.logout_args(APP, "dora", IOS, "phone", ""), "close", 1000, 60_000]
+    await p.store.one(keys.sessions, *fcall("presence_logout", p._state_keys(keys, APP, "dora"), args))
+    assert [e["event"] for e in await entries(p, "dora")] == ["login"]
+    cursors: dict[Any, int] = {}
+    relayed = await p.relay_outboxes(cursors)
+    while any(cursors.values()):  # the rest of the SCAN pass
+        relayed += await p.relay_outboxes(cursors)
+    assert relayed == 1
+    assert [(e["event"], e["reason"]) for e in await entries(p, "dora")] == [("login", "login"), ("logout", "close")]
+    assert await p.redis.xlen(keys.outbox) == 0
+    assert await p.relay_outboxes({}) == 0  # nothing twice
+    assert len(await entries(p, "dora")) == 2

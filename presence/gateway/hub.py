@@ -164,6 +164,7 @@ class Hub:
         self._pending: set[asyncio.Task[object]] = set()
         self.sweep_interval = 5.0
         self.reconcile_interval = 30.0
+        self.outbox_sweep_interval = 2.0  # one SCAN step (COUNT 500) per primary each time
         self._suspects: set[str] = set()
         self.keeper = NodeKeeper(presence, node_id, settings.node_ttl, on_reaped=self._reaped_meanwhile)
         self.closing = False
@@ -184,6 +185,7 @@ class Hub:
             self._sweep(),
             self._idle_check(),
             self._reconcile_loop(),
+            self._outbox_sweep(),
             self.keeper.run(),
         )
         for coro in loops:
@@ -373,6 +375,19 @@ class Hub:
         for member in confirmed:
             await self._logout_member(member, "reconciled")
         return len(confirmed)
+
+    async def _outbox_sweep(self) -> None:
+        """Relay feed entries left in users' outboxes by a caller that died between the two steps."""
+        cursors: dict[object, int] = {}
+        while not self.closing:
+            await asyncio.sleep(self.outbox_sweep_interval)
+            try:
+                if await self.presence.relay_outboxes(cursors):
+                    log.info("relayed change feed entries left in outboxes")
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("outbox sweep failed; retrying next round")
 
     async def _reconcile_loop(self) -> None:
         while not self.closing:
