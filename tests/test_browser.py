@@ -370,6 +370,9 @@ async def test_client_requests_kick_and_refused_login(server: Server, browser: B
     # Requests over the socket: resolved with the envelope's data or rejected with {code, msg}.
     result = await page.evaluate("() => phone1.subscribe(['ivy'], 60000)")
     assert result["liveSubscriptions"] == 1 and result["expireAt"] > 0
+    assert result["users"]["ivy"]["status"] == 2  # the snapshot of the target
+    listed = await page.evaluate("() => phone1.querySubscriptions()")
+    assert listed["subscriptions"] == [{"userId": "ivy", "expireAt": result["expireAt"]}]
     assert await page.evaluate("() => phone1.pull()") == {}
     pulled = await page.evaluate("() => phone1.pull(['ivy', 'hank'])")
     assert pulled["ivy"]["status"] == 2 and pulled["hank"]["status"] == 1
