@@ -547,3 +547,64 @@ def test_fuzz_codec_and_sign_verifier_briefly(tmp_path: Path) -> None:
 def test_generate_still_verifies() -> None:  # the bounds must not refuse a real sign with a long identifier
     user = "é" * 32
     verify_user_sign(generate_user_sign(APP, KEY, user), APP, KEY, user)
+
+
+# --- follow-ups (found by attacking the landed work) ----------------------------------------------------
+
+# A. lastEventId must be a stream id Redis accepts, and one user's inbox must never block another's pushes.
+BAD_EVENT_IDS = ["0-99999999999999999999", "18446744073709551616-0", "1-1\n", "\u0661-\u0661", "1-", "-1"]
+
+
+@pytest.mark.parametrize("last", BAD_EVENT_IDS, ids=["seq>uint64", "ms>uint64", "newline", "arabic-digits", "1-", "-1"])
+async def test_followup_a_last_event_id_out_of_range_is_refused(make_node: MakeNode, last: str) -> None:
+    node = await make_node(offline_grace=30)
+    client = await WsClient.connect(node.ws_port, imei="tab")
+    await client.login("alice", lastEventId=None)
+    await client.close()  # dropped: the session lives on for the grace
+    client = await WsClient.connect(node.ws_port, imei="tab")
+    error = await client.login("alice", lastEventId=last)
+    assert error.command == Command.ERROR and error.data["code"] == Code.PARAMETER_ERROR
+    assert "lastEventId must be a stream id" in error.data["msg"]
+    assert await client.closed()
+
+
+async def test_followup_a_last_event_id_beyond_the_inbox_does_not_resume(make_node: MakeNode, facade: Presence) -> None:
+    node = await make_node(offline_grace=30)
+    await facade.add_friend(APP, "carol", "alice")
+    client = await WsClient.connect(node.ws_port, imei="tab")
+    await client.login("alice", lastEventId=None)
+    await facade.set_custom_status(APP, "carol", 1, "one")
+    seen = await expect(client, Command.CUSTOM_NOTIFY)
+    await client.close()
+    client = await WsClient.connect(node.ws_port, imei="tab")
+    ms = int(seen.pack["eventId"].split("-")[0])
+    future = f"{ms + 10**9}-0"  # an id the inbox never held
+    ack = await client.login("alice", lastEventId=future)
+    assert ack.command == Command.LOGINACK and ack.data["resumed"] is False
+    assert ack.data["lastEventId"] != future
+    await facade.set_custom_status(APP, "carol", 1, "two")  # pushes still flow from the real cursor
+    assert (await expect(client, Command.CUSTOM_NOTIFY)).data["customText"] == "two"
+    await client.close()
+
+
+async def test_followup_a_an_unreadable_inbox_does_not_block_other_users_pushes(
+    make_node: MakeNode, facade: Presence, store_redis: Any
+) -> None:
+    node = await make_node()
+    await facade.add_friend(APP, "carol", "bob")
+    alice = await WsClient.connect(node.ws_port, imei="alice-tab")
+    await alice.login("alice")
+    bob = await WsClient.connect(node.ws_port, imei="bob-tab")
+    await bob.login("bob")
+    # Alice's inbox turns into something XREAD refuses (WRONGTYPE, like an id Redis calls invalid), and a
+    # doorbell makes the delivery loop read it: every batch holding it used to fail, bob's pushes too.
+    inbox = node.presence.inbox_key(APP, "alice")
+    await store_redis.delete(inbox)
+    await store_redis.set(inbox, "not a stream")
+    await store_redis.publish(node.presence.doorbell_channel(node.hub.node_id), json.dumps([inbox]))
+    error = await expect(alice, Command.ERROR)
+    assert error.data == {"code": Code.SYSTEM_ERROR, "msg": "system error", "requestId": error.data["requestId"]}
+    await facade.set_custom_status(APP, "carol", 1, "still here")
+    assert (await expect(bob, Command.CUSTOM_NOTIFY, timeout=3)).data["customText"] == "still here"
+    await alice.close()
+    await bob.close()

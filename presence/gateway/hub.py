@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import struct
 import time
 from typing import Protocol
@@ -18,7 +19,7 @@ from typing import Protocol
 import msgspec
 
 from presence.config import Settings
-from presence.errors import Code
+from presence.errors import Code, UnavailableError
 from presence.gateway.codec import SERVER_HEADER, Command, encode_tcp, pack_head
 from presence.metrics import CONNECTIONS, CONNECTIONS_REFUSED, DELIVERIES, DOORBELLS, LOGIN_TIMEOUTS, LOGINS, LOGOUTS
 from presence.models import ChangeResult
@@ -284,9 +285,13 @@ class Hub:
         resumed: bool | None = None
         if last_event_id is not None:
             # Only a device whose session survived (a reconnect within the grace) can have missed nothing.
-            resumed = not result.changed and await self.presence.inbox_resume(inbox, last_event_id)
+            # An id beyond the inbox's last entry was never delivered: no resume from the future.
+            asked = parse_event_id(last_event_id)
+            resumed = (
+                not result.changed and asked <= conn.cursor and await self.presence.inbox_resume(inbox, last_event_id)
+            )
             if resumed:
-                conn.cursor = min(conn.cursor, parse_event_id(last_event_id))
+                conn.cursor = asked
         if conn.ended:  # the socket went away while we were logging in
             await self._logout(conn, "close")
             return format_event_id(conn.cursor), resumed
@@ -458,7 +463,7 @@ class Hub:
                 if not batch:
                     break
                 try:
-                    replies = await self.presence.read_inboxes(batch, count=READ_COUNT)
+                    replies = await self._read(batch)
                 except asyncio.CancelledError:
                     raise
                 except Exception:
@@ -470,6 +475,30 @@ class Hub:
                     self.dispatch(inbox, entries)
                     if len(entries) >= READ_COUNT:
                         self._dirty.add(inbox)
+
+    async def _read(self, batch: dict[str, str]) -> list[tuple[str, list[tuple[bytes, list[bytes]]]]]:
+        """``read_inboxes``, but an inbox Redis refuses to read (a bad cursor, a key of another type) does
+        not block the others: a refused batch is split in halves until the culprit reads alone, and its
+        connections are closed with a system error (they reconnect and resume or re-pull).
+        Redis being unreachable is raised as is (the caller retries the whole batch)."""
+        try:
+            return await self.presence.read_inboxes(batch, count=READ_COUNT)
+        except UnavailableError:
+            raise
+        except Exception as exc:
+            if len(batch) > 1:
+                items = list(batch.items())
+                half = len(items) // 2
+                return await self._read(dict(items[:half])) + await self._read(dict(items[half:]))
+            ((inbox, cursor),) = batch.items()
+            self._unreadable(inbox, cursor, exc)
+            return []
+
+    def _unreadable(self, inbox: str, cursor: str, exc: Exception) -> None:
+        rid = secrets.token_hex(8)
+        log.error("request %s: reading inbox %s from %s failed (%r); closing its connections", rid, inbox, cursor, exc)
+        for conn in list(self.by_inbox.pop(inbox, {}).values()):
+            self._spawn(conn.fail(Code.SYSTEM_ERROR, "system error", rid))
 
     def dispatch(self, inbox: str, entries: list[tuple[bytes, list[bytes]]]) -> None:
         local = self.by_inbox.get(inbox)
