@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import logging
+import re
 import resource
 import subprocess
 import sys
@@ -36,7 +37,7 @@ from presence.gateway.codec import (
     encode_client_frame,
 )
 from presence.gateway.hub import doorbell_inboxes
-from presence.http.app import create_app
+from presence.http.app import MALFORMED_LOG_INTERVAL, EnvelopeRequestHandler, create_app
 from presence.ids import check_imei, check_user_id
 from presence.metrics import REGISTRY
 from presence.service import Presence
@@ -608,3 +609,151 @@ async def test_followup_a_an_unreadable_inbox_does_not_block_other_users_pushes(
     assert (await expect(bob, Command.CUSTOM_NOTIFY, timeout=3)).data["customText"] == "still here"
     await alice.close()
     await bob.close()
+
+
+# B. Every socket of every port counts against the capacity; idle HTTP sockets are closed at a deadline.
+
+
+async def _healthz(port: int) -> int | None:
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/healthz", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                return resp.status
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+
+
+@pytest.mark.parametrize("port", ["http", "ws"])
+async def test_followup_b_idle_sockets_to_http_ports_are_counted_refused_and_closed(port: str) -> None:
+    # capacity 200 - 128 = 72 sockets, plus 32 only the HTTP listeners may use; idle deadline 1 s.
+    proc = ServeProcess(
+        [], env={"PRESENCE_APPS": f"{APP}:{KEY}", "PRESENCE_LOGIN_TIMEOUT": "1"}, preexec_fn=_low_nofile(200, 200)
+    )
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        proc.wait_for_line(r"up to 72 client connections")
+        target = proc.http_port if port == "http" else proc.ws_port
+        for _ in range(185):  # the tester's flood: connect, send nothing
+            idle.append(await asyncio.open_connection("127.0.0.1", target))
+        # Over capacity + spare the server closes a socket at once; the rest at the idle deadline.
+        ends = await asyncio.gather(*(asyncio.wait_for(r.read(), 5) for r, _ in idle), return_exceptions=True)
+        assert all(end == b"" or isinstance(end, ConnectionError) for end in ends), ends
+        proc.wait_for_line(r"at capacity \(72 connections\): refused \d+ new connection")
+        assert await _healthz(proc.http_port) == 200
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{proc.http_port}/metrics") as resp:
+                metrics = await resp.text()
+        refused = re.search(rf'presence_connections_refused_total{{transport="{port}"}} (\S+)', metrics)
+        assert refused and float(refused.group(1)) >= 185 - 72 - 32, metrics
+        gateway = await TcpClient.connect(proc.tcp_port)
+        assert (await gateway.login("dave")).command == Command.LOGINACK
+        await gateway.close()
+        assert "Traceback" not in proc.output()
+    finally:
+        for _, writer in idle:
+            writer.close()
+        proc.kill()
+
+
+async def test_followup_b_rest_sockets_count_against_gateway_capacity(make_node: MakeNode) -> None:
+    node = await make_node(max_connections=3, http_port=free_port())
+    held = [await asyncio.open_connection("127.0.0.1", node.http_port) for _ in range(3)]
+    assert await _healthz(node.http_port) == 200  # the spare keeps REST answering at capacity
+    client = await TcpClient.connect(node.tcp_port)
+    assert await client.closed(), "a gateway socket beyond the capacity was kept"
+    for _, writer in held:
+        writer.close()
+
+
+# H. A sign with bytes after its zlib stream; query values that are not UTF-8; a refusal burst's total.
+
+
+def test_followup_h_sign_with_bytes_after_the_zlib_stream_is_invalid() -> None:
+    good = generate_user_sign(APP, KEY, "alice")
+    packed = base64.b64decode(good.translate(str.maketrans("*-_", "+/=")))
+    for tail in (b"\x00", b"junk", zlib.compress(b"{}")):
+        forged = base64.b64encode(packed + tail).decode().translate(_TO_URL)
+        with pytest.raises(AuthError) as info:
+            verify_user_sign(forged, APP, KEY, "alice")
+        assert info.value.code == Code.USER_SIGN_INVALID
+    verify_user_sign(good, APP, KEY, "alice")
+
+
+@pytest.mark.parametrize("query", ["identifier=%FF", "identifier=%FE", "appId=10000&userSign=%C3", "x%FF=1"])
+async def test_followup_h_query_not_utf8_is_400_naming_the_parameter(rest: TestClient, query: str) -> None:
+    resp = await rest.post(f"{QUERY_USERS}?{query}", data=b"{}")
+    env = await resp.json()
+    assert (resp.status, env["code"]) == (400, Code.PARAMETER_ERROR), env
+    name = query.rsplit("&", 1)[-1].split("=")[0]
+    assert f"query parameter {name} is not valid UTF-8" in env["msg"]
+
+
+async def test_followup_h_a_refusal_burst_is_reported_without_a_later_refusal(
+    make_node: MakeNode, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("presence.sockets.REFUSED_LOG_INTERVAL", 0.5)
+    node = await make_node(max_connections=1)
+    held = await TcpClient.connect(node.tcp_port)
+    assert (await held.login("carol")).command == Command.LOGINACK
+    with caplog.at_level(logging.WARNING, logger="presence.gateway"):
+        for _ in range(4):
+            assert await (await TcpClient.connect(node.tcp_port)).closed()
+        reports: list[str] = []
+        for _ in range(100):  # the timer's report, at most one interval after the first
+            reports = [r.getMessage() for r in caplog.records if "at capacity" in r.getMessage()]
+            if len(reports) == 2:
+                break
+            await asyncio.sleep(0.05)
+    assert [re.search(r"refused (\d+)", r).group(1) for r in reports] == ["1", "3"], reports  # type: ignore[union-attr]
+    await held.close()
+
+
+# G. Malformed HTTP: an envelope that does not echo the input, one log line without traceback.
+
+MALFORMED_HTTP = {
+    "long URL": b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    "long header": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long: " + b"b" * 9000 + b"\r\n\r\n",
+    "bad method": b"G<script>T /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+    "bad chunk size": b"POST " + QUERY_USERS.encode() + b" HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+    b"Content-Type: application/json\r\n\r\nzz<script>\r\n{}\r\n0\r\n\r\n",
+    "CL with TE": b"POST " + QUERY_USERS.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    "bad header": b"GET /healthz HTTP/1.1\r\nHost: x\r\nno colon <script>\r\n\r\n",
+}
+
+
+async def _raw_http(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+        body = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", "0"))), 5)
+        return int(lines[0].split()[1]), headers, body
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("port", ["http", "ws"])
+async def test_followup_g_malformed_http_gets_an_envelope_without_echo_and_one_log_line(
+    make_node: MakeNode, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, port: str
+) -> None:
+    # The report is rate-limited per process: start this test with no report in the interval.
+    monkeypatch.setattr(EnvelopeRequestHandler, "_logged_at", -MALFORMED_LOG_INTERVAL)
+    node = await make_node(http_port=free_port())
+    target = node.http_port if port == "http" else node.ws_port
+    with caplog.at_level(logging.DEBUG):
+        for name, request in MALFORMED_HTTP.items():
+            status, headers, body = await _raw_http(target, request)
+            assert status == 400, (name, status, body)
+            assert headers["content-type"].startswith("application/json"), (name, headers)
+            env = json.loads(body)
+            assert env["code"] == Code.PARAMETER_ERROR and env["requestId"] == headers["x-request-id"], env
+            for echoed in (b"aaaa", b"bbbb", b"<script>", b"zz"):
+                assert echoed not in body, (name, body)
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], [
+        r.getMessage() for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR
+    ]
+    malformed = [r.getMessage() for r in caplog.records if "malformed HTTP request from" in r.getMessage()]
+    assert len(malformed) == 1 and "<script>" not in malformed[0], malformed

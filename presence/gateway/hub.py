@@ -21,10 +21,11 @@ import msgspec
 from presence.config import Settings
 from presence.errors import Code, UnavailableError
 from presence.gateway.codec import SERVER_HEADER, Command, encode_tcp, pack_head
-from presence.metrics import CONNECTIONS, CONNECTIONS_REFUSED, DELIVERIES, DOORBELLS, LOGIN_TIMEOUTS, LOGINS, LOGOUTS
+from presence.metrics import CONNECTIONS, DELIVERIES, DOORBELLS, LOGIN_TIMEOUTS, LOGINS, LOGOUTS
 from presence.models import ChangeResult
 from presence.nodes import NodeKeeper
 from presence.service import Presence, new_conn_id, node_member, parse_node_member
+from presence.sockets import SocketGate
 
 log = logging.getLogger("presence.gateway")
 
@@ -32,7 +33,6 @@ EventId = tuple[int, int]
 READ_COUNT = 100
 READ_BATCH = 500
 LOGOUT_ATTEMPTS = 5
-REFUSED_LOG_INTERVAL = 10.0  # seconds between "at capacity" log lines
 _doorbell_decoder = msgspec.json.Decoder(list[str])
 
 
@@ -168,10 +168,8 @@ class Hub:
         self._suspects: set[str] = set()
         self.keeper = NodeKeeper(presence, node_id, settings.node_ttl, on_reaped=self._reaped_meanwhile)
         self.closing = False
-        # Most client connections at once; the server sets it from the file descriptor limit at start.
-        self.capacity: int | None = settings.max_connections or None
-        self._refused_since_log = 0
-        self._refused_logged_at = -REFUSED_LOG_INTERVAL
+        # Client sockets of every listener; the server sizes it from the file descriptor limit at start.
+        self.gate = SocketGate(settings.max_connections or None)
 
     # --- lifecycle ---
 
@@ -209,6 +207,7 @@ class Hub:
         self._wake.set()
         for task in self._tasks:
             task.cancel()
+        self.gate.close()
         # redis-py can swallow a cancel that lands mid-command; never let that hang the shutdown.
         await asyncio.wait(self._tasks, timeout=2)
         self._tasks.clear()
@@ -219,25 +218,22 @@ class Hub:
 
     # --- sessions ---
 
+    @property
+    def capacity(self) -> int | None:
+        """Most client sockets at once (all listeners), None = no limit."""
+        return self.gate.capacity
+
+    @capacity.setter
+    def capacity(self, value: int | None) -> None:
+        self.gate.capacity = value
+
     def has_room(self, transport: str) -> bool:
         """False (counted, and logged at most every 10 s) when a new connection would exceed the capacity.
 
         The capacity leaves a reserve of file descriptors, so Redis, /healthz and REST keep working
-        while the gateway is full.
+        while the gateway is full (presence/sockets.py). A WebSocket's own socket is already counted.
         """
-        if self.capacity is None or len(self.connections) < self.capacity:
-            return True
-        CONNECTIONS_REFUSED.labels(transport).inc()
-        self._refused_since_log += 1
-        now = time.monotonic()
-        if now - self._refused_logged_at >= REFUSED_LOG_INTERVAL:
-            log.warning(
-                "at capacity (%d connections): refused %d new connection(s) since the last report",
-                self.capacity,
-                self._refused_since_log,
-            )
-            self._refused_logged_at, self._refused_since_log = now, 0
-        return False
+        return self.gate.admit(transport, held=1 if transport == "ws" else 0)
 
     def opened(self, conn: Connection) -> None:
         self.connections.add(conn)
