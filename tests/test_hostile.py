@@ -757,3 +757,30 @@ async def test_followup_g_malformed_http_gets_an_envelope_without_echo_and_one_l
     ]
     malformed = [r.getMessage() for r in caplog.records if "malformed HTTP request from" in r.getMessage()]
     assert len(malformed) == 1 and "<script>" not in malformed[0], malformed
+
+
+# F. Invalid UTF-8 in a WebSocket text message: close code 1007, documented.
+
+PROTOCOL_MD = Path(__file__).resolve().parent.parent / "gateway" / "PROTOCOL.md"
+
+
+async def test_followup_f_invalid_utf8_text_message_closes_1007_as_documented(make_node: MakeNode) -> None:
+    node = await make_node()
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.ws_port)
+    key = base64.b64encode(b"0123456789abcdef").decode()
+    writer.write(
+        f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    assert b" 101 " in await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    payload, mask = b'{"command":9999,"x":"\xff"}', b"\x01\x02\x03\x04"
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    writer.write(bytes([0x81, 0x80 | len(payload)]) + mask + masked)  # a client text frame, masked
+    first, size = await asyncio.wait_for(reader.readexactly(2), 5)
+    body = await reader.readexactly(size)
+    writer.close()
+    assert first == 0x88, "expected a close frame"
+    code = int.from_bytes(body[:2], "big")
+    assert code == 1007
+    close_codes = next(p for p in PROTOCOL_MD.read_text().split("\n\n") if p.startswith("WebSocket close codes"))
+    assert f"{code} a text message that is not valid UTF-8" in close_codes.replace("\n", " ")
