@@ -9,6 +9,7 @@ and ``"true"``/``"false"`` as booleans.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import tomllib
 from collections.abc import Mapping
@@ -18,14 +19,19 @@ from typing import Annotated, Any
 import msgspec
 
 from presence.errors import ParamError
-from presence.ids import MAX_USER_ID_BYTES
+from presence.ids import MAX_USER_ID_BYTES, check_user_id
 
 DEV_APP_ID = 10000
 DEFAULT_ADMINS = ("admin",)
 
 _Admin = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_USER_ID_BYTES)]
-_Seconds = Annotated[float, msgspec.Meta(ge=0)]
+# Every number has a finite upper bound: inf or 1e20 would overflow a timer or a Redis argument later.
+DAY = 86_400.0
+_Seconds = Annotated[float, msgspec.Meta(ge=0, le=DAY)]
 _Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+# Frames carry the app id as a signed 32-bit integer; ids are written in ASCII digits.
+MAX_APP_ID = (1 << 31) - 1
+_APP_ID = re.compile(r"[0-9]{1,10}")
 
 
 class AppConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -106,16 +112,16 @@ class _Layer(msgspec.Struct, forbid_unknown_fields=True):
     node_ttl: _Seconds | msgspec.UnsetType = msgspec.UNSET
     offline_grace: _Seconds | msgspec.UnsetType = msgspec.UNSET
     login_timeout: _Seconds | msgspec.UnsetType = msgspec.UNSET
-    max_connections: Annotated[int, msgspec.Meta(ge=0)] | msgspec.UnsetType = msgspec.UNSET
-    fd_reserve: Annotated[int, msgspec.Meta(ge=0)] | msgspec.UnsetType = msgspec.UNSET
+    max_connections: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] | msgspec.UnsetType = msgspec.UNSET
+    fd_reserve: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] | msgspec.UnsetType = msgspec.UNSET
     prefix: Annotated[str, msgspec.Meta(min_length=1)] | msgspec.UnsetType = msgspec.UNSET
-    inbox_maxlen: Annotated[int, msgspec.Meta(ge=1)] | msgspec.UnsetType = msgspec.UNSET
-    inbox_ttl: _Seconds | msgspec.UnsetType = msgspec.UNSET
+    inbox_maxlen: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | msgspec.UnsetType = msgspec.UNSET
+    inbox_ttl: Annotated[float, msgspec.Meta(ge=0, le=365 * DAY)] | msgspec.UnsetType = msgspec.UNSET
     feed_shards: Annotated[int, msgspec.Meta(ge=1, le=1024)] | msgspec.UnsetType = msgspec.UNSET
-    feed_maxlen: Annotated[int, msgspec.Meta(ge=1)] | msgspec.UnsetType = msgspec.UNSET
-    webhook_attempts: Annotated[int, msgspec.Meta(ge=1)] | msgspec.UnsetType = msgspec.UNSET
-    webhook_backoff: _Seconds | msgspec.UnsetType = msgspec.UNSET
-    webhook_timeout: Annotated[float, msgspec.Meta(gt=0)] | msgspec.UnsetType = msgspec.UNSET
+    feed_maxlen: Annotated[int, msgspec.Meta(ge=1, le=100_000_000)] | msgspec.UnsetType = msgspec.UNSET
+    webhook_attempts: Annotated[int, msgspec.Meta(ge=1, le=1000)] | msgspec.UnsetType = msgspec.UNSET
+    webhook_backoff: Annotated[float, msgspec.Meta(ge=0, le=3600)] | msgspec.UnsetType = msgspec.UNSET
+    webhook_timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] | msgspec.UnsetType = msgspec.UNSET
     dev_key: Annotated[str, msgspec.Meta(min_length=1)] | msgspec.UnsetType | None = msgspec.UNSET
 
     def values(self) -> dict[str, Any]:
@@ -158,23 +164,45 @@ def _decode(value: Any, kind: type[Any], where: str, path: str, *, strict: bool 
         raise ParamError(f"{where}: {message}") from None
 
 
+def _app_id(text: str, where: str) -> int:
+    """An app id: ASCII digits, 1..2^31-1 (frames carry it as int32)."""
+    if not _APP_ID.fullmatch(text) or not 1 <= int(text) <= MAX_APP_ID:
+        raise ParamError(f"{where}: the app id must be an integer 1..{MAX_APP_ID} in ASCII digits, got {text!r}")
+    return int(text)
+
+
+def _checked_admins(app: AppConfig, where: str) -> AppConfig:
+    """Admins are identifiers: held to the userId rule of presence/ids.py."""
+    for i, admin in enumerate(app.admins):
+        try:
+            check_user_id(f"admins[{i}]", admin)
+        except ParamError as exc:
+            raise ParamError(f"{where}: {exc.message}") from None
+    return app
+
+
 def parse_apps_env(text: str) -> dict[int, AppConfig]:
     """``PRESENCE_APPS``: comma-separated ``appId:privateKey[:admins=a|b]`` (admins default ``admin``).
 
-    ``admins=`` with nothing after it means no admin. The key may contain ``:`` but not ``,``.
+    ``admins=`` with nothing after it means no admin; each admin is stripped of surrounding spaces.
+    The key may contain ``:`` but not ``,``. An app id given twice is an error.
     """
     apps: dict[int, AppConfig] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
-        app_id, sep, rest = item.partition(":")
+        app_text, sep, rest = item.partition(":")
         key, has_admins, admins = rest.rpartition(":admins=") if ":admins=" in rest else (rest, "", "")
-        if not sep or not app_id.strip().isdigit() or not key:
+        if not sep or not key:
             raise ParamError(
                 f"PRESENCE_APPS entries look like 10000:privateKey or 10000:privateKey:admins=alice|bob, got {item!r}"
             )
+        app_id = _app_id(app_text.strip(), "PRESENCE_APPS")
+        if app_id in apps:
+            raise ParamError(f"PRESENCE_APPS: app {app_id} is given twice")
+        where = f"PRESENCE_APPS entry {app_id}"
         conf: dict[str, Any] = {"private_key": key}
         if has_admins:
-            conf["admins"] = [a for a in admins.split("|") if a]
-        apps[int(app_id)] = _decode(conf, AppConfig, f"PRESENCE_APPS entry {app_id}", "")
+            conf["admins"] = [a.strip() for a in admins.split("|") if a.strip()]
+        apps[app_id] = _checked_admins(_decode(conf, AppConfig, where, ""), where)
     return apps
 
 
@@ -182,10 +210,11 @@ def _apps_from_toml(table: object, where: str) -> dict[int, AppConfig]:
     if not isinstance(table, dict):
         raise ParamError(f"{where}: apps must be a table of [apps.<id>] tables")
     apps = {}
-    for app_id, conf in table.items():
-        if not str(app_id).isdigit():
-            raise ParamError(f"{where}: [apps.{app_id}]: the app id must be an integer")
-        apps[int(app_id)] = _decode(conf, AppConfig, where, f"apps.{app_id}")
+    for name, conf in table.items():
+        app_id = _app_id(str(name), f"{where}: [apps.{name}]")
+        if app_id in apps:  # [apps.7] and [apps.007]
+            raise ParamError(f"{where}: [apps.{name}]: app {app_id} is given twice")
+        apps[app_id] = _checked_admins(_decode(conf, AppConfig, where, f"apps.{name}"), f"{where}: apps.{name}")
     return apps
 
 

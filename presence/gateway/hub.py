@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import struct
 import time
 from typing import Protocol
@@ -18,12 +19,13 @@ from typing import Protocol
 import msgspec
 
 from presence.config import Settings
-from presence.errors import Code
+from presence.errors import Code, UnavailableError
 from presence.gateway.codec import SERVER_HEADER, Command, encode_tcp, pack_head
-from presence.metrics import CONNECTIONS, CONNECTIONS_REFUSED, DELIVERIES, DOORBELLS, LOGIN_TIMEOUTS, LOGINS, LOGOUTS
+from presence.metrics import CONNECTIONS, DELIVERIES, DOORBELLS, LOGIN_TIMEOUTS, LOGINS, LOGOUTS
 from presence.models import ChangeResult
 from presence.nodes import NodeKeeper
 from presence.service import Presence, new_conn_id, node_member, parse_node_member
+from presence.sockets import SocketGate
 
 log = logging.getLogger("presence.gateway")
 
@@ -31,7 +33,6 @@ EventId = tuple[int, int]
 READ_COUNT = 100
 READ_BATCH = 500
 LOGOUT_ATTEMPTS = 5
-REFUSED_LOG_INTERVAL = 10.0  # seconds between "at capacity" log lines
 _doorbell_decoder = msgspec.json.Decoder(list[str])
 
 
@@ -168,10 +169,8 @@ class Hub:
         self._suspects: set[str] = set()
         self.keeper = NodeKeeper(presence, node_id, settings.node_ttl, on_reaped=self._reaped_meanwhile)
         self.closing = False
-        # Most client connections at once; the server sets it from the file descriptor limit at start.
-        self.capacity: int | None = settings.max_connections or None
-        self._refused_since_log = 0
-        self._refused_logged_at = -REFUSED_LOG_INTERVAL
+        # Client sockets of every listener; the server sizes it from the file descriptor limit at start.
+        self.gate = SocketGate(settings.max_connections or None)
 
     # --- lifecycle ---
 
@@ -210,6 +209,7 @@ class Hub:
         self._wake.set()
         for task in self._tasks:
             task.cancel()
+        self.gate.close()
         # redis-py can swallow a cancel that lands mid-command; never let that hang the shutdown.
         await asyncio.wait(self._tasks, timeout=2)
         self._tasks.clear()
@@ -220,25 +220,22 @@ class Hub:
 
     # --- sessions ---
 
+    @property
+    def capacity(self) -> int | None:
+        """Most client sockets at once (all listeners), None = no limit."""
+        return self.gate.capacity
+
+    @capacity.setter
+    def capacity(self, value: int | None) -> None:
+        self.gate.capacity = value
+
     def has_room(self, transport: str) -> bool:
         """False (counted, and logged at most every 10 s) when a new connection would exceed the capacity.
 
         The capacity leaves a reserve of file descriptors, so Redis, /healthz and REST keep working
-        while the gateway is full.
+        while the gateway is full (presence/sockets.py). A WebSocket's own socket is already counted.
         """
-        if self.capacity is None or len(self.connections) < self.capacity:
-            return True
-        CONNECTIONS_REFUSED.labels(transport).inc()
-        self._refused_since_log += 1
-        now = time.monotonic()
-        if now - self._refused_logged_at >= REFUSED_LOG_INTERVAL:
-            log.warning(
-                "at capacity (%d connections): refused %d new connection(s) since the last report",
-                self.capacity,
-                self._refused_since_log,
-            )
-            self._refused_logged_at, self._refused_since_log = now, 0
-        return False
+        return self.gate.admit(transport, held=1 if transport == "ws" else 0)
 
     def opened(self, conn: Connection) -> None:
         self.connections.add(conn)
@@ -286,9 +283,13 @@ class Hub:
         resumed: bool | None = None
         if last_event_id is not None:
             # Only a device whose session survived (a reconnect within the grace) can have missed nothing.
-            resumed = not result.changed and await self.presence.inbox_resume(inbox, last_event_id)
+            # An id beyond the inbox's last entry was never delivered: no resume from the future.
+            asked = parse_event_id(last_event_id)
+            resumed = (
+                not result.changed and asked <= conn.cursor and await self.presence.inbox_resume(inbox, last_event_id)
+            )
             if resumed:
-                conn.cursor = min(conn.cursor, parse_event_id(last_event_id))
+                conn.cursor = asked
         if conn.ended:  # the socket went away while we were logging in
             await self._logout(conn, "close")
             return format_event_id(conn.cursor), resumed
@@ -475,7 +476,7 @@ class Hub:
                 if not batch:
                     break
                 try:
-                    replies = await self.presence.read_inboxes(batch, count=READ_COUNT)
+                    replies = await self._read(batch)
                 except asyncio.CancelledError:
                     raise
                 except Exception:
@@ -487,6 +488,30 @@ class Hub:
                     self.dispatch(inbox, entries)
                     if len(entries) >= READ_COUNT:
                         self._dirty.add(inbox)
+
+    async def _read(self, batch: dict[str, str]) -> list[tuple[str, list[tuple[bytes, list[bytes]]]]]:
+        """``read_inboxes``, but an inbox Redis refuses to read (a bad cursor, a key of another type) does
+        not block the others: a refused batch is split in halves until the culprit reads alone, and its
+        connections are closed with a system error (they reconnect and resume or re-pull).
+        Redis being unreachable is raised as is (the caller retries the whole batch)."""
+        try:
+            return await self.presence.read_inboxes(batch, count=READ_COUNT)
+        except UnavailableError:
+            raise
+        except Exception as exc:
+            if len(batch) > 1:
+                items = list(batch.items())
+                half = len(items) // 2
+                return await self._read(dict(items[:half])) + await self._read(dict(items[half:]))
+            ((inbox, cursor),) = batch.items()
+            self._unreadable(inbox, cursor, exc)
+            return []
+
+    def _unreadable(self, inbox: str, cursor: str, exc: Exception) -> None:
+        rid = secrets.token_hex(8)
+        log.error("request %s: reading inbox %s from %s failed (%r); closing its connections", rid, inbox, cursor, exc)
+        for conn in list(self.by_inbox.pop(inbox, {}).values()):
+            self._spawn(conn.fail(Code.SYSTEM_ERROR, "system error", rid))
 
     def dispatch(self, inbox: str, entries: list[tuple[bytes, list[bytes]]]) -> None:
         local = self.by_inbox.get(inbox)

@@ -14,7 +14,8 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
+from urllib.parse import unquote_to_bytes
 
 import msgspec
 from aiohttp import web
@@ -242,10 +243,29 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         REST_REQUESTS.labels(route, status).inc()
 
 
+def check_query(request: web.Request) -> None:
+    """ParamError naming the parameter when a query name or value is not UTF-8 once percent-decoded.
+
+    aiohttp (yarl) would decode such bytes to U+FFFD, so ``identifier=%FF`` and ``%FE`` would be the same.
+    """
+    raw = request.rel_url.raw_query_string
+    if "%" not in raw:  # only percent-escapes can carry bytes that are not UTF-8
+        return
+    for pair in raw.split("&"):
+        name, _, value = pair.partition("=")
+        for part in (name, value):
+            try:
+                unquote_to_bytes(part.replace("+", " ")).decode("utf-8")
+            except UnicodeDecodeError:
+                shown = name if name.isascii() and name.isprintable() else repr(name)
+                raise ParamError(f"query parameter {shown[:64]} is not valid UTF-8 once percent-decoded") from None
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error becomes an envelope with a seed code and a real HTTP status; never a stack trace."""
     try:
+        check_query(request)
         return await handler(request)
     except PresenceError as exc:
         if exc.http_status >= 500:  # its message may quote Redis: only the log gets it
@@ -274,6 +294,61 @@ def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
     if exc.status >= 500:
         return system_error(request, f"HTTP {exc.status} {exc.reason}")
     return error_envelope(request, Code.PARAMETER_ERROR, exc.reason, exc.status)
+
+
+# --- malformed HTTP: answered by aiohttp's parser before any middleware runs ---
+
+MALFORMED_LOG_INTERVAL = 10.0  # seconds between "malformed HTTP" log lines
+
+
+class EnvelopeRequestHandler(web.RequestHandler):
+    """aiohttp's connection handler, with its answer to a request its parser refuses (a request line or
+    header over 8190 bytes, a bad method, a bad chunk size, Content-Length with Transfer-Encoding) made
+    an error envelope that does not echo the input, logged as one rate-limited line without traceback.
+
+    aiohttp answers these in ``RequestHandler.handle_error`` (plain text quoting the input, and a logged
+    traceback) before the app, its middlewares or its signals see the request, and offers no public
+    hook for it: overriding that method of the exported ``web.RequestHandler`` is the narrowest way.
+    """
+
+    __slots__ = ()
+    _since_log = 0
+    _logged_at = -MALFORMED_LOG_INTERVAL
+
+    def handle_error(
+        self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        rid = new_request_id()
+        what = type(exc).__name__ if exc is not None else "error"
+        cls = EnvelopeRequestHandler
+        cls._since_log += 1
+        now = time.monotonic()
+        if now - cls._logged_at >= MALFORMED_LOG_INTERVAL:
+            # The class name and the peer only: the exception's text quotes what the client sent.
+            log.warning(
+                "request %s: malformed HTTP request from %s answered %d (%s); %d such since the last report",
+                rid,
+                request.remote,
+                status,
+                what,
+                cls._since_log,
+            )
+            cls._logged_at, cls._since_log = now, 0
+        if request.writer.output_size > 0:  # an answer has begun: the connection can only be dropped
+            raise ConnectionError("response already started")
+        if status >= 500:
+            code, msg = Code.SYSTEM_ERROR, "system error"
+        else:
+            code, msg = Code.PARAMETER_ERROR, f"malformed HTTP request ({what})"
+        response = web.Response(
+            body=_ENCODER.encode(ErrorVO(int(code), msg, None, rid)),
+            status=status,
+            content_type="application/json",
+            charset="utf-8",
+        )
+        response.headers["X-Request-Id"] = rid
+        response.force_close()
+        return response
 
 
 # --- API handlers ---
