@@ -134,6 +134,7 @@ class Server:
         self.name, self.cmd, self.ready, self.env, self.log_path = name, list(cmd), ready, env, log_path
         self.proc: asyncio.subprocess.Process | None = None
         self.ws_port = 0
+        self.control_port = 0  # the ceiling server's change trigger
         self._drain: asyncio.Task[None] | None = None
         self._log: TextIO | None = None
 
@@ -313,3 +314,12 @@ class Worker:
             self._reader.cancel()
             with contextlib.suppress(BaseException):
                 await self._reader
+
+
+def ceiling_server(log_path: Path) -> Server:
+    """The bare aiohttp push/login server (bench.ceiling_server): the machine's ceiling in the same run."""
+    control = free_port()
+    cmd = [PY, "-m", "bench.ceiling_server", "--ws-port", str(free_port()), "--control-port", str(control)]
+    server = Server("ceiling server", cmd, "ceiling listening", dict(os.environ), log_path)
+    server.control_port = control
+    return server

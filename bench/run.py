@@ -28,7 +28,7 @@ from bench.harness import machine_cpu_seconds
 from bench.procs import ROOT, RedisServer, log, presence_command, raise_nofile
 
 RESULTS = ROOT / "bench" / "results"
-SCENARIOS = ("fanout", "query", "memory", "connections")
+SCENARIOS = ("ceiling", "fanout", "query", "memory", "connections")
 
 
 def machine() -> dict[str, Any]:
@@ -151,6 +151,7 @@ async def main_async(mode: scenarios.Mode, only: list[str], command: str) -> dic
     if end_print != results["meta"]["code_fingerprint"]:
         results["meta"]["code_changed_during_run"] = {"code_fingerprint_at_end": end_print}
         log("WARNING: presence/ or lua/ changed while the benchmark ran: the figures mix two versions; run it again")
+    report.derive(results)
     results["targets"] = report.targets(results)
     return results
 
@@ -168,6 +169,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.render:
         results = json.loads((RESULTS / "latest.json").read_text())
+        report.derive(results)
         results["targets"] = report.targets(results)
         write(results)
         return

@@ -1,4 +1,4 @@
-"""The four scenarios: fan-out (ours beside the seed's design), connections, query and memory."""
+"""The scenarios: the machine's ceiling, fan-out (ours beside the seed's design), connections, query and memory."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from redis.asyncio.connection import Connection
 
 from bench import redisstats
 from bench.harness import Change, CpuMeter, Pool, median_of, paced, pct, windowed
-from bench.procs import APP, KEY, RedisServer, Server, log, presence_server, rss_kb, seed_gateway
+from bench.procs import APP, KEY, RedisServer, Server, ceiling_server, log, presence_server, rss_kb, seed_gateway
 from bench.seed_logic import SeedLogic, custom_status_key, session_key
 from presence.config import Settings
 from presence.service import Presence
@@ -122,6 +122,105 @@ def window_for(friends: int) -> int:
 
 def summary_ms(values: list[float]) -> dict[str, float]:
     return {"p50_ms": round(pct(values, 50), 3), "p99_ms": round(pct(values, 99), 3)}
+
+
+# --- ceiling -----------------------------------------------------------------------------------------
+
+
+async def ceiling(ctx: Context) -> dict[str, Any]:
+    """The same client processes and connection counts against a bare aiohttp server (bench.ceiling_server).
+
+    Deliveries/s: per fan-out size, the same windowed closed loop as ``fanout``, each change one pre-encoded
+    frame of the real pack's size written to every connection. Logins/s: the connections scenario's
+    count, processes and concurrency, each login an upgrade, one message and one reply.
+    """
+    mode = ctx.mode
+    server = ceiling_server(ctx.logs_dir / "ceiling.log")
+    await server.start()
+    out: dict[str, Any] = {"by_friends": {}}
+    _, writer = await asyncio.open_connection("127.0.0.1", server.control_port)
+    try:
+        pool = Pool(2)
+        await pool.start()
+        try:
+            for friends in mode.fanout_sizes:
+                out["by_friends"][str(friends)] = await _ceiling_size(ctx, server, pool, writer, friends)
+                await pool.close()
+        finally:
+            await pool.stop()
+        runs: list[dict[str, Any]] = []
+        for r in range(mode.connection_runs):
+            pool = Pool(4)
+            await pool.start()
+            try:
+                users = [f"ceil{r}-{i}" for i in range(mode.connections)]
+                meter = CpuMeter({"server": [server.pid], "clients": pool.pids})
+                meter.start()
+                res = await pool.connect(server.url, users, None, f"ceiling logins run {r + 1}", concurrency=32)
+                cpu = meter.stop()
+                elapsed = (res["t_last"] - res["t_first"]) / 1e9
+                run = {
+                    "count": res["ok"],
+                    "failed": res["fail"],
+                    "logins_per_s": round((res["ok"] - res["retried"] + res["fail"]) / elapsed, 1),
+                    "login_cpu_pct": cpu,
+                }
+                runs.append(run)
+                log(f"ceiling logins run {r + 1}/{mode.connection_runs}: {run['logins_per_s']:,.0f}/s; cpu {cpu}")
+                await pool.close()
+            finally:
+                await pool.stop()
+        out["logins_per_s"] = median_of(runs, "logins_per_s")
+        out["login_runs"] = runs
+    finally:
+        writer.close()
+        await server.stop()
+    by = out["by_friends"]
+    pick = "100" if "100" in by else (next(iter(by)) if by else None)
+    out["deliveries_per_s"] = by[pick]["deliveries_per_s"] if pick else None
+    out["deliveries_per_s_at_friends"] = int(pick) if pick else None
+    return out
+
+
+async def _ceiling_size(
+    ctx: Context, server: Server, pool: Pool, writer: asyncio.StreamWriter, friends: int
+) -> dict[str, Any]:
+    label = f"ceiling friends={friends}"
+    res = await pool.connect(server.url, [f"g{friends}-{i}" for i in range(friends)], None, label)
+    if res["fail"]:
+        raise RuntimeError(f"{label}: {res['fail']} logins failed: {res['errors']}")
+
+    async def change(seq: int, at: int) -> None:
+        writer.write(f"{seq} {at} {friends}\n".encode())
+        await writer.drain()
+
+    tracker = pool.expect()
+    window = window_for(friends)
+    await windowed(change, tracker, window, 0.3)
+    await pool.stats()
+    meter = CpuMeter({"server": [server.pid], "clients": pool.pids})
+    runs: list[dict[str, Any]] = []
+    for r in range(ctx.mode.runs):
+        meter.start()
+        tput = await windowed(change, tracker, window, ctx.mode.throughput_s)
+        cpu = meter.stop()
+        got = await pool.stats()
+        run = {
+            "changes_per_s": round(tput["changes_per_s"], 1),
+            "deliveries_per_s": round(tput["changes_per_s"] * friends, 1),
+            "deliveries_counted": got["received"],
+            "deliveries_expected": tput["changes"] * friends,
+            "cpu_pct": cpu,
+        }
+        runs.append(run)
+        log(f"{label} run {r + 1}/{ctx.mode.runs}: {run['deliveries_per_s']:,.0f} deliveries/s; cpu {cpu}")
+    return {
+        "friends": friends,
+        "window": window,
+        "changes_per_s": median_of(runs, "changes_per_s"),
+        "deliveries_per_s": median_of(runs, "deliveries_per_s"),
+        "runs": runs,
+    }
 
 
 # --- fan-out -----------------------------------------------------------------------------------------
@@ -264,6 +363,8 @@ async def _fanout_size(
             f"p99 {run['p99_ms']} ms; redis {run['redis_commands_per_change']} + "
             f"{run['redis_inner_commands_per_change']} inner commands/change; cpu {cpu}"
         )
+    largest = await _largest_call(ctx, change, tracker, window)
+    log(f"{label}: largest single Redis call {largest['largest_call_ms']} ms ({largest['command']})")
     good = [r for r in runs if "error" not in r]
     keys = [
         "changes_per_s",
@@ -281,6 +382,8 @@ async def _fanout_size(
     ]
     result: dict[str, Any] = {k: median_of(good, k) for k in keys}
     result.update({"friends": friends, "window": window, "runs": runs, "inner_command_names": sorted(inner)})
+    result["largest_call_ms"] = largest["largest_call_ms"]
+    result["largest_call"] = largest
     if good:
         result["cpu_pct"] = {
             k: round(sorted(r["cpu_pct"][k] for r in good)[len(good) // 2], 1) for k in good[0]["cpu_pct"]
@@ -288,6 +391,39 @@ async def _fanout_size(
         result["redis_commands"] = good[len(good) // 2]["redis_commands"]
         result["redis_usec_by_command"] = good[len(good) // 2]["redis_usec_by_command"]
     return result, inner
+
+
+async def _largest_call(ctx: Context, change: Change, tracker: Any, window: int) -> dict[str, Any]:
+    """The longest time one command held Redis (SLOWLOG at threshold 0) over a short extra windowed run.
+
+    Redis runs one command at a time, so this is how long every other client may wait behind one
+    fan-out call. Measured apart from the timed runs (logging every command costs a little).
+    """
+    admin = ctx.admin
+    before = await admin.config_get("slowlog-*")
+    await admin.config_set("slowlog-max-len", 100_000)
+    await admin.config_set("slowlog-log-slower-than", 0)
+    await admin.slowlog_reset()
+    try:
+        tput = await windowed(change, tracker, window, max(0.5, ctx.mode.throughput_s / 2))
+        entries = await admin.slowlog_get(100_000)
+    finally:
+        for k, v in before.items():
+            await admin.config_set(k, v)
+    calls = [e for e in entries if not _text(e["command"]).upper().startswith(("SLOWLOG", "CONFIG"))]
+    top = max(calls, key=lambda e: e["duration"], default=None)
+    fcalls = [e["duration"] for e in calls if _text(e["command"]).upper().startswith("FCALL")]
+    return {
+        "largest_call_ms": round(top["duration"] / 1000, 3) if top else None,
+        "command": _text(top["command"])[:60] if top else None,
+        "largest_fcall_ms": round(max(fcalls) / 1000, 3) if fcalls else None,
+        "mean_fcall_ms": round(sum(fcalls) / len(fcalls) / 1000, 3) if fcalls else None,
+        "changes": tput["changes"],
+    }
+
+
+def _text(v: Any) -> str:
+    return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
 
 
 async def _profile(ctx: Context, server: Server, pool: Pool, presence: Presence, friends: int) -> dict[str, Any]:
