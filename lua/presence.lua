@@ -708,7 +708,7 @@ end
 
 --[[ presence_inbox_trim  (the gateway, for inboxes whose local sessions all received everything)
 KEYS[1] inbox STREAM
-ARGV[1] resume window ms   ARGV[2] the last entry id every local session of the user received
+ARGV[1] resume window ms (>= 1)   ARGV[2] the last entry id every local session of the user received
 Reply: entries left
   Drops the entries up to ARGV[2] that are older than the window (by their id, Redis clock): a client
   reconnecting within the window still resumes from any id it saw. An inbox left empty is deleted (its
@@ -716,12 +716,13 @@ Reply: entries left
 ]]
 local function presence_inbox_trim(keys, args)
   local window, upto = to_int(args[1]), parse_id(args[2])
-  if #keys ~= 1 or window == nil or window < 0 or upto == nil then
-    return param_error('presence_inbox_trim takes 1 key, a window in ms and an entry id')
+  -- A window of at least 1 ms keeps a deleted inbox's last id before any id the next entry can get.
+  if #keys ~= 1 or window == nil or window < 1 or upto == nil then
+    return param_error('presence_inbox_trim takes 1 key, a window of at least 1 ms and an entry id')
   end
   local horizon = now_ms() - window
   local min_id = horizon .. '-0'
-  if upto[1] < horizon then min_id = string.format('%d-%d', upto[1], upto[2] + 1) end
+  if upto[1] <= horizon then min_id = string.format('%d-%d', upto[1], upto[2] + 1) end
   redis.call('XTRIM', keys[1], 'MINID', min_id)
   local left = redis.call('XLEN', keys[1])
   if left == 0 then redis.call('DEL', keys[1]) end

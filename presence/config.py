@@ -78,6 +78,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     prefix: str = "presence"
     inbox_maxlen: int = 100
     inbox_ttl: float = 86400.0
+    # Seconds a delivered inbox entry is kept so a reconnecting client can resume after it; then the gateway
+    # trims it, and drops an inbox left empty. At least offline_grace and node_ttl plus a second; resume
+    # after a silently dead socket needs heartbeat_timeout + offline_grace (30 + 3 by default).
+    resume_window: float = 60.0
+    # Gateway processes of `presence serve` (SO_REUSEPORT on the TCP and WebSocket ports, REST once).
+    workers: int = 1
     # The change feed: partitions per app (a user's entries all go to one) and entries kept per partition.
     feed_shards: int = 4
     feed_maxlen: int = 100_000
@@ -117,6 +123,8 @@ class _Layer(msgspec.Struct, forbid_unknown_fields=True):
     prefix: Annotated[str, msgspec.Meta(min_length=1)] | msgspec.UnsetType = msgspec.UNSET
     inbox_maxlen: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | msgspec.UnsetType = msgspec.UNSET
     inbox_ttl: Annotated[float, msgspec.Meta(ge=0, le=365 * DAY)] | msgspec.UnsetType = msgspec.UNSET
+    resume_window: Annotated[float, msgspec.Meta(ge=1, le=DAY)] | msgspec.UnsetType = msgspec.UNSET
+    workers: Annotated[int, msgspec.Meta(ge=1, le=256)] | msgspec.UnsetType = msgspec.UNSET
     feed_shards: Annotated[int, msgspec.Meta(ge=1, le=1024)] | msgspec.UnsetType = msgspec.UNSET
     feed_maxlen: Annotated[int, msgspec.Meta(ge=1, le=100_000_000)] | msgspec.UnsetType = msgspec.UNSET
     webhook_attempts: Annotated[int, msgspec.Meta(ge=1, le=1000)] | msgspec.UnsetType = msgspec.UNSET
@@ -144,6 +152,8 @@ _ENV = {
     "prefix": ("PRESENCE_PREFIX",),
     "inbox_maxlen": ("PRESENCE_INBOX_MAXLEN",),
     "inbox_ttl": ("PRESENCE_INBOX_TTL",),
+    "resume_window": ("PRESENCE_RESUME_WINDOW",),
+    "workers": ("PRESENCE_WORKERS",),
     "feed_shards": ("PRESENCE_FEED_SHARDS",),
     "feed_maxlen": ("PRESENCE_FEED_MAXLEN",),
     "webhook_attempts": ("PRESENCE_WEBHOOK_ATTEMPTS",),
@@ -255,7 +265,14 @@ def load_settings(
     for name, value in overrides.items():
         if value is not None:
             values.update(_decode({name: value}, _Layer, f"option --{name.replace('_', '-')}", "").values())
-    return Settings(**values, apps=apps)
+    settings = Settings(**values, apps=apps)
+    floor = max(settings.offline_grace, settings.node_ttl) + 1
+    if settings.resume_window < floor:
+        raise ParamError(
+            f"resume_window must be at least offline_grace and node_ttl plus 1 s ({floor:g} s here), "
+            f"got {settings.resume_window:g}"
+        )
+    return settings
 
 
 def with_dev_app(settings: Settings) -> Settings:

@@ -688,6 +688,17 @@ class Presence:
                 out.append((name, [(i, [x for kv in fields.items() for x in kv]) for i, fields in entries]))
         return out
 
+    async def trim_inboxes(self, cursors: dict[str, str], window_ms: int, batch: int = 500) -> None:
+        """presence_inbox_trim for each inbox up to its cursor (entries older than ``window_ms`` only),
+        one pipeline per primary per ``batch`` inboxes."""
+        items = list(cursors.items())
+        for start in range(0, len(items), batch):
+            commands: list[Command] = [
+                (inbox, fcall("presence_inbox_trim", [inbox], [window_ms, cursor]))
+                for inbox, cursor in items[start : start + batch]
+            ]
+            await self._run(commands, raise_errors=False)
+
     async def inbox_resume(self, inbox: str, last_id: str) -> bool:
         """Whether an inbox still holds every entry after ``last_id`` (else the client must re-pull).
 
@@ -703,6 +714,9 @@ class Presence:
             return True
         if isinstance(info, BaseException):
             raise info
+        deleted = info.get("max-deleted-entry-id")
+        if deleted is not None:  # Redis 7: the newest entry trimmed or deleted, whatever trimmed it
+            return _id_tuple(_text(deleted)) <= after
         trimmed = int(info["entries-added"]) - int(info["length"])
         first = info.get("first-entry")
         return trimmed == 0 or (first is not None and _id_tuple(first[0].decode()) <= after)

@@ -167,6 +167,7 @@ class Hub:
         self.reconcile_interval = 30.0
         self.outbox_sweep_interval = 2.0  # one SCAN step (COUNT 500) per primary each time
         self._suspects: set[str] = set()
+        self._trimmed: dict[str, EventId] = {}  # inbox -> the cursor it was last trimmed to
         self.keeper = NodeKeeper(presence, node_id, settings.node_ttl, on_reaped=self._reaped_meanwhile)
         self.closing = False
         # Client sockets of every listener; the server sizes it from the file descriptor limit at start.
@@ -185,6 +186,7 @@ class Hub:
             self._idle_check(),
             self._reconcile_loop(),
             self._outbox_sweep(),
+            self._trim_inboxes(),
             self.keeper.run(),
         )
         for coro in loops:
@@ -554,6 +556,46 @@ class Hub:
             conn.close(4002, "logged in elsewhere")
             self._spawn(self.end(conn, "kicked"))
         DELIVERIES.inc(delivered)
+
+    # --- inbox memory ---
+
+    def trim_candidates(self, now_ms: int) -> dict[str, str]:
+        """Local inboxes whose local sessions all received an entry older than the resume window: the
+        entries up to it can go (``presence_inbox_trim`` checks the age again on the Redis clock)."""
+        horizon = now_ms - int(self.settings.resume_window * 1000)
+        out: dict[str, str] = {}
+        for inbox, local in self.by_inbox.items():
+            cursor = min(c.cursor for c in local.values())
+            if 0 < cursor[0] <= horizon and self._trimmed.get(inbox) != cursor:
+                out[inbox] = format_event_id(cursor)
+        return out
+
+    async def trim_inboxes(self) -> int:
+        """One round of ``_trim_inboxes``; returns the inboxes trimmed."""
+        batch = self.trim_candidates(int(time.time() * 1000))
+        if not batch:
+            self._trimmed = {k: v for k, v in self._trimmed.items() if k in self.by_inbox}
+            return 0
+        await self.presence.trim_inboxes(batch, int(self.settings.resume_window * 1000))
+        for inbox, cursor in batch.items():
+            self._trimmed[inbox] = parse_event_id(cursor)
+        return len(batch)
+
+    async def _trim_inboxes(self) -> None:
+        """Delivered entries stay resumable for ``resume_window``, then go; an emptied inbox is deleted.
+
+        Without it an inbox kept its delivered entries until MAXLEN or its TTL (24 h): ~4.7 KB of
+        Redis per online user who received anything (BENCHMARKS.md, memory).
+        """
+        interval = min(30.0, max(0.5, self.settings.resume_window / 4))
+        while not self.closing:
+            await asyncio.sleep(interval)
+            try:
+                await self.trim_inboxes()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # next round
+                log.warning("trimming delivered inbox entries failed (%r); retrying next round", exc)
 
     # --- liveness ---
 
