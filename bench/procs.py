@@ -227,9 +227,9 @@ def presence_command(redis_url: str, ws_port: int, node_id: str) -> list[str]:
     ]
 
 
-def presence_server(redis_url: str, node_id: str, log_path: Path) -> Server:
+def presence_server(redis_url: str, node_id: str, log_path: Path, extra: Sequence[str] = ()) -> Server:
     env = {**os.environ, "PRESENCE_APPS": f"{APP}:{KEY}"}
-    cmd = presence_command(redis_url, free_port(), node_id)
+    cmd = [*presence_command(redis_url, free_port(), node_id), *extra]
     return Server("presence serve", cmd, "presence listening", env, log_path)
 
 

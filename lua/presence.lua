@@ -630,10 +630,10 @@ Reply: per user, in KEYS order, 4 items: {session JSON...}, customStatus, custom
 ]]
 local function presence_query_raw(keys, args)
   if #keys % 2 ~= 0 then return param_error('presence_query_raw takes sessions/status key pairs') end
-  local reply, n = {}, 0
+  local reply, n, call = {}, 0, redis.call
   for i = 1, #keys, 2 do
-    local st = redis.call('HMGET', keys[i + 1], 'customStatus', 'customText', 'lastSeen')
-    reply[n + 1] = redis.call('HVALS', keys[i])
+    local st = call('HMGET', keys[i + 1], 'customStatus', 'customText', 'lastSeen')
+    reply[n + 1] = call('HVALS', keys[i])
     reply[n + 2], reply[n + 3], reply[n + 4] = st[1], st[2], st[3]
     n = n + 4
   end
