@@ -85,6 +85,7 @@ class Running:
     _runners: list[web.AppRunner] = field(default_factory=list)
     embedded: bool = False
     webhooks: WebhookWorker | None = None
+    node_id: str = ""
 
     async def stop(self) -> None:
         for server in self._servers:
@@ -104,7 +105,13 @@ HTTP_IDLE_DEFAULT = 75.0  # s an HTTP connection may wait for a complete request
 
 
 async def _site(
-    app: web.Application, host: str, port: int, gate: SocketGate, transport: str, idle: float
+    app: web.Application,
+    host: str,
+    port: int,
+    gate: SocketGate,
+    transport: str,
+    idle: float,
+    reuse_port: bool = False,
 ) -> tuple[web.AppRunner, asyncio.Server]:
     """An aiohttp app on its own listener, every accepted socket counted by ``gate``.
 
@@ -122,11 +129,15 @@ async def _site(
     def handler() -> EnvelopeRequestHandler:  # what ``manager()`` makes, answering malformed HTTP our way
         return EnvelopeRequestHandler(manager, loop=loop, **options)
 
-    server = await loop.create_server(gate.http_protocol(handler, transport), host, port, reuse_address=True)
+    server = await loop.create_server(
+        gate.http_protocol(handler, transport), host, port, reuse_address=True, reuse_port=reuse_port or None
+    )
     return runner, server
 
 
-async def start(settings: Settings) -> Running:
+async def start(settings: Settings, *, reuse_port: bool = False, ready_line: bool = True) -> Running:
+    """Start one node. ``reuse_port``: the TCP and WebSocket listeners share their ports with other worker
+    processes (SO_REUSEPORT); ``ready_line``: print it (a ``--workers`` supervisor prints its own)."""
     settings = with_dev_app(settings)
     for line in describe_apps(settings):
         log.info("%s", line)
@@ -147,11 +158,13 @@ async def start(settings: Settings) -> Running:
         await running.webhooks.start()
     idle = settings.login_timeout or HTTP_IDLE_DEFAULT
     if _enabled(settings.tcp_port):
-        server = await start_tcp_server(hub, settings.host, settings.tcp_port)
+        server = await start_tcp_server(hub, settings.host, settings.tcp_port, reuse_port=reuse_port)
         running._servers.append(server)
         running.tcp_port = server.sockets[0].getsockname()[1]
     if _enabled(settings.ws_port):
-        runner, server = await _site(create_ws_app(hub), settings.host, settings.ws_port, hub.gate, "ws", idle)
+        runner, server = await _site(
+            create_ws_app(hub), settings.host, settings.ws_port, hub.gate, "ws", idle, reuse_port
+        )
         running._runners.append(runner)
         running._servers.append(server)
         running.ws_port = server.sockets[0].getsockname()[1]
@@ -163,7 +176,9 @@ async def start(settings: Settings) -> Running:
         running._runners.append(runner)
         running._servers.append(server)
         running.http_port = server.sockets[0].getsockname()[1]
-    _announce(running, node_id)
+    running.node_id = node_id
+    if ready_line:
+        announce(running, node_id)
     return running
 
 
@@ -171,7 +186,7 @@ def _enabled(port: int) -> bool:
     return port != 0  # as on the command line: 0 disables that listener
 
 
-def _announce(running: Running, node_id: str) -> None:
+def announce(running: Running, node_id: str) -> None:
     s = running.settings
     host = "127.0.0.1" if s.host in ("0.0.0.0", "") else s.host
     mode = running.presence.store.mode
@@ -204,8 +219,13 @@ def _announce(running: Running, node_id: str) -> None:
     print(f"presence listening tcp={running.tcp_port} ws={running.ws_port} http={running.http_port}", flush=True)
 
 
-async def serve(settings: Settings) -> None:
-    running = await start(settings)
+async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
+    if settings.workers > 1:
+        from presence.workers import supervise
+
+        await supervise(settings)
+        return
+    running = await start(settings, reuse_port=reuse_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

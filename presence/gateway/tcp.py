@@ -53,6 +53,9 @@ class TcpConnection(ClientConnection, asyncio.Protocol):
             self.transport.close()  # flushes what was written first
 
 
-async def start_tcp_server(hub: Hub, host: str, port: int) -> asyncio.Server:
+async def start_tcp_server(hub: Hub, host: str, port: int, *, reuse_port: bool = False) -> asyncio.Server:
+    """``reuse_port``: SO_REUSEPORT, so several worker processes share the port (``--workers``)."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: TcpConnection(hub), host, port, reuse_address=True)
+    return await loop.create_server(
+        lambda: TcpConnection(hub), host, port, reuse_address=True, reuse_port=reuse_port or None
+    )
