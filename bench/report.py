@@ -404,6 +404,23 @@ def tables(r: dict[str, Any], chart_path: Path | None) -> str:
                     )
             lines.append("")
 
+    wk = r.get("workers") or {}
+    if wk and "error" not in wk:
+        lines += [
+            "### `presence serve --workers N` (gateway processes sharing the ports, SO_REUSEPORT)",
+            "",
+            "| workers | logins/s | deliveries/s at 100 friends | gateway CPU % during fan-out (all workers) |",
+            "|---:|---:|---:|---:|",
+        ]
+        for n, row in wk.items():
+            runs = row.get("fanout_runs") or [{}]
+            cpu = sorted((x.get("cpu_pct") or {}).get("gateway", 0) for x in runs)[len(runs) // 2]
+            lines.append(
+                f"| {n} | {_n(row.get('logins_per_s'))} | {_n(row.get('deliveries_per_s_100_friends'))} | "
+                f"{_n(cpu)} |" + (f" failed: `{row['error']}`" if row.get("error") else "")
+            )
+        lines.append("")
+
     errs = []
     for name, g in (
         ("fan-out, ours", _get(r, "fanout_gateway_log", "ours")),

@@ -28,7 +28,7 @@ from bench.harness import machine_cpu_seconds
 from bench.procs import ROOT, RedisServer, log, presence_command, raise_nofile
 
 RESULTS = ROOT / "bench" / "results"
-SCENARIOS = ("ceiling", "fanout", "query", "memory", "connections")
+SCENARIOS = ("ceiling", "fanout", "query", "memory", "connections", "workers")
 
 
 def machine() -> dict[str, Any]:

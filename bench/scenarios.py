@@ -616,6 +616,84 @@ async def query(ctx: Context) -> dict[str, Any]:
     }
 
 
+# --- workers -----------------------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+async def workers(ctx: Context) -> dict[str, Any]:
+    """`presence serve --workers 1` beside `--workers 2`: fan-out to 100 friends and logins, same clients."""
+    mode = ctx.mode
+    out: dict[str, Any] = {}
+    friends = 100
+    for n in (1, 2):
+        await ctx.fresh()
+        label = f"workers={n}"
+        server = presence_server(
+            ctx.redis_server.url, f"bench-workers{n}", ctx.logs_dir / f"workers-{n}.log", ["--workers", str(n)]
+        )
+        await server.start()
+        client = Redis.from_url(ctx.redis_server.url)
+        presence = Presence(client, Settings())
+        row: dict[str, Any] = {"workers": n}
+        try:
+            pids = [server.pid, *_children(server.pid)]
+            pool = Pool(4)
+            await pool.start()
+            try:
+                meter = CpuMeter({"gateway": pids, "redis": [ctx.redis_server.pid], "clients": pool.pids})
+                meter.start()
+                users = [f"w{n}-{i}" for i in range(mode.connections)]
+                res = await pool.connect(server.url, users, KEY, f"{label} logins", concurrency=32)
+                row["login_cpu_pct"] = meter.stop()
+                elapsed = (res["t_last"] - res["t_first"]) / 1e9
+                row["logins_per_s"] = round((res["ok"] - res["retried"] + res["fail"]) / elapsed, 1)
+                await pool.close()
+            finally:
+                await pool.stop()
+            pool = Pool(2)
+            await pool.start()
+            try:
+                user, members = f"wc{n}", [f"wf{n}-{i}" for i in range(friends)]
+                await presence.import_friends(APP, user, members)
+                res = await pool.connect(server.url, members, KEY, f"{label} fan-out")
+                change = _change_fn("ours", presence, SeedLogic(client), user)
+                tracker = pool.expect()
+                await windowed(change, tracker, window_for(friends), 0.3)
+                await pool.stats()
+                runs = []
+                for _ in range(mode.runs):
+                    meter = CpuMeter({"gateway": pids, "redis": [ctx.redis_server.pid], "clients": pool.pids})
+                    meter.start()
+                    tput = await windowed(change, tracker, window_for(friends), mode.throughput_s)
+                    runs.append(
+                        {"deliveries_per_s": round(tput["changes_per_s"] * friends, 1), "cpu_pct": meter.stop()}
+                    )
+                    await pool.stats()
+                row["deliveries_per_s_100_friends"] = median_of(runs, "deliveries_per_s")
+                row["fanout_runs"] = runs
+                await pool.close()
+            finally:
+                await pool.stop()
+            log(
+                f"{label}: {row['logins_per_s']:,.0f} logins/s, {row['deliveries_per_s_100_friends']:,.0f} "
+                f"deliveries/s at {friends} friends"
+            )
+        except Exception as exc:
+            row["error"] = repr(exc)
+            log(f"{label} FAILED: {exc!r}")
+        finally:
+            await server.stop()
+            await client.aclose()
+        out[str(n)] = row
+    return out
+
+
 MEMORY_RESUME_WINDOW_S = 5.0
 
 # --- memory ------------------------------------------------------------------------------------------
