@@ -418,6 +418,7 @@ async def _largest_call(ctx: Context, change: Change, tracker: Any, window: int)
         "command": _text(top["command"])[:60] if top else None,
         "largest_fcall_ms": round(max(fcalls) / 1000, 3) if fcalls else None,
         "mean_fcall_ms": round(sum(fcalls) / len(fcalls) / 1000, 3) if fcalls else None,
+        "p99_fcall_ms": round(pct(fcalls, 99) / 1000, 3) if fcalls else None,
         "changes": tput["changes"],
     }
 
