@@ -16,6 +16,7 @@ def test_defaults_match_the_design() -> None:
     assert (s.tcp_port, s.ws_port, s.http_port) == (9000, 19000, 8000)
     assert (s.heartbeat_timeout, s.node_ttl, s.offline_grace) == (30, 10, 3)
     assert s.redis_url is None and s.apps == {}
+    assert (s.resume_window, s.workers) == (60, 1)
 
 
 def test_precedence_toml_env_flags(tmp_path: Path) -> None:
@@ -42,6 +43,11 @@ def test_precedence_toml_env_flags(tmp_path: Path) -> None:
         ({"PRESENCE_APPS": "10000"}, "PRESENCE_APPS entries look like"),
         ({"PRESENCE_TCP_PORT": "nine"}, "PRESENCE_TCP_PORT: Expected `int`, got `str` - at `tcp_port`"),
         ({"PRESENCE_OFFLINE_GRACE": "-1"}, "PRESENCE_OFFLINE_GRACE: Expected `float` >= 0.0 - at `offline_grace`"),
+        ({"PRESENCE_WORKERS": "0"}, "PRESENCE_WORKERS: Expected `int` >= 1 - at `workers`"),
+        (
+            {"PRESENCE_RESUME_WINDOW": "5", "PRESENCE_OFFLINE_GRACE": "10"},
+            r"resume_window must be at least offline_grace and node_ttl plus 1 s \(11 s here\), got 5",
+        ),
     ],
 )
 def test_bad_settings_say_what_is_wrong(env: dict[str, str], message: str) -> None:
