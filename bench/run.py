@@ -120,14 +120,19 @@ async def main_async(mode: scenarios.Mode, only: list[str], command: str) -> dic
                 if name == "fanout":
                     ours = await scenarios.fanout(ctx, "ours")
                     profile = ours.pop("profile", None)
-                    baseline = await scenarios.fanout(ctx, "baseline")
+                    try:
+                        baseline = await scenarios.fanout(ctx, "baseline")
+                    except Exception as exc:  # ours stays reported
+                        log(f"scenario fanout (baseline) FAILED: {exc!r}")
+                        traceback.print_exc()
+                        baseline = {"error": repr(exc)}
                     results["fanout_gateway_log"] = {
                         "ours": ours.pop("gateway_log", None),
                         "baseline": baseline.pop("gateway_log", None),
                     }
                     fan: dict[str, Any] = {}
                     for size, value in ours.items():
-                        value["baseline"] = baseline.get(size)
+                        value["baseline"] = baseline.get(size) if "error" not in baseline else None
                         b = (value["baseline"] or {}).get("deliveries_per_s")
                         if b and value.get("deliveries_per_s"):
                             value["ratio_deliveries_vs_baseline"] = round(value["deliveries_per_s"] / b, 2)

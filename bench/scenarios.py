@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.connection import Connection
+from redis.asyncio.connection import BlockingConnectionPool, Connection
 
 from bench import redisstats
 from bench.harness import Change, CpuMeter, Pool, median_of, paced, pct, windowed
@@ -237,7 +237,9 @@ async def fanout(ctx: Context, system: str) -> dict[str, Any]:
     await server.start()
     pool = Pool(2)
     await pool.start()
-    client = Redis.from_url(ctx.redis_server.url)
+    # The paced phase is an open loop: on a loaded machine more changes are in flight than a default pool
+    # holds (100, then MaxConnectionsError); a blocking pool makes them wait for a connection instead.
+    client = Redis(connection_pool=BlockingConnectionPool.from_url(ctx.redis_server.url, max_connections=256))
     presence = Presence(client, Settings())
     seed = SeedLogic(client)
     if system == "ours":
