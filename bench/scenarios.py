@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.connection import BlockingConnectionPool, Connection
+from redis.asyncio.connection import BlockingConnectionPool
 
 from bench import redisstats
 from bench.harness import Change, CpuMeter, Pool, median_of, paced, pct, windowed
@@ -17,6 +17,7 @@ from bench.procs import APP, KEY, RedisServer, Server, ceiling_server, log, pres
 from bench.seed_logic import SeedLogic, custom_status_key, session_key
 from presence.config import Settings
 from presence.service import Presence
+from presence.wire import HiredisPackingConnection
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class Context:
         await self.admin.config_resetstat()
 
 
-class CountingConnection(Connection):
+class CountingConnection(HiredisPackingConnection):
     """Counts writes to Redis: one per command, one per pipeline, i.e. one per round trip."""
 
     sends = 0
@@ -93,6 +94,17 @@ class CountingConnection(Connection):
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         CountingConnection.sends += 1
         await super().send_packed_command(command, check_health)
+
+
+def driver_client(url: str) -> Redis:
+    """The driver's client, as the service makes one (presence.store.open_redis): commands packed by hiredis,
+    and a blocking pool (the paced phase is an open loop: on a loaded machine more changes are in flight
+    than a default pool holds, 100, and it would raise MaxConnectionsError instead of waiting)."""
+    return Redis(
+        connection_pool=BlockingConnectionPool.from_url(
+            url, max_connections=256, connection_class=HiredisPackingConnection
+        )
+    )
 
 
 async def drain_logouts(admin: Redis, node_id: str, timeout: float = 30.0) -> int:
@@ -237,9 +249,7 @@ async def fanout(ctx: Context, system: str) -> dict[str, Any]:
     await server.start()
     pool = Pool(2)
     await pool.start()
-    # The paced phase is an open loop: on a loaded machine more changes are in flight than a default pool
-    # holds (100, then MaxConnectionsError); a blocking pool makes them wait for a connection instead.
-    client = Redis(connection_pool=BlockingConnectionPool.from_url(ctx.redis_server.url, max_connections=256))
+    client = driver_client(ctx.redis_server.url)
     presence = Presence(client, Settings())
     seed = SeedLogic(client)
     if system == "ours":
@@ -641,7 +651,7 @@ async def workers(ctx: Context) -> dict[str, Any]:
             ctx.redis_server.url, f"bench-workers{n}", ctx.logs_dir / f"workers-{n}.log", ["--workers", str(n)]
         )
         await server.start()
-        client = Redis.from_url(ctx.redis_server.url)
+        client = driver_client(ctx.redis_server.url)
         presence = Presence(client, Settings())
         row: dict[str, Any] = {"workers": n}
         try:

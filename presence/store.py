@@ -36,6 +36,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.crc import key_slot
 
 from presence.errors import ParamError
+from presence.wire import HiredisPackingConnection
 
 log = logging.getLogger("presence.store")
 
@@ -305,8 +306,11 @@ def open_redis(url: str | None, max_connections: int = MAX_CONNECTIONS) -> tuple
     logouts waits its turn rather than losing sessions to "Too many connections".
     """
     if url:
+        options: dict[str, Any] = {}
+        if url.startswith("redis://"):  # TLS and Unix sockets keep redis-py's own classes
+            options["connection_class"] = HiredisPackingConnection
         pool = BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=30, health_check_interval=10
+            url, max_connections=max_connections, timeout=30, health_check_interval=10, **options
         )
         return Redis(connection_pool=pool), False
     import fakeredis
