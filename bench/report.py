@@ -28,20 +28,34 @@ def _n(v: Any, digits: int = 0) -> str:
     return str(v)
 
 
+def _best(runs: Any, key: str) -> float | None:
+    values = [x[key] for x in runs or [] if isinstance(x, dict) and isinstance(x.get(key), int | float)]
+    return max(values) if values else None
+
+
 def derive(r: dict[str, Any]) -> None:
-    """Every fan-out and login figure also as a fraction of the ceiling measured in the same run."""
+    """Every fan-out and login figure also as a fraction of the ceiling measured in the same run.
+
+    The ceiling is the best of its runs (other programs on the machine only ever lower it), so the
+    fractions are conservative: a busy moment during the ceiling runs cannot make ours look closer to it.
+    """
     ceil = r.get("ceiling") or {}
     by = ceil.get("by_friends") or {}
+    for row in by.values():
+        if isinstance(row, dict) and row.get("runs"):
+            row["best_deliveries_per_s"] = _best(row["runs"], "deliveries_per_s")
+    if ceil.get("login_runs"):
+        ceil["best_logins_per_s"] = _best(ceil["login_runs"], "logins_per_s")
     for size, v in (r.get("fanout") or {}).items():
         if not isinstance(v, dict) or "error" in v:
             continue
-        c = _get(by, size, "deliveries_per_s")
+        c = _get(by, size, "best_deliveries_per_s") or _get(by, size, "deliveries_per_s")
         v["ceiling_deliveries_per_s"] = c
         for row in (v, v.get("baseline") or {}):
             d = row.get("deliveries_per_s")
             row["fraction_of_ceiling"] = round(d / c, 3) if c and d else None
     conn = r.get("connections") or {}
-    lc = ceil.get("logins_per_s")
+    lc = ceil.get("best_logins_per_s") or ceil.get("logins_per_s")
     if conn and "error" not in conn:
         conn["ceiling_logins_per_s"] = lc
         lps = conn.get("logins_per_s")
@@ -302,8 +316,8 @@ def tables(r: dict[str, Any], chart_path: Path | None) -> str:
         for size, v in fan.items():
             b = v.get("baseline") or {}
             lines.append(
-                f"| {size} | ceiling (bare aiohttp push) | "
-                f"{_n(_get(r, 'ceiling', 'by_friends', size, 'changes_per_s'))} | "
+                f"| {size} | ceiling (bare aiohttp push, best run) | "
+                f"{_n((v.get('ceiling_deliveries_per_s') or 0) / int(size) or None)} | "
                 f"{_n(v.get('ceiling_deliveries_per_s'))} | 100% | | | | | | | | |"
             )
             lines.append(
@@ -352,7 +366,7 @@ def tables(r: dict[str, Any], chart_path: Path | None) -> str:
             first_fail = sorted(x.get("failed_first_try", 0) for x in runs)
             lines += [
                 "| connections | RSS per connection | logins/s (connect + LOGIN -> LOGINACK) | ceiling logins/s "
-                "(bare aiohttp: upgrade + one message + reply) | of ceiling | "
+                "(bare aiohttp: upgrade + one message + reply; best run) | of ceiling | "
                 "logins refused on first try (per run) | sessions still online after all clients closed (per run) |",
                 "|---:|---:|---:|---:|---:|---:|---:|",
                 f"| {_n(c.get('count'))} | {_n(c.get('rss_per_connection_kb'), 1)} KB | {_n(c.get('logins_per_s'))} | "

@@ -712,7 +712,9 @@ ARGV[1] resume window ms (>= 1)   ARGV[2] the last entry id every local session 
 Reply: entries left
   Drops the entries up to ARGV[2] that are older than the window (by their id, Redis clock): a client
   reconnecting within the window still resumes from any id it saw. An inbox left empty is deleted (its
-  last id is older than the window, so the next entry's id is still after every cursor).
+  last id is older than the window, so the next entry's id is still after every cursor). Another gateway
+  with sessions of the user has read these entries unless it stalled for longer than the window, and a
+  window longer than node_ttl means such a gateway was reaped: its clients reconnect and re-pull.
 ]]
 local function presence_inbox_trim(keys, args)
   local window, upto = to_int(args[1]), parse_id(args[2])

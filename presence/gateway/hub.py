@@ -572,9 +572,9 @@ class Hub:
 
     async def trim_inboxes(self) -> int:
         """One round of ``_trim_inboxes``; returns the inboxes trimmed."""
+        self._trimmed = {k: v for k, v in self._trimmed.items() if k in self.by_inbox}
         batch = self.trim_candidates(int(time.time() * 1000))
         if not batch:
-            self._trimmed = {k: v for k, v in self._trimmed.items() if k in self.by_inbox}
             return 0
         await self.presence.trim_inboxes(batch, int(self.settings.resume_window * 1000))
         for inbox, cursor in batch.items():
