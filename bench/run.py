@@ -102,7 +102,7 @@ async def main_async(mode: scenarios.Mode, only: list[str], command: str) -> dic
             "redis_version": info["redis_version"],
             "redis_command": "redis-server --port PORT --bind 127.0.0.1 --save '' --appendonly no",
             "presence_command": "PRESENCE_APPS=10000:KEY "
-            + shlex.join(presence_command("redis://127.0.0.1:PORT/0", 0, "NODE")).replace(
+            + shlex.join(["python", *presence_command("redis://127.0.0.1:PORT/0", 0, "NODE")[1:]]).replace(
                 "--ws-port 0", "--ws-port PORT"
             ),
             "git_head": git_head(),
