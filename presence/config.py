@@ -70,6 +70,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     prefix: str = "presence"
     inbox_maxlen: int = 100
     inbox_ttl: float = 86400.0
+    # Seconds a Redis reply may take before the call counts as failed (and is retried; its outcome is
+    # resolved by the library's operation ids), and seconds calls are retried before the backplane counts
+    # as unavailable (REST 503, LOGIN 90000).
+    redis_timeout: float = 5.0
+    redis_retry_for: float = 30.0
     apps: Mapping[int, AppConfig] = msgspec.field(default_factory=dict)
     dev_mode: bool = False
 
@@ -100,6 +105,8 @@ class _Layer(msgspec.Struct, forbid_unknown_fields=True):
     prefix: Annotated[str, msgspec.Meta(min_length=1)] | msgspec.UnsetType = msgspec.UNSET
     inbox_maxlen: Annotated[int, msgspec.Meta(ge=1)] | msgspec.UnsetType = msgspec.UNSET
     inbox_ttl: _Seconds | msgspec.UnsetType = msgspec.UNSET
+    redis_timeout: Annotated[float, msgspec.Meta(gt=0)] | msgspec.UnsetType = msgspec.UNSET
+    redis_retry_for: _Seconds | msgspec.UnsetType = msgspec.UNSET
 
     def values(self) -> dict[str, Any]:
         return {f: v for f in self.__struct_fields__ if (v := getattr(self, f)) is not msgspec.UNSET}
@@ -121,6 +128,8 @@ _ENV = {
     "prefix": ("PRESENCE_PREFIX",),
     "inbox_maxlen": ("PRESENCE_INBOX_MAXLEN",),
     "inbox_ttl": ("PRESENCE_INBOX_TTL",),
+    "redis_timeout": ("PRESENCE_REDIS_TIMEOUT",),
+    "redis_retry_for": ("PRESENCE_REDIS_RETRY_FOR",),
 }
 
 

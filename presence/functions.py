@@ -23,6 +23,18 @@ LIBRARY_NAME = "presence"
 _query_decoder = msgspec.json.Decoder(dict[str, UserOnlineStatus])
 
 
+class _Versioned(msgspec.Struct):
+    version: int = 0
+
+
+_version_decoder = msgspec.json.Decoder(_Versioned)
+
+
+def pack_version(data: bytes) -> int:
+    """The user's version a 4004/4006 pack carries (0 from a library older than versions)."""
+    return _version_decoder.decode(data).version
+
+
 def library_source() -> str:
     return resource_path("lua/presence.lua").read_text()
 
@@ -100,6 +112,11 @@ class StatusChange:
     kicked: int = 0
     online: bool = True
 
+    @property
+    def version(self) -> int:
+        """The user's version after the change (carried in ``data``)."""
+        return pack_version(self.data) if self.data else 0
+
 
 @dataclass(frozen=True, slots=True)
 class InboxSettings:
@@ -176,9 +193,34 @@ class PresenceFunctions:
             max_sessions,
         ]
 
-    def logout_args(self, app_id: int, user_id: str, client_type: int, imei: str, conn_id: str) -> list[Any]:
+    def logout_args(
+        self,
+        app_id: int,
+        user_id: str,
+        client_type: int,
+        imei: str,
+        conn_id: str,
+        op_id: str = "",
+        seen_age_ms: int = 0,
+        seen_at_ms: int = 0,
+    ) -> list[Any]:
+        """``op_id`` makes a repeat after a lost reply a no-op; lastSeen is ``seen_at_ms`` (server clock) if
+        given, else now minus ``seen_age_ms``."""
         i = self.inbox
-        return [app_id, user_id, client_type, imei, conn_id, i.maxlen, i.ttl_ms, i.doorbell_prefix, i.idle_ttl_ms]
+        return [
+            app_id,
+            user_id,
+            client_type,
+            imei,
+            conn_id,
+            i.maxlen,
+            i.ttl_ms,
+            i.doorbell_prefix,
+            i.idle_ttl_ms,
+            op_id,
+            max(int(seen_age_ms), 0),
+            max(int(seen_at_ms), 0),
+        ]
 
     @staticmethod
     def parse_logout(reply: Sequence[Any]) -> StatusChange:
@@ -207,26 +249,36 @@ class PresenceFunctions:
         custom_status: int,
         custom_text: str,
         origin_conn_id: str = "",
+        op_id: str = "",
     ) -> StatusChange:
+        """``op_id``: a repeat of this call after a lost reply applies nothing and replies the stored state."""
         i = self.inbox
         reply = await self.call(
             "presence_set_custom_status",
             keys.state(),
-            [app_id, user_id, custom_status, custom_text, origin_conn_id, i.maxlen, i.ttl_ms, i.doorbell_prefix],
+            [app_id, user_id, custom_status, custom_text, origin_conn_id, i.maxlen, i.ttl_ms, i.doorbell_prefix, op_id],
         )
         return StatusChange(changed=True, data=reply[1], recipients=self._users(reply[2:]))
 
     def fanout_command(
-        self, pairs: Sequence[tuple[str, str]], command: int, data: bytes, *, ring: bool = True
+        self,
+        triples: Sequence[tuple[str, str, str]],
+        command: int,
+        data: bytes,
+        user_id: str,
+        version: int,
+        *,
+        ring: bool = True,
     ) -> list[Any]:
-        """presence_fanout for (sessions key, inbox key) pairs of one slot.
+        """presence_fanout for (sessions, inbox, pushed) keys of recipients of one slot, for ``user_id``'s
+        change at ``version`` (a recipient already holding that version or a newer one is skipped).
 
         ``ring=False`` (a cluster): no PUBLISH; the reply names the nodes to ring instead.
         """
-        keys = [k for pair in pairs for k in pair]
+        keys = [k for triple in triples for k in triple]
         i = self.inbox
         prefix = i.doorbell_prefix if ring else ""
-        return fcall("presence_fanout", keys, [command, data, i.maxlen, i.ttl_ms, prefix])
+        return fcall("presence_fanout", keys, [command, data, i.maxlen, i.ttl_ms, prefix, user_id, version])
 
     @staticmethod
     def parse_fanout(reply: Sequence[Any]) -> tuple[int, dict[str, list[str]]]:

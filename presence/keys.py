@@ -17,6 +17,7 @@ class UserKeys:
     subscribers: str
     subscriptions: str
     inbox: str
+    pushed: str
 
     def state(self) -> list[str]:
         """KEYS of presence_login / presence_logout / presence_set_custom_status."""
@@ -40,6 +41,7 @@ class KeySchema:
             subscribers=base + "subscribers",
             subscriptions=base + "subscriptions",
             inbox=base + "inbox",
+            pushed=base + "pushed",
         )
 
     @property

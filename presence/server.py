@@ -109,7 +109,9 @@ async def start(settings: Settings) -> Running:
     for line in describe_apps(settings):
         log.info("%s", line)
     capacity = connection_capacity(settings)
-    store = await open_store(settings.redis_url)
+    store = await open_store(
+        settings.redis_url, retry_for=settings.redis_retry_for, socket_timeout=settings.redis_timeout
+    )
     embedded = store.mode == "embedded"
     presence = Presence(store, settings)
     if await presence.start():

@@ -138,7 +138,7 @@ class Presence:
             change = await self._login_on_node(keys, args, node_id, member)
         else:
             change = await self.fn.login(keys, args)
-        return await self._spread(app_id, change, NOTIFY_STATUS, "online")
+        return await self._spread(app_id, user_id, change, NOTIFY_STATUS, "online")
 
     async def _login_on_node(self, keys: UserKeys, args: list[Any], node_id: str, member: str) -> StatusChange:
         """The node's record of the session exists before the session does, so the reaper finds every session.
@@ -192,22 +192,37 @@ class Presence:
             pass
 
     async def logout(
-        self, app_id: int, user_id: str, client_type: int, imei: str, *, conn_id: str = "", node_id: str = ""
+        self,
+        app_id: int,
+        user_id: str,
+        client_type: int,
+        imei: str,
+        *,
+        conn_id: str = "",
+        node_id: str = "",
+        op_id: str | None = None,
+        seen_age_ms: int = 0,
+        seen_at_ms: int = 0,
     ) -> ChangeResult:
         """Remove a session; with ``conn_id``, only if it still belongs to that connection.
 
+        ``op_id`` (default: a new one) identifies the operation: calling again with the same one after an
+        unknown outcome (a timeout) applies nothing twice and still fans the change out. lastSeen is the
+        evidence: ``seen_at_ms`` on the Redis clock if given, else ``seen_age_ms`` before now.
         Ids are not held to the identifier rule here: a session stored before it must still end.
         """
         if not isinstance(user_id, str) or not user_id or not isinstance(imei, str) or not imei:
             raise ParamError("userId and imei must be non-empty strings")
         keys = self.user(app_id, user_id)
-        args = self.fn.logout_args(app_id, user_id, client_type, imei, conn_id)
+        args = self.fn.logout_args(
+            app_id, user_id, client_type, imei, conn_id, op_id or new_conn_id(), seen_age_ms, seen_at_ms
+        )
         commands: list[Command] = [(keys.sessions, fcall("presence_logout", keys.state(), args))]
         if node_id and conn_id:
             node_set = self.keys.node_sessions(node_id)
             commands.append((node_set, ["SREM", node_set, node_member(app_id, user_id, client_type, imei, conn_id)]))
         replies = await self._run(commands)
-        return await self._spread(app_id, self.fn.parse_logout(replies[0]), NOTIFY_STATUS, "offline")
+        return await self._spread(app_id, user_id, self.fn.parse_logout(replies[0]), NOTIFY_STATUS, "offline")
 
     async def set_custom_status(
         self, app_id: int, user_id: str, custom_status: int, custom_text: str = "", *, origin_conn_id: str = ""
@@ -220,17 +235,22 @@ class Presence:
         size = len(custom_text.encode())
         if size > self.limits.custom_text_bytes:
             raise ParamError(f"customText must be at most {self.limits.custom_text_bytes} UTF-8 bytes, got {size}")
+        # One operation id for the call and Store.run's retries of it: a repeat after a timeout applies nothing.
         change = await self.fn.set_custom_status(
-            self.user(app_id, user_id), app_id, user_id, custom_status, custom_text, origin_conn_id
+            self.user(app_id, user_id), app_id, user_id, custom_status, custom_text, origin_conn_id, new_conn_id()
         )
-        return await self._spread(app_id, change, NOTIFY_CUSTOM, "custom")
+        return await self._spread(app_id, user_id, change, NOTIFY_CUSTOM, "custom")
 
-    async def _spread(self, app_id: int, change: StatusChange, command: int, kind: str) -> ChangeResult:
+    async def _spread(
+        self, app_id: int, user_id: str, change: StatusChange, command: int, kind: str
+    ) -> ChangeResult:
         delivered = 0
         if change.changed:
             STATUS_CHANGES.labels(kind).inc()
             if change.recipients:
-                delivered = await self.fanout(app_id, change.recipients, command, change.data)
+                delivered = await self.fanout(
+                    app_id, change.recipients, command, change.data, user_id=user_id, version=change.version
+                )
                 FANOUT_ENTRIES.inc(delivered)
         return ChangeResult(
             changed=change.changed,
@@ -238,22 +258,30 @@ class Presence:
             delivered=delivered,
             kicked=change.kicked,
             inbox_last_id=change.inbox_last_id,
+            version=change.version,
         )
 
-    async def fanout(self, app_id: int, recipients: Iterable[str], command: int, data: bytes) -> int:
+    async def fanout(
+        self, app_id: int, recipients: Iterable[str], command: int, data: bytes, *, user_id: str, version: int
+    ) -> int:
         """presence_fanout per slot, one pipeline per primary (one call on one server); entries written.
 
+        ``user_id`` changed to ``version`` (the one in ``data``): a recipient that already got that version or
+        a newer one of this command is skipped, so fan-outs that overtake each other leave every recipient on
+        the newest state, and a repeat writes nothing twice (safe to retry; Store.run retries it).
         On a cluster the calls do not publish: each gateway gets one doorbell for the whole change,
         PUBLISHed after the fan-out (one pipeline to one node; the cluster bus carries it to the gateway).
         """
         base = self.keys.base
-        pairs = [(b + "sessions", b + "inbox") for b in (base(app_id, r) for r in recipients)]
+        triples = [(b + "sessions", b + "inbox", b + "pushed") for b in (base(app_id, r) for r in recipients)]
         ring = not self._cluster
-        groups = self.store.group([p[0] for p in pairs])
+        groups = self.store.group([t[0] for t in triples])
         commands: list[Command] = []
         for group in groups:
-            chunk = [pairs[i] for i in group]
-            commands.append((chunk[0][0], self.fn.fanout_command(chunk, command, data, ring=ring)))
+            chunk = [triples[i] for i in group]
+            commands.append(
+                (chunk[0][0], self.fn.fanout_command(chunk, command, data, user_id, version, ring=ring))
+            )
         written = 0
         bells: dict[str, list[str]] = {}
         for reply in await self._run(commands):
@@ -384,6 +412,11 @@ class Presence:
         was, _ = await self.fn.node_heartbeat(self.keys.nodes, node_id)
         return was
 
+    async def node_last_beat(self, node_id: str) -> int | None:
+        """The node's last heartbeat (ms, Redis clock), or None when it is not registered."""
+        beat = await self._one(self.keys.nodes, "ZSCORE", self.keys.nodes, node_id)
+        return int(float(beat)) if beat is not None else None
+
     async def node_leave(self, node_id: str) -> None:
         await self._one(self.keys.nodes, "ZREM", self.keys.nodes, node_id)
 
@@ -391,8 +424,13 @@ class Presence:
         return await self.fn.nodes_expired(self.keys.nodes, int(ttl_s * 1000))
 
     async def reap_node(self, node_id: str, batch: int = 200) -> int:
-        """Log out every session a node still holds, then forget the node. Safe to run twice at once."""
+        """Log out every session a node still holds, then forget the node. Safe to run twice at once.
+
+        lastSeen of its users is the node's last heartbeat: the last moment they were known connected.
+        """
         key = self.keys.node_sessions(node_id)
+        beat = await self._one(self.keys.nodes, "ZSCORE", self.keys.nodes, node_id)
+        seen_at = int(float(beat)) if beat is not None else 0
         reaped = 0
         while True:
             members = [m.decode() for m in await self._one(key, "SRANDMEMBER", key, batch)]
@@ -400,7 +438,9 @@ class Presence:
                 break
             for member in members:
                 app_id, user_id, client_type, imei, conn_id = parse_node_member(member)
-                result = await self.logout(app_id, user_id, client_type, imei, conn_id=conn_id, node_id=node_id)
+                result = await self.logout(
+                    app_id, user_id, client_type, imei, conn_id=conn_id, node_id=node_id, seen_at_ms=seen_at
+                )
                 reaped += int(result.changed)
         await self._one(self.keys.nodes, "ZREM", self.keys.nodes, node_id)
         return reaped

@@ -35,7 +35,7 @@ async def inbox(p: Presence, user: str) -> list[dict[str, object]]:
 
 async def test_library_loads_once_and_reports_version(any_redis: Redis) -> None:
     assert await ensure_library(any_redis) is False  # the fixture loaded this exact code already
-    assert (await any_redis.fcall_ro("presence_version", 0)) == b"2.0.0"
+    assert (await any_redis.fcall_ro("presence_version", 0)) == b"3.0.0"
 
 
 async def test_login_writes_session_and_friend_gets_4004(presence: Presence) -> None:
@@ -134,7 +134,7 @@ async def test_custom_status_4006_to_friends_and_4007_to_own_sessions(presence: 
     assert result.delivered == 1
     to_bob = (await inbox(presence, "bob"))[-1]
     assert to_bob["c"] == "4006"
-    assert to_bob["d"] == {"userId": "alice", "customStatus": 3, "customText": "in a meeting"}
+    assert to_bob["d"] == {"userId": "alice", "customStatus": 3, "customText": "in a meeting", "version": 3}
     sync = (await inbox(presence, "alice"))[-1]
     assert sync["c"] == "4007" and sync["x"] == "c-alice-2-phone"
     state = (await presence.query_users(APP, ["alice"]))["alice"]
@@ -301,4 +301,4 @@ def test_redis_cli_loads_the_file_as_is(redis_url: str) -> None:
     out = subprocess.run(
         ["redis-cli", "-u", redis_url, "FCALL", "presence_version", "0"], capture_output=True, check=True
     )
-    assert out.stdout.strip() == b"2.0.0"
+    assert out.stdout.strip() == b"3.0.0"
