@@ -241,9 +241,7 @@ class Presence:
         )
         return await self._spread(app_id, user_id, change, NOTIFY_CUSTOM, "custom")
 
-    async def _spread(
-        self, app_id: int, user_id: str, change: StatusChange, command: int, kind: str
-    ) -> ChangeResult:
+    async def _spread(self, app_id: int, user_id: str, change: StatusChange, command: int, kind: str) -> ChangeResult:
         delivered = 0
         if change.changed:
             STATUS_CHANGES.labels(kind).inc()
@@ -279,9 +277,7 @@ class Presence:
         commands: list[Command] = []
         for group in groups:
             chunk = [triples[i] for i in group]
-            commands.append(
-                (chunk[0][0], self.fn.fanout_command(chunk, command, data, user_id, version, ring=ring))
-            )
+            commands.append((chunk[0][0], self.fn.fanout_command(chunk, command, data, user_id, version, ring=ring)))
         written = 0
         bells: dict[str, list[str]] = {}
         for reply in await self._run(commands):
