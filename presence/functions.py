@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,12 @@ def pack_version(data: bytes) -> int:
 
 def library_source() -> str:
     return resource_path("lua/presence.lua").read_text()
+
+
+def library_version() -> str:
+    """The VERSION the library file declares (what ``presence_version`` answers once it is loaded)."""
+    match = re.search(r"^local VERSION = '([^']+)'", library_source(), re.MULTILINE)
+    return match.group(1) if match else ""
 
 
 async def ensure_library(redis: Redis | RedisCluster | Store) -> bool:

@@ -82,10 +82,11 @@ class Running:
     _runners: list[web.AppRunner] = field(default_factory=list)
     embedded: bool = False
 
-    async def stop(self) -> None:
+    async def stop(self, *, handover: float = 0.0) -> None:
+        """Stop; ``handover`` seconds > 0 keeps sessions that long for their devices to reconnect elsewhere."""
         for server in self._servers:
             server.close()  # stop accepting first
-        await self.hub.stop()
+        await self.hub.stop(handover=handover)
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 2)
@@ -176,8 +177,9 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down: closing listeners, telling clients, logging sessions out")
-    await running.stop()
+    grace = settings.offline_grace
+    log.info("shutting down: closing listeners, telling clients to reconnect, keeping sessions %.1f s", grace)
+    await running.stop(handover=grace)
 
 
 def run(settings: Settings) -> None:

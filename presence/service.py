@@ -408,6 +408,11 @@ class Presence:
         was, _ = await self.fn.node_heartbeat(self.keys.nodes, node_id)
         return was
 
+    async def redis_time_ms(self) -> int:
+        """Now on the Redis clock (the node holding ``presence:nodes``), in ms."""
+        secs, micros = await self._one(self.keys.nodes, "TIME")
+        return int(secs) * 1000 + int(micros) // 1000
+
     async def node_last_beat(self, node_id: str) -> int | None:
         """The node's last heartbeat (ms, Redis clock), or None when it is not registered."""
         beat = await self._one(self.keys.nodes, "ZSCORE", self.keys.nodes, node_id)

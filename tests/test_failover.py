@@ -97,7 +97,7 @@ async def _survives(
     # The next thing bob hears about alice is her custom status: no false "offline" in between.
     msg = await expect(bob, Command.CUSTOM_NOTIFY, timeout=10)
     pushed_after = time.monotonic() - recovered
-    assert msg.data == {"userId": "alice", "customStatus": 7, "customText": "back"}
+    assert msg.data == {"userId": "alice", "customStatus": 7, "customText": "back", "version": 2}
     assert pushed_after < 2.0, f"working again {pushed_after:.2f} s after the failover, not within 2 s"
     assert (await expect(alice, Command.CUSTOM_NOTIFY_SYNC, timeout=10)).data["customText"] == "back"
 

@@ -25,6 +25,7 @@ from presence.bounded import MAX_JSON_DEPTH, too_deep
 from presence.config import DEV_APP_ID, AppConfig, Settings
 from presence.errors import AuthError, Code, ForbiddenError, ParamError, PresenceError
 from presence.http.demo import add_demo_routes, ws_url_on_port
+from presence.functions import library_version
 from presence.ids import check_user_id
 from presence.metrics import REGISTRY, REST_REQUESTS
 from presence.models import (
@@ -349,13 +350,22 @@ async def import_friend(request: web.Request) -> web.Response:
 
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
-    """Ready when Redis answers PING; 503 otherwise (a load balancer takes this node out)."""
+    """Ready when Redis answers and runs our function library; 503 otherwise (a load balancer takes this node out).
+
+    The check calls ``presence_version``: a Redis that lost its functions (FUNCTION FLUSH, an empty restart)
+    gets the library loaded again by that call; only if that fails, or another version answers, is it 503.
+    """
+    presence = request.app[PRESENCE]
     try:
         async with asyncio.timeout(HEALTH_TIMEOUT_S):
-            await request.app[PRESENCE].redis.ping()
-    except Exception as exc:  # any failure to reach Redis means not ready
-        log.warning("healthz: redis is unavailable: %r", exc)
+            await presence.redis.ping()
+            version = await presence.fn.version()
+    except Exception as exc:  # any failure to reach Redis or run the library means not ready
+        log.warning("healthz: redis or its presence library is unusable: %r", exc)
         return web.json_response({"status": "unavailable", "reason": f"redis: {type(exc).__name__}"}, status=503)
+    if version != library_version():
+        log.warning("healthz: redis runs presence library %s, this node needs %s", version, library_version())
+        return web.json_response({"status": "unavailable", "reason": "redis: presence library version"}, status=503)
     return web.json_response({"status": "ok"})
 
 
