@@ -24,8 +24,8 @@ from presence.auth import generate_user_sign, verify_user_sign
 from presence.bounded import MAX_JSON_DEPTH, too_deep
 from presence.config import DEV_APP_ID, AppConfig, Settings
 from presence.errors import AuthError, Code, ForbiddenError, ParamError, PresenceError
-from presence.http.demo import add_demo_routes, ws_url_on_port
 from presence.functions import library_version
+from presence.http.demo import add_demo_routes, ws_url_on_port
 from presence.ids import check_user_id
 from presence.metrics import REGISTRY, REST_REQUESTS
 from presence.models import (
