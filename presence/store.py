@@ -32,7 +32,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from redis import exceptions as rex
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
 from redis.crc import key_slot
 
 from presence.errors import ParamError
@@ -316,6 +318,9 @@ def open_redis(
             timeout=30,
             health_check_interval=10,
             socket_timeout=socket_timeout,
+            # Store.run and Store.retrying retry (bounded by retry_for, resolving unknown outcomes with the
+            # library's operation ids); redis-py's own retries would stretch a stall far past retry_for.
+            retry=Retry(NoBackoff(), 0),
         )
         return Redis(connection_pool=pool), False
     import fakeredis
