@@ -104,7 +104,10 @@ class Presence:
         return await ensure_library(self.store)
 
     async def _load_library_on(self, node: Any) -> None:
-        await ensure_library_on(self.store, node)
+        if node is None and self._cluster:  # a keyless call (presence_version): whichever node answered
+            await ensure_library(self.store)
+        else:
+            await ensure_library_on(self.store, node)
 
     def user(self, app_id: int, user_id: str) -> UserKeys:
         return self.keys.user(app_id, user_id)

@@ -357,7 +357,9 @@ async def open_store(
         else:
             await client.aclose()
             # Headroom over max_in_flight for what bypasses the Store (the gateway's pub/sub, health checks).
-            cluster = RedisCluster.from_url(url, max_connections=max_connections + 16, socket_timeout=socket_timeout)
+            cluster = RedisCluster.from_url(
+                url, max_connections=max_connections + 16, socket_timeout=socket_timeout, retry=Retry(NoBackoff(), 0)
+            )
             await cluster.initialize()
             primaries = sorted(n.name for n in cluster.get_primaries())
             replicas = len(cluster.get_replicas())
