@@ -13,11 +13,12 @@ from typing import Any
 
 import pytest
 
-from presence.config import AppConfig
+from presence.config import AppConfig, Settings
 from presence.gateway.codec import Command
+from presence.server import Running, start
 from presence.service import Presence
 from tests.clients import APP, KEY, TcpClient, WsClient, expect, sign
-from tests.conftest import MakeNode
+from tests.conftest import MakeNode, free_port
 
 
 async def last_entry(facade: Presence, user: str) -> tuple[str, dict[bytes, bytes]] | None:
@@ -146,8 +147,27 @@ async def test_concurrent_logins_with_one_session_allowed_leave_exactly_one_conn
     """The delivery-cursor bug: 20 logins of one user at once under login model 1 (one session). A connection
     activated while an XREAD was in flight lost its kick. Now every one but the stored session is kicked
     and closed, and only that one gets the user's pushes."""
-    node = await make_node(login_model=1)
-    for _ in range(4):
+    await concurrent_logins(await make_node(login_model=1), facade)
+
+
+async def test_concurrent_logins_on_the_embedded_store_leave_exactly_one_connection() -> None:
+    """The same on the embedded store (where the bug showed most often: 4 rounds in 6)."""
+    settings = Settings(
+        tcp_port=free_port(),
+        ws_port=0,
+        http_port=0,
+        offline_grace=0,
+        apps={APP: AppConfig(private_key=KEY, login_model=1)},
+    )
+    node = await start(settings)
+    try:
+        await concurrent_logins(node, node.presence)
+    finally:
+        await node.stop()
+
+
+async def concurrent_logins(node: Running, facade: Presence) -> None:
+    for _ in range(6):
         conns = [await TcpClient.connect(node.tcp_port, client_type=2 + i % 2, imei=f"d{i}") for i in range(20)]
         acks = await asyncio.gather(*(c.login("solo") for c in conns))
         assert all(a.command == Command.LOGINACK for a in acks)
