@@ -353,7 +353,8 @@ async def healthz(request: web.Request) -> web.Response:
     """Ready when Redis answers and runs our function library; 503 otherwise (a load balancer takes this node out).
 
     The check calls ``presence_version``: a Redis that lost its functions (FUNCTION FLUSH, an empty restart)
-    gets the library loaded again by that call; only if that fails, or another version answers, is it 503.
+    gets the library loaded again by that call; only if that fails is it 503. Another version (a rolling deploy
+    replaced it) is usable: 200 naming it.
     """
     presence = request.app[PRESENCE]
     try:
@@ -364,8 +365,10 @@ async def healthz(request: web.Request) -> web.Response:
         log.warning("healthz: redis or its presence library is unusable: %r", exc)
         return web.json_response({"status": "unavailable", "reason": f"redis: {type(exc).__name__}"}, status=503)
     if version != library_version():
-        log.warning("healthz: redis runs presence library %s, this node needs %s", version, library_version())
-        return web.json_response({"status": "unavailable", "reason": "redis: presence library version"}, status=503)
+        # Usable (changes are additive), and during a rolling deploy one version replaces the other: say so,
+        # but do not take every node of the other version out of the load balancer.
+        log.warning("healthz: redis runs presence library %s, this node ships %s", version, library_version())
+        return web.json_response({"status": "ok", "library": version})
     return web.json_response({"status": "ok"})
 
 
