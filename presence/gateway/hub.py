@@ -332,8 +332,8 @@ class Hub:
                 login_model=login_model,
                 max_sessions=max_sessions,
             )
-        except PresenceError as exc:
-            if exc.http_status >= 500:
+        except Exception as exc:
+            if not isinstance(exc, PresenceError) or exc.http_status >= 500:
                 # Unknown outcome (Redis timed out or went away): the client is told the login failed, so
                 # make sure no session of this connection stays behind (the logout is conditional on it).
                 self._spawn(self._do_logout(app_id, user_id, client_type, imei, conn.conn_id, "login-failed"))
