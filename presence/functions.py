@@ -198,6 +198,8 @@ class PresenceFunctions:
             i.ttl_ms,
             i.doorbell_prefix,
             max_sessions,
+            1000,  # the feed outbox's MAXLEN and TTL ms (used when the feed keys are passed)
+            i.ttl_ms,
         ]
 
     def logout_args(
@@ -269,23 +271,27 @@ class PresenceFunctions:
 
     def fanout_command(
         self,
-        triples: Sequence[tuple[str, str, str]],
+        groups: Sequence[tuple[str, ...]],
         command: int,
         data: bytes,
-        user_id: str,
-        version: int,
+        user_id: str = "",
+        version: int = 0,
         *,
         ring: bool = True,
     ) -> list[Any]:
         """presence_fanout for (sessions, inbox, pushed) keys of recipients of one slot, for ``user_id``'s
         change at ``version`` (a recipient already holding that version or a newer one is skipped).
+        Without ``user_id``: (sessions, inbox) pairs and no ordering (events that are not a user's state).
 
         ``ring=False`` (a cluster): no PUBLISH; the reply names the nodes to ring instead.
         """
-        keys = [k for triple in triples for k in triple]
+        keys = [k for group in groups for k in group]
         i = self.inbox
         prefix = i.doorbell_prefix if ring else ""
-        return fcall("presence_fanout", keys, [command, data, i.maxlen, i.ttl_ms, prefix, user_id, version])
+        args: list[Any] = [command, data, i.maxlen, i.ttl_ms, prefix]
+        if user_id:
+            args += [user_id, version]
+        return fcall("presence_fanout", keys, args)
 
     @staticmethod
     def parse_fanout(reply: Sequence[Any]) -> tuple[int, dict[str, list[str]]]:

@@ -31,12 +31,15 @@ async def test_client_commands_per_change_are_constant_in_friends(real_redis: Re
     presence = Presence(real_redis)
     small = await _change_stats(real_redis, presence, 10, online)
     large = await _change_stats(real_redis, presence, 1000, online)
-    # What the client sends: the user's own function, then one presence_fanout (standalone Redis).
-    assert {k: v for k, v in small.items() if k in FUNCTION_CALLS} == {"cmdstat_fcall": 2}
-    assert {k: v for k, v in large.items() if k in FUNCTION_CALLS} == {"cmdstat_fcall": 2}
+    # What the client sends: the user's own function (and the XRANGE of its feed outbox in the same
+    # pipeline), then one presence_fanout and the presence_feed_append relay (standalone Redis).
+    assert {k: v for k, v in small.items() if k in FUNCTION_CALLS} == {"cmdstat_fcall": 3}
+    assert {k: v for k, v in large.items() if k in FUNCTION_CALLS} == {"cmdstat_fcall": 3}
+    assert small["cmdstat_xrange"] == large["cmdstat_xrange"] == 1
     # Redis also counts what the functions run inside; with the same online friends that is the same
-    # too, except the one HVALS per recipient that finds offline friends offline.
-    assert small["cmdstat_xadd"] == large["cmdstat_xadd"] == online
+    # too, except the one HVALS per recipient that finds offline friends offline. XADDs: one per online
+    # friend, the outbox entry and the feed entry.
+    assert small["cmdstat_xadd"] == large["cmdstat_xadd"] == online + 2
     inner_small = sum(v for k, v in small.items() if k not in FUNCTION_CALLS | {"cmdstat_hvals"})
     inner_large = sum(v for k, v in large.items() if k not in FUNCTION_CALLS | {"cmdstat_hvals"})
     assert inner_small == inner_large

@@ -16,6 +16,7 @@ class TcpConnection(ClientConnection, asyncio.Protocol):
     def __init__(self, hub: Hub) -> None:
         super().__init__(hub)
         self.decoder = FrameDecoder()
+        self._counted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
@@ -26,6 +27,8 @@ class TcpConnection(ClientConnection, asyncio.Protocol):
             transport.abort()  # frees the descriptor now; no LOGIN could be served anyway
             self.ended = True
             return
+        self._counted = True
+        self.hub.gate.tcp_open += 1
         self.hub.opened(self)
 
     def data_received(self, data: bytes) -> None:
@@ -37,6 +40,9 @@ class TcpConnection(ClientConnection, asyncio.Protocol):
         self.feed(frames)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._counted:
+            self._counted = False
+            self.hub.gate.tcp_open -= 1
         self.hub._spawn(self.hub.end(self, "close"))
 
     def frame(self, message: Encoded) -> bytes:
