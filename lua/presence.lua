@@ -318,8 +318,18 @@ local function presence_login(keys, args)
   end
   local outbox, counters = keys[6], keys[7]
   local before = #existing / 2
-  local version, live = 0, before
-  if outbox then version = stored_version(status) end
+  local live = before
+  -- Only the same device coming back (a reconnect) is no change for anybody else: it keeps the
+  -- version others hold. Otherwise the version moves once, for the login and the kicks it causes.
+  local changed = 1
+  if replaced and kicked_others == 0 then changed = 0 end
+  local version
+  if changed == 1 then
+    version = next_version(status, conn_id)
+  else
+    redis.call('HSET', status, 'op', conn_id)
+    version = stored_version(status)
+  end
   for _, k in ipairs(to_kick) do
     if k[3] then
       redis.call('HDEL', sessions, k[1])
@@ -337,10 +347,6 @@ local function presence_login(keys, args)
     inbox_add(inbox, maxlen, ttl, 9002, data, nil, connid_of(k[2]))
     add_nodes(by_node, {k[2]}, inbox)
   end
-  -- Only the same device coming back (a reconnect) is no change for anybody else.
-  local changed = 1
-  if replaced and kicked_others == 0 then changed = 0 end
-
   local session = '{"appId":' .. app_id .. ',"userId":' .. cjson.encode(user_id) ..
     ',"clientType":' .. ct .. ',"imei":' .. cjson.encode(imei) .. ',"connectState":1' ..
     ',"brokerId":' .. cjson.encode(broker_id) .. ',"brokerHost":' .. cjson.encode(args[7] or '') ..
@@ -348,13 +354,6 @@ local function presence_login(keys, args)
     ',"connId":' .. cjson.encode(conn_id) .. '}'
   redis.call('HSET', sessions, field, session)
   redis.call('HSET', status, 'lastSeen', now)
-  -- A reconnect shows others nothing new, so it keeps the version they hold.
-  if changed == 1 then
-    version = next_version(status, conn_id)
-  else
-    redis.call('HSET', status, 'op', conn_id)
-    version = stored_version(status)
-  end
   if outbox and changed == 1 then
     if not replaced then count(counters, app_id, ct, 1, before == 0 and 1 or 0) end
     feed_add(outbox, args[14], args[15], session_fields('login', app_id, user_id, ct, imei, 'login', 1,
