@@ -298,6 +298,8 @@ export class PresenceClient extends EventTarget {
     this._WebSocket = o.WebSocket || globalThis.WebSocket;
     /** @type {string|null} the id of the last push seen (or the LOGINACK cursor); sent as lastEventId on reconnect */
     this.lastEventId = o.lastEventId ?? null;
+    /** @type {Map<string, number>} newest version seen per user and kind ("s:" status, "c:" custom status) */
+    this._versions = new Map();
     /** @type {ClientState} */
     this.state = "idle";
     /** @type {WebSocket|null} */
@@ -535,6 +537,7 @@ export class PresenceClient extends EventTarget {
       if (this.lastEventId && compareEventIds(pack.eventId, this.lastEventId) <= 0) return;
       this.lastEventId = pack.eventId;
     }
+    if (this._isStale(command, data)) return;
     this._emit("message", pack, pack);
     switch (command) {
       case Command.LOGINACK:
@@ -631,6 +634,26 @@ export class PresenceClient extends EventTarget {
   }
 
   /**
+   * Whether a status (4004/4005) or custom status (4006/4007) pack is older than (or as old as) one already
+   * seen for that user: pushes of concurrent changes may arrive out of order; the user's version orders them.
+   * @param {number} command
+   * @param {any} data
+   * @returns {boolean}
+   */
+  _isStale(command, data) {
+    if (typeof data.version !== "number" || typeof data.userId !== "string") return false;
+    let kind;
+    if (command === Command.NOTIFY || command === Command.NOTIFY_SYNC) kind = "s:";
+    else if (command === Command.CUSTOM_NOTIFY || command === Command.CUSTOM_NOTIFY_SYNC) kind = "c:";
+    else return false;
+    const key = kind + data.userId;
+    const seen = this._versions.get(key);
+    if (seen !== undefined && data.version <= seen) return true;
+    this._versions.set(key, data.version);
+    return false;
+  }
+
+  /**
    * @param {number} code
    * @param {string} reason
    */
@@ -646,7 +669,13 @@ export class PresenceClient extends EventTarget {
     if (code === 4002) this._stopped = true; // "logged in elsewhere", even if the 9002 frame was lost
     const reconnect = !this._stopped;
     let delay = null;
-    if (reconnect) {
+    if (reconnect && code === 1012) {
+      // A deploy (service restart): the session is kept for the gateway's grace, so reconnect at once
+      // (jittered, so a whole gateway's clients do not arrive together) and resume with lastEventId.
+      delay = Math.round(250 * Math.random());
+      this._setState("reconnecting");
+      this._retryTimer = setTimeout(() => this._open(), delay);
+    } else if (reconnect) {
       const base = Math.min(this._maxDelay, this._minDelay * Math.pow(this._factor, this._attempt));
       delay = Math.round(base * (1 - this._jitter * Math.random()));
       this._attempt += 1;

@@ -7,6 +7,18 @@ Every key a function touches is passed in KEYS; no key is built here. Per-user k
 share the hash tag {appId:userId}, so one user's keys live in one cluster slot.
 Time always comes from the server's TIME.
 
+Versions: every change of a user (session or custom status) moves the user's version (field
+`version` of the status HASH) forward by one, atomically with the change, and every pack of that
+user (4004, 4005, 4006, 4007) carries it as "version". presence_fanout keeps, per recipient, the
+newest version it wrote for each (command, user) (the recipient's `pushed` HASH) and skips an older
+or equal one, so a recipient's last entry for a user is always the newest state, whatever order
+the fan-outs run in, and a repeated fan-out writes nothing twice.
+
+Unknown outcomes: a change call may carry an operation id (the login's connId for a login). When a
+call is repeated after a timeout and its operation is still the user's latest (field `op`), nothing
+is applied again: the reply is rebuilt from the stored state (changed = 1), so the caller can fan it
+out. Any later change has fanned out a newer version anyway.
+
 Inbox entries (per-user STREAM) have the fields:
   c  command (4004, 4005, 4006, 4007, 9002)
   d  data, the JSON of the pack
@@ -28,7 +40,7 @@ Errors start with PRESENCE_PARAM (bad argument), PRESENCE_LIMIT (a per-user limi
 reached) or PRESENCE_STATE (a conflict).
 ]]
 
-local VERSION = '2.1.0'
+local VERSION = '3.1.0'
 local MAX_SUB_TIME = 2592000000 -- 30 days in ms
 local MAX_CUSTOM_TEXT = 100 -- bytes
 local DEFAULT_MAX_SESSIONS = 10
@@ -158,11 +170,31 @@ local function recipients(friends_key, subscribers_key, user_id, now)
   return out
 end
 
-local function status_pack(app_id, user_id, session_values)
+local function status_pack(app_id, user_id, session_values, version)
   local online = 2
   if #session_values > 0 then online = 1 end
   return '{"appId":' .. app_id .. ',"userId":' .. cjson.encode(user_id) .. ',"status":' .. online ..
-    ',"client":[' .. table.concat(session_values, ',') .. ']}', online
+    ',"client":[' .. table.concat(session_values, ',') .. '],"version":' .. version .. '}', online
+end
+
+local function custom_pack(user_id, custom, text, version)
+  return '{"userId":' .. cjson.encode(user_id) .. ',"customStatus":' .. custom ..
+    ',"customText":' .. cjson.encode(text) .. ',"version":' .. version .. '}'
+end
+
+-- The user's version after a change (moved atomically with it), recording the change's operation id.
+local function next_version(status, op_id)
+  if op_id ~= nil and op_id ~= '' then redis.call('HSET', status, 'op', op_id) else redis.call('HDEL', status, 'op') end
+  return redis.call('HINCRBY', status, 'version', 1)
+end
+
+local function stored_version(status)
+  return tonumber(redis.call('HGET', status, 'version') or '0')
+end
+
+-- Whether op_id is the user's latest change (a repeat of a call whose reply was lost).
+local function is_latest_op(status, op_id)
+  return op_id ~= nil and op_id ~= '' and redis.call('HGET', status, 'op') == op_id
 end
 
 local function last_id(inbox)
@@ -175,12 +207,8 @@ end
 -- Feed entries go to the user's outbox STREAM (the user's slot, so atomic with the change);
 -- the caller relays them to the app's feed shard with presence_feed_append. Fields (all strings):
 --   event login|logout|status  appId  userId  clientType  imei  reason  status 1|2 (after the change)
---   sessions (live sessions after)  version (the status hash's version field, 0 until versions exist)
+--   sessions (live sessions after)  version (the user's version after the change, as in the packs)
 --   time ms  [customStatus customText]
-local function user_version(status)
-  return tonumber(redis.call('HGET', status, 'version') or '0') or 0
-end
-
 local function feed_add(outbox, maxlen, ttl_ms, fields)
   redis.call('XADD', outbox, 'MAXLEN', '~', to_int(maxlen) or 1000, '*', unpack(fields))
   redis.call('PEXPIRE', outbox, to_int(ttl_ms) or 86400000)
@@ -226,6 +254,8 @@ ARGV[14] outbox MAXLEN  ARGV[15] outbox TTL ms
   A login that changed something appends a 'logout' entry (reason kicked) per kicked session,
   then a 'login' entry, to the outbox, and moves the counters.
 Reply: {changed 0|1, 4004 data JSON, inbox last id, kicked count, recipient userIds...}
+  The 4004 data carries the user's version. A repeat of a login whose session (same connId) is
+  still stored applies nothing: changed = 1 and the current state, for the caller to fan out.
   changed = 0 when the login only replaced the same device's session (a reconnect):
   nobody is told, friends see no second "online". Kicked sessions (same device on
   another connection, or the login model's conflicts) are removed and get a 9002 entry.
@@ -254,6 +284,16 @@ local function presence_login(keys, args)
   local by_node = {}
   local kicked, kicked_others, replaced = 0, 0, false
 
+  -- A repeat (the first reply was lost): the session is there; tell the caller the current state.
+  local mine = redis.call('HGET', sessions, field)
+  if mine and connid_of(mine) == conn_id then
+    local values = redis.call('HVALS', sessions)
+    local pack = status_pack(app_id, user_id, values, stored_version(status))
+    local reply = {1, pack, last_id(inbox), 0}
+    for _, r in ipairs(recipients(friends, subscribers, user_id, now)) do reply[#reply + 1] = r end
+    return reply
+  end
+
   -- Decide first, write after the session cap check: a refused login leaves no trace.
   local existing = redis.call('HGETALL', sessions)
   local to_kick, remaining = {}, 0
@@ -278,8 +318,18 @@ local function presence_login(keys, args)
   end
   local outbox, counters = keys[6], keys[7]
   local before = #existing / 2
-  local version, live = 0, before
-  if outbox then version = user_version(status) end
+  local live = before
+  -- Only the same device coming back (a reconnect) is no change for anybody else: it keeps the
+  -- version others hold. Otherwise the version moves once, for the login and the kicks it causes.
+  local changed = 1
+  if replaced and kicked_others == 0 then changed = 0 end
+  local version
+  if changed == 1 then
+    version = next_version(status, conn_id)
+  else
+    redis.call('HSET', status, 'op', conn_id)
+    version = stored_version(status)
+  end
   for _, k in ipairs(to_kick) do
     if k[3] then
       redis.call('HDEL', sessions, k[1])
@@ -297,10 +347,6 @@ local function presence_login(keys, args)
     inbox_add(inbox, maxlen, ttl, 9002, data, nil, connid_of(k[2]))
     add_nodes(by_node, {k[2]}, inbox)
   end
-  -- Only the same device coming back (a reconnect) is no change for anybody else.
-  local changed = 1
-  if replaced and kicked_others == 0 then changed = 0 end
-
   local session = '{"appId":' .. app_id .. ',"userId":' .. cjson.encode(user_id) ..
     ',"clientType":' .. ct .. ',"imei":' .. cjson.encode(imei) .. ',"connectState":1' ..
     ',"brokerId":' .. cjson.encode(broker_id) .. ',"brokerHost":' .. cjson.encode(args[7] or '') ..
@@ -311,11 +357,11 @@ local function presence_login(keys, args)
   if outbox and changed == 1 then
     if not replaced then count(counters, app_id, ct, 1, before == 0 and 1 or 0) end
     feed_add(outbox, args[14], args[15], session_fields('login', app_id, user_id, ct, imei, 'login', 1,
-      redis.call('HLEN', sessions), user_version(status), now))
+      redis.call('HLEN', sessions), version, now))
   end
 
   local values = redis.call('HVALS', sessions)
-  local pack = status_pack(app_id, user_id, values)
+  local pack = status_pack(app_id, user_id, values, version)
   if changed == 1 and #values > 1 then
     inbox_add(inbox, maxlen, ttl, 4005, pack, conn_id, nil)
     add_nodes(by_node, values, inbox)
@@ -338,12 +384,18 @@ ARGV[1] appId  ARGV[2] userId  ARGV[3] clientType  ARGV[4] imei
 ARGV[5] connId: remove only if the session still belongs to this connection ('' = any)
 ARGV[6] inbox MAXLEN  ARGV[7] inbox TTL ms  ARGV[8] doorbell channel prefix
 ARGV[9] TTL ms of the inbox once the last session is gone (undelivered kicks drain)
+ARGV[10] operation id ('' = none; optional)
+ARGV[11] evidence age ms: the user was last seen this long before now (optional, default 0)
+ARGV[12] evidence time ms on the server's clock (optional, 0 = use ARGV[11]); never later than now
 Optional (the change feed and online counters; both or neither):
 KEYS[6] the user's outbox STREAM   KEYS[7] the online counters HASH of the user's slot
-ARGV[10] reason (logout|close|timeout|reaped|kicked|shutdown|error)  ARGV[11] outbox MAXLEN  ARGV[12] outbox TTL ms
+ARGV[13] reason (logout|close|timeout|reaped|kicked|shutdown|error)  ARGV[14] outbox MAXLEN
+ARGV[15] outbox TTL ms
 Reply: {changed 0|1, 4004 data JSON, online 1|2, recipient userIds...}
   changed = 0 (and nothing else) when the session is gone or belongs to a newer
-  connection: a late logout never removes a newer login of the same device.
+  connection: a late logout never removes a newer login of the same device. A repeat of
+  the user's latest operation (ARGV[10]) applies nothing and replies changed = 1 with the
+  current state. lastSeen becomes the later of its stored value and the evidence.
 ]]
 local function presence_logout(keys, args)
   if #keys ~= 5 and #keys ~= 7 then return param_error('presence_logout takes 5 or 7 keys') end
@@ -354,22 +406,36 @@ local function presence_logout(keys, args)
   local maxlen, ttl, prefix, idle_ttl = args[6], args[7], args[8], args[9]
   local sessions, status, subscribers, inbox, friends = keys[1], keys[2], keys[3], keys[4], keys[5]
 
+  local op_id, age, seen_at = args[10] or '', to_int(args[11]) or 0, to_int(args[12]) or 0
+  local now = now_ms()
+
+  if is_latest_op(status, op_id) then
+    local values = redis.call('HVALS', sessions)
+    local pack, online = status_pack(app_id, user_id, values, stored_version(status))
+    local reply = {1, pack, online}
+    for _, r in ipairs(recipients(friends, subscribers, user_id, now)) do reply[#reply + 1] = r end
+    return reply
+  end
+
   local field = ct .. ':' .. imei
   local current = redis.call('HGET', sessions, field)
   if not current then return {0} end
   if conn_id ~= '' and connid_of(current) ~= conn_id then return {0} end
 
-  local now = now_ms()
   redis.call('HDEL', sessions, field)
+  local version = next_version(status, op_id)
+  local seen = now - math.max(age, 0)
+  if seen_at > 0 then seen = math.min(seen_at, now) end
+  local before = to_int(redis.call('HGET', status, 'lastSeen'))
+  if before == nil or before < seen then redis.call('HSET', status, 'lastSeen', seen) end
   local values = redis.call('HVALS', sessions)
-  local pack, online = status_pack(app_id, user_id, values)
+  local pack, online = status_pack(app_id, user_id, values, version)
   if keys[6] then
     count(keys[7], app_id, ct, -1, #values == 0 and -1 or 0)
-    feed_add(keys[6], args[11], args[12], session_fields('logout', app_id, user_id, ct, imei,
-      args[10] or 'logout', online, #values, user_version(status), now))
+    feed_add(keys[6], args[14], args[15], session_fields('logout', app_id, user_id, ct, imei,
+      args[13] or 'logout', online, #values, version, now))
   end
   if #values == 0 then
-    redis.call('HSET', status, 'lastSeen', now)
     if redis.call('EXISTS', inbox) == 1 then redis.call('PEXPIRE', inbox, idle_ttl) end
   else
     inbox_add(inbox, maxlen, ttl, 4005, pack, conn_id ~= '' and conn_id or nil, nil)
@@ -388,9 +454,11 @@ KEYS[4] inbox STREAM      KEYS[5] friends SET
 ARGV[1] appId  ARGV[2] userId  ARGV[3] customStatus (integer)  ARGV[4] customText (<= 100 bytes)
 ARGV[5] origin connId ('' = none: every session of the user gets the 4007 sync)
 ARGV[6] inbox MAXLEN  ARGV[7] inbox TTL ms  ARGV[8] doorbell channel prefix
-Optional (the change feed): KEYS[6] the user's outbox STREAM  ARGV[9] outbox MAXLEN  ARGV[10] outbox TTL ms
+ARGV[9] operation id ('' = none; optional)
+Optional (the change feed): KEYS[6] the user's outbox STREAM  ARGV[10] outbox MAXLEN  ARGV[11] outbox TTL ms
   appends a 'status' entry (clientType 0, imei and reason '') with customStatus and customText.
-Reply: {1, 4006 data JSON, recipient userIds...}
+Reply: {1, 4006 data JSON (with the user's version), recipient userIds...}
+  A repeat of the user's latest operation (ARGV[9]) applies nothing and replies the current state.
 ]]
 local function presence_set_custom_status(keys, args)
   if #keys ~= 5 and #keys ~= 6 then return param_error('presence_set_custom_status takes 5 or 6 keys') end
@@ -402,17 +470,24 @@ local function presence_set_custom_status(keys, args)
   local maxlen, ttl, prefix = args[6], args[7], args[8]
   local sessions, status, subscribers, inbox, friends = keys[1], keys[2], keys[3], keys[4], keys[5]
 
+  local op_id = args[9] or ''
   local now = now_ms()
+  if is_latest_op(status, op_id) then
+    local st = redis.call('HMGET', status, 'customStatus', 'customText')
+    local reply = {1, custom_pack(user_id, to_int(st[1]) or custom, st[2] or text, stored_version(status))}
+    for _, r in ipairs(recipients(friends, subscribers, user_id, now)) do reply[#reply + 1] = r end
+    return reply
+  end
   redis.call('HSET', status, 'customStatus', custom, 'customText', text, 'customAt', now)
-  local pack = '{"userId":' .. cjson.encode(user_id) .. ',"customStatus":' .. custom ..
-    ',"customText":' .. cjson.encode(text) .. '}'
+  local version = next_version(status, op_id)
+  local pack = custom_pack(user_id, custom, text, version)
   local values = redis.call('HVALS', sessions)
   if keys[6] then
     local fields = session_fields('status', app_id, user_id, 0, '', '', #values > 0 and 1 or 2, #values,
-      user_version(status), now)
+      version, now)
     fields[#fields + 1] = 'customStatus'; fields[#fields + 1] = tostring(custom)
     fields[#fields + 1] = 'customText'; fields[#fields + 1] = text
-    feed_add(keys[6], args[9], args[10], fields)
+    feed_add(keys[6], args[10], args[11], fields)
   end
   local others = #values
   if origin ~= '' then others = others - 1 end
@@ -428,22 +503,38 @@ local function presence_set_custom_status(keys, args)
 end
 
 --[[ presence_fanout
-KEYS: recipient pairs  sessions_1, inbox_1, sessions_2, inbox_2, ...  (one slot on a cluster)
+KEYS: recipient triples  sessions_1, inbox_1, pushed_1, sessions_2, inbox_2, pushed_2, ...
+  (one slot on a cluster); without ARGV[6..7], pairs  sessions_1, inbox_1, ...  (no ordering)
 ARGV[1] command (4004 | 4006)  ARGV[2] data JSON  ARGV[3] inbox MAXLEN  ARGV[4] inbox TTL ms
 ARGV[5] doorbell channel prefix ('' = publish nothing, name the nodes in the reply)
+ARGV[6] the changed user's id   ARGV[7] its version (the one in ARGV[2])
 Reply: {entries written, doorbells published}, and when ARGV[5] is '':
   {entries written, 0, node id, {inbox keys}, node id, {inbox keys}, ...}
   Only recipients with an online session get an entry: offline users pull on connect.
-  Safe to repeat: a repeat writes the same pack again (clients keep the newest).
+  A recipient whose pushed HASH already holds this version or a newer one for (command, user)
+  gets nothing: the newest state is never followed by an older one. Safe to repeat.
 ]]
 local function presence_fanout(keys, args)
-  if #keys % 2 ~= 0 then return param_error('presence_fanout takes sessions/inbox key pairs') end
   local command, data, maxlen, ttl, prefix = args[1], args[2], args[3], args[4], args[5]
+  local subject, version = args[6], to_int(args[7])
+  local step = 2
+  if subject ~= nil and version ~= nil then step = 3 end
+  if #keys % step ~= 0 then return param_error('presence_fanout takes sessions/inbox(/pushed) key groups') end
+  local field = command .. ':' .. (subject or '')
   local by_node = {}
   local written = 0
-  for i = 1, #keys, 2 do
+  for i = 1, #keys, step do
     local values = redis.call('HVALS', keys[i])
-    if #values > 0 then
+    local fresh = #values > 0
+    if fresh and step == 3 then
+      local seen = to_int(redis.call('HGET', keys[i + 2], field))
+      fresh = seen == nil or seen < version
+      if fresh then
+        redis.call('HSET', keys[i + 2], field, version)
+        redis.call('PEXPIRE', keys[i + 2], ttl)
+      end
+    end
+    if fresh then
       inbox_add(keys[i + 1], maxlen, ttl, command, data, nil, nil)
       add_nodes(by_node, values, keys[i + 1])
       written = written + 1
@@ -604,20 +695,20 @@ local function presence_friends_remove(keys, args) return friends_change(keys, a
 --[[ presence_query  (no-writes)
 KEYS: pairs  sessions_1, status_1, sessions_2, status_2, ...  (one slot on a cluster)
 ARGV: userIds, in KEYS order
-Reply: one JSON object {userId: {session: [...], customStatus, customText, status 1|2, lastSeen}}
-  customStatus/customText/lastSeen are null when never set.
+Reply: one JSON object {userId: {session: [...], customStatus, customText, status 1|2, lastSeen, version}}
+  customStatus/customText/lastSeen are null when never set; version is 0 before the first change.
 ]]
 local function presence_query(keys, args)
   if #keys ~= 2 * #args then return param_error('presence_query takes a sessions/status key pair per userId') end
   local parts = {}
   for i = 1, #args do
     local values = redis.call('HVALS', keys[2 * i - 1])
-    local st = redis.call('HMGET', keys[2 * i], 'customStatus', 'customText', 'lastSeen')
+    local st = redis.call('HMGET', keys[2 * i], 'customStatus', 'customText', 'lastSeen', 'version')
     local online = 2
     if #values > 0 then online = 1 end
     parts[#parts + 1] = cjson.encode(args[i]) .. ':{"session":[' .. table.concat(values, ',') ..
       '],"customStatus":' .. (st[1] or 'null') .. ',"customText":' .. (st[2] and cjson.encode(st[2]) or 'null') ..
-      ',"status":' .. online .. ',"lastSeen":' .. (st[3] or 'null') .. '}'
+      ',"status":' .. online .. ',"lastSeen":' .. (st[3] or 'null') .. ',"version":' .. (st[4] or '0') .. '}'
   end
   return '{' .. table.concat(parts, ',') .. '}'
 end

@@ -84,6 +84,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     resume_window: float = 60.0
     # Gateway processes of `presence serve` (SO_REUSEPORT on the TCP and WebSocket ports, REST once).
     workers: int = 1
+    # Seconds a Redis reply may take before the call counts as failed (and is retried; its outcome is
+    # resolved by the library's operation ids), and seconds calls are retried before the backplane counts
+    # as unavailable (REST 503, LOGIN 90000).
+    redis_timeout: float = 5.0
+    redis_retry_for: float = 30.0
     # The change feed: partitions per app (a user's entries all go to one) and entries kept per partition.
     feed_shards: int = 4
     feed_maxlen: int = 100_000
@@ -131,6 +136,8 @@ class _Layer(msgspec.Struct, forbid_unknown_fields=True):
     webhook_backoff: Annotated[float, msgspec.Meta(ge=0, le=3600)] | msgspec.UnsetType = msgspec.UNSET
     webhook_timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] | msgspec.UnsetType = msgspec.UNSET
     dev_key: Annotated[str, msgspec.Meta(min_length=1)] | msgspec.UnsetType | None = msgspec.UNSET
+    redis_timeout: Annotated[float, msgspec.Meta(gt=0, le=DAY)] | msgspec.UnsetType = msgspec.UNSET
+    redis_retry_for: _Seconds | msgspec.UnsetType = msgspec.UNSET
 
     def values(self) -> dict[str, Any]:
         return {f: v for f in self.__struct_fields__ if (v := getattr(self, f)) is not msgspec.UNSET}
@@ -154,6 +161,8 @@ _ENV = {
     "inbox_ttl": ("PRESENCE_INBOX_TTL",),
     "resume_window": ("PRESENCE_RESUME_WINDOW",),
     "workers": ("PRESENCE_WORKERS",),
+    "redis_timeout": ("PRESENCE_REDIS_TIMEOUT",),
+    "redis_retry_for": ("PRESENCE_REDIS_RETRY_FOR",),
     "feed_shards": ("PRESENCE_FEED_SHARDS",),
     "feed_maxlen": ("PRESENCE_FEED_MAXLEN",),
     "webhook_attempts": ("PRESENCE_WEBHOOK_ATTEMPTS",),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,8 +25,26 @@ _query_decoder = msgspec.json.Decoder(dict[str, UserOnlineStatus])
 _json = msgspec.json.Encoder().encode
 
 
+class _Versioned(msgspec.Struct):
+    version: int = 0
+
+
+_version_decoder = msgspec.json.Decoder(_Versioned)
+
+
+def pack_version(data: bytes) -> int:
+    """The user's version a 4004/4006 pack carries (0 from a library older than versions)."""
+    return _version_decoder.decode(data).version
+
+
 def library_source() -> str:
     return resource_path("lua/presence.lua").read_text()
+
+
+def library_version() -> str:
+    """The VERSION the library file declares (what ``presence_version`` answers once it is loaded)."""
+    match = re.search(r"^local VERSION = '([^']+)'", library_source(), re.MULTILINE)
+    return match.group(1) if match else ""
 
 
 async def ensure_library(redis: Redis | RedisCluster | Store) -> bool:
@@ -100,6 +119,11 @@ class StatusChange:
     inbox_last_id: str = "0-0"
     kicked: int = 0
     online: bool = True
+
+    @property
+    def version(self) -> int:
+        """The user's version after the change (carried in ``data``)."""
+        return pack_version(self.data) if self.data else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,9 +203,34 @@ class PresenceFunctions:
             i.ttl_ms,
         ]
 
-    def logout_args(self, app_id: int, user_id: str, client_type: int, imei: str, conn_id: str) -> list[Any]:
+    def logout_args(
+        self,
+        app_id: int,
+        user_id: str,
+        client_type: int,
+        imei: str,
+        conn_id: str,
+        op_id: str = "",
+        seen_age_ms: int = 0,
+        seen_at_ms: int = 0,
+    ) -> list[Any]:
+        """``op_id`` makes a repeat after a lost reply a no-op; lastSeen is ``seen_at_ms`` (server clock) if
+        given, else now minus ``seen_age_ms``."""
         i = self.inbox
-        return [app_id, user_id, client_type, imei, conn_id, i.maxlen, i.ttl_ms, i.doorbell_prefix, i.idle_ttl_ms]
+        return [
+            app_id,
+            user_id,
+            client_type,
+            imei,
+            conn_id,
+            i.maxlen,
+            i.ttl_ms,
+            i.doorbell_prefix,
+            i.idle_ttl_ms,
+            op_id,
+            max(int(seen_age_ms), 0),
+            max(int(seen_at_ms), 0),
+        ]
 
     @staticmethod
     def parse_logout(reply: Sequence[Any]) -> StatusChange:
@@ -210,26 +259,40 @@ class PresenceFunctions:
         custom_status: int,
         custom_text: str,
         origin_conn_id: str = "",
+        op_id: str = "",
     ) -> StatusChange:
+        """``op_id``: a repeat of this call after a lost reply applies nothing and replies the stored state."""
         i = self.inbox
         reply = await self.call(
             "presence_set_custom_status",
             keys.state(),
-            [app_id, user_id, custom_status, custom_text, origin_conn_id, i.maxlen, i.ttl_ms, i.doorbell_prefix],
+            [app_id, user_id, custom_status, custom_text, origin_conn_id, i.maxlen, i.ttl_ms, i.doorbell_prefix, op_id],
         )
         return StatusChange(changed=True, data=reply[1], recipients=self._users(reply[2:]))
 
     def fanout_command(
-        self, pairs: Sequence[tuple[str, str]], command: int, data: bytes, *, ring: bool = True
+        self,
+        groups: Sequence[tuple[str, ...]],
+        command: int,
+        data: bytes,
+        user_id: str = "",
+        version: int = 0,
+        *,
+        ring: bool = True,
     ) -> list[Any]:
-        """presence_fanout for (sessions key, inbox key) pairs of one slot.
+        """presence_fanout for (sessions, inbox, pushed) keys of recipients of one slot, for ``user_id``'s
+        change at ``version`` (a recipient already holding that version or a newer one is skipped).
+        Without ``user_id``: (sessions, inbox) pairs and no ordering (events that are not a user's state).
 
         ``ring=False`` (a cluster): no PUBLISH; the reply names the nodes to ring instead.
         """
-        keys = [k for pair in pairs for k in pair]
+        keys = [k for group in groups for k in group]
         i = self.inbox
         prefix = i.doorbell_prefix if ring else ""
-        return fcall("presence_fanout", keys, [command, data, i.maxlen, i.ttl_ms, prefix])
+        args: list[Any] = [command, data, i.maxlen, i.ttl_ms, prefix]
+        if user_id:
+            args += [user_id, version]
+        return fcall("presence_fanout", keys, args)
 
     @staticmethod
     def parse_fanout(reply: Sequence[Any]) -> tuple[int, dict[str, list[str]]]:

@@ -18,6 +18,7 @@ class UserKeys:
     subscribers: str
     subscriptions: str
     inbox: str
+    pushed: str
     outbox: str
 
     def state(self) -> list[str]:
@@ -42,6 +43,7 @@ class KeySchema:
             subscribers=base + "subscribers",
             subscriptions=base + "subscriptions",
             inbox=base + "inbox",
+            pushed=base + "pushed",
             outbox=base + "outbox",
         )
 

@@ -65,6 +65,8 @@ class UserOnlineStatus(msgspec.Struct, kw_only=True):
     customText: str | None = None
     status: int = OFFLINE
     lastSeen: int | None = None
+    # The user's version: moves with every change; pushes carry it too (0 before the first change).
+    version: int = 0
 
 
 # --- requests (REST bodies; 4002/4003 socket data) ---
@@ -140,6 +142,7 @@ class ChangeResult(msgspec.Struct, kw_only=True):
     delivered: int = 0
     kicked: int = 0
     inbox_last_id: str = "0-0"
+    version: int = 0  # the user's version after the change
 
 
 class SubscribeResult(msgspec.Struct, kw_only=True):

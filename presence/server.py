@@ -87,10 +87,11 @@ class Running:
     webhooks: WebhookWorker | None = None
     node_id: str = ""
 
-    async def stop(self) -> None:
+    async def stop(self, *, handover: float = 0.0) -> None:
+        """Stop; ``handover`` seconds > 0 keeps sessions that long for their devices to reconnect elsewhere."""
         for server in self._servers:
             server.close()  # stop accepting first
-        await self.hub.stop()
+        await self.hub.stop(handover=handover)
         if self.webhooks is not None:  # after the hub: the sessions' last logouts are in the feed by now
             await self.webhooks.stop()
         for runner in self._runners:  # closes the HTTP and WebSocket connections
@@ -142,7 +143,9 @@ async def start(settings: Settings, *, reuse_port: bool = False, ready_line: boo
     for line in describe_apps(settings):
         log.info("%s", line)
     capacity = connection_capacity(settings)
-    store = await open_store(settings.redis_url)
+    store = await open_store(
+        settings.redis_url, retry_for=settings.redis_retry_for, socket_timeout=settings.redis_timeout
+    )
     embedded = store.mode == "embedded"
     presence = Presence(store, settings)
     if await presence.start():
@@ -231,8 +234,9 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down: closing listeners, telling clients, logging sessions out")
-    await running.stop()
+    grace = settings.offline_grace
+    log.info("shutting down: closing listeners, telling clients to reconnect, keeping sessions %.1f s", grace)
+    await running.stop(handover=grace)
 
 
 def run(settings: Settings) -> None:

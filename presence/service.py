@@ -125,7 +125,10 @@ class Presence:
         return await ensure_library(self.store)
 
     async def _load_library_on(self, node: Any) -> None:
-        await ensure_library_on(self.store, node)
+        if node is None and self._cluster:  # a keyless call (presence_version): whichever node answered
+            await ensure_library(self.store)
+        else:
+            await ensure_library_on(self.store, node)
 
     def user(self, app_id: int, user_id: str) -> UserKeys:
         return self.keys.user(app_id, user_id)
@@ -329,18 +332,29 @@ class Presence:
         *,
         conn_id: str = "",
         node_id: str = "",
+        op_id: str | None = None,
+        seen_age_ms: int = 0,
+        seen_at_ms: int = 0,
         reason: str = "logout",
     ) -> ChangeResult:
         """Remove a session; with ``conn_id``, only if it still belongs to that connection.
 
+        ``op_id`` (default: a new one) identifies the operation: calling again with the same one after an
+        unknown outcome (a timeout) applies nothing twice and still fans the change out. lastSeen is the
+        evidence: ``seen_at_ms`` on the Redis clock if given, else ``seen_age_ms`` before now.
         ``reason`` (logout, close, timeout, reaped, kicked, shutdown, error) goes into the change feed.
-
         Ids are not held to the identifier rule here: a session stored before it must still end.
         """
         if not isinstance(user_id, str) or not user_id or not isinstance(imei, str) or not imei:
             raise ParamError("userId and imei must be non-empty strings")
         keys = self.user(app_id, user_id)
-        args = [*self.fn.logout_args(app_id, user_id, client_type, imei, conn_id), reason, *self._outbox_args()]
+        args = [
+            *self.fn.logout_args(
+                app_id, user_id, client_type, imei, conn_id, op_id or new_conn_id(), seen_age_ms, seen_at_ms
+            ),
+            reason,
+            *self._outbox_args(),
+        ]
         commands: list[Command] = [
             (keys.sessions, fcall("presence_logout", self._state_keys(keys, app_id, user_id), args)),
             (keys.outbox, self._outbox_read(keys)),
@@ -366,7 +380,19 @@ class Presence:
             raise ParamError(f"customText must be at most {self.limits.custom_text_bytes} UTF-8 bytes, got {size}")
         keys = self.user(app_id, user_id)
         i = self.fn.inbox
-        args = [app_id, user_id, custom_status, custom_text, origin_conn_id, i.maxlen, i.ttl_ms, i.doorbell_prefix]
+        # One operation id for the call and Store.run's retries of it: a repeat after a timeout applies nothing.
+        op_id = new_conn_id()
+        args = [
+            app_id,
+            user_id,
+            custom_status,
+            custom_text,
+            origin_conn_id,
+            i.maxlen,
+            i.ttl_ms,
+            i.doorbell_prefix,
+            op_id,
+        ]
         call = fcall("presence_set_custom_status", [*keys.state(), keys.outbox], [*args, *self._outbox_args()])
         replies = await self._run([(keys.sessions, call), (keys.outbox, self._outbox_read(keys))])
         reply = replies[0]
@@ -387,7 +413,7 @@ class Presence:
         recipients = change.recipients if change.changed else []
         if recipients or relay:
             delivered, relayed = await self._fanout(
-                app_id, recipients, command, change.data, [relay[0]] if relay else []
+                app_id, recipients, command, change.data, [relay[0]] if relay else [], user_id, change.version
             )
             if recipients:
                 FANOUT_ENTRIES.inc(delivered)
@@ -399,6 +425,7 @@ class Presence:
             delivered=delivered,
             kicked=change.kicked,
             inbox_last_id=change.inbox_last_id,
+            version=change.version,
         )
 
     async def _relayed(self, app_id: int, user_id: str, last_id: str, reply: Any) -> None:
@@ -414,35 +441,48 @@ class Presence:
             except Exception as exc:  # a later relay skips what was appended (the cursor) and trims again
                 log.warning("feed outbox trim of %s/%s failed (%r)", app_id, user_id, exc)
 
-    async def fanout(self, app_id: int, recipients: Iterable[str], command: int, data: bytes) -> int:
+    async def fanout(
+        self, app_id: int, recipients: Iterable[str], command: int, data: bytes, *, user_id: str = "", version: int = 0
+    ) -> int:
         """presence_fanout per slot, one pipeline per primary (one call on one server); entries written.
 
+        ``user_id`` changed to ``version`` (the one in ``data``): a recipient that already got that version or
+        a newer one of this command is skipped, so fan-outs that overtake each other leave every recipient on
+        the newest state, and a repeat writes nothing twice (safe to retry; Store.run retries it).
         On a cluster the calls do not publish: each gateway gets one doorbell for the whole change,
         PUBLISHed after the fan-out (one pipeline to one node; the cluster bus carries it to the gateway).
         """
-        return (await self._fanout(app_id, recipients, command, data, []))[0]
+        return (await self._fanout(app_id, recipients, command, data, [], user_id, version))[0]
 
     async def _fanout(
-        self, app_id: int, recipients: Iterable[str], command: int, data: bytes, extra: Sequence[Command]
+        self,
+        app_id: int,
+        recipients: Iterable[str],
+        command: int,
+        data: bytes,
+        extra: Sequence[Command],
+        user_id: str = "",
+        version: int = 0,
     ) -> tuple[int, list[Any]]:
         """``fanout`` with ``extra`` commands in the same pipelines; (entries written, the extras' replies,
-        an error among them as its reply)."""
+        an error among them as its reply). Without ``user_id`` (friendship events) no version ordering."""
         base = self.keys.base
-        pairs = [(b + "sessions", b + "inbox") for b in (base(app_id, r) for r in recipients)]
+        suffixes = ("sessions", "inbox", "pushed") if user_id else ("sessions", "inbox")
+        groups_of_keys = [tuple(b + x for x in suffixes) for b in (base(app_id, r) for r in recipients)]
         size = self.limits.fanout_chunk
         # One call per chunk of a slot group, all in the same pipeline: no single call holds Redis for the
         # whole list (1000 friends in one call was ~20 ms). Calls ring the gateways themselves only when
         # there is one call; else, as on a cluster, they name the nodes and each gateway gets one doorbell.
         chunks = [
             group[start : start + size]
-            for group in self.store.group([p[0] for p in pairs])
+            for group in self.store.group([t[0] for t in groups_of_keys])
             for start in range(0, len(group), size)
         ]
         ring = not self._cluster and len(chunks) == 1
         commands: list[Command] = []
         for indexes in chunks:
-            chunk = [pairs[i] for i in indexes]
-            commands.append((chunk[0][0], self.fn.fanout_command(chunk, command, data, ring=ring)))
+            chunk = [groups_of_keys[i] for i in indexes]
+            commands.append((chunk[0][0], self.fn.fanout_command(chunk, command, data, user_id, version, ring=ring)))
         fans = len(commands)
         replies = await self._run([*commands, *extra], raise_errors=False)
         written = 0
@@ -620,6 +660,16 @@ class Presence:
         was, _ = await self.fn.node_heartbeat(self.keys.nodes, node_id)
         return was
 
+    async def redis_time_ms(self) -> int:
+        """Now on the Redis clock (the node holding ``presence:nodes``), in ms."""
+        secs, micros = await self._one(self.keys.nodes, "TIME")
+        return int(secs) * 1000 + int(micros) // 1000
+
+    async def node_last_beat(self, node_id: str) -> int | None:
+        """The node's last heartbeat (ms, Redis clock), or None when it is not registered."""
+        beat = await self._one(self.keys.nodes, "ZSCORE", self.keys.nodes, node_id)
+        return int(float(beat)) if beat is not None else None
+
     async def node_leave(self, node_id: str) -> None:
         await self._one(self.keys.nodes, "ZREM", self.keys.nodes, node_id)
 
@@ -627,8 +677,13 @@ class Presence:
         return await self.fn.nodes_expired(self.keys.nodes, int(ttl_s * 1000))
 
     async def reap_node(self, node_id: str, batch: int = 200) -> int:
-        """Log out every session a node still holds, then forget the node. Safe to run twice at once."""
+        """Log out every session a node still holds, then forget the node. Safe to run twice at once.
+
+        lastSeen of its users is the node's last heartbeat: the last moment they were known connected.
+        """
         key = self.keys.node_sessions(node_id)
+        beat = await self._one(self.keys.nodes, "ZSCORE", self.keys.nodes, node_id)
+        seen_at = int(float(beat)) if beat is not None else 0
         reaped = 0
         while True:
             members = [m.decode() for m in await self._one(key, "SRANDMEMBER", key, batch)]
@@ -637,7 +692,14 @@ class Presence:
             for member in members:
                 app_id, user_id, client_type, imei, conn_id = parse_node_member(member)
                 result = await self.logout(
-                    app_id, user_id, client_type, imei, conn_id=conn_id, node_id=node_id, reason="reaped"
+                    app_id,
+                    user_id,
+                    client_type,
+                    imei,
+                    conn_id=conn_id,
+                    node_id=node_id,
+                    seen_at_ms=seen_at,
+                    reason="reaped",
                 )
                 reaped += int(result.changed)
         await self._one(self.keys.nodes, "ZREM", self.keys.nodes, node_id)

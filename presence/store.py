@@ -32,7 +32,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from redis import exceptions as rex
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
 from redis.crc import key_slot
 
 from presence.errors import ParamError
@@ -299,7 +301,12 @@ def parse_sentinel_url(url: str, env: Mapping[str, str] | None = None) -> Sentin
     )
 
 
-def open_redis(url: str | None, max_connections: int = MAX_CONNECTIONS) -> tuple[Redis, bool]:
+SOCKET_TIMEOUT_S = 5.0
+
+
+def open_redis(
+    url: str | None, max_connections: int = MAX_CONNECTIONS, socket_timeout: float = SOCKET_TIMEOUT_S
+) -> tuple[Redis, bool]:
     """(client, embedded) for a standalone URL or the embedded store; ``open_store`` for every mode.
 
     The pool blocks when all connections are busy instead of failing: a burst of 10,000 logins or
@@ -310,7 +317,15 @@ def open_redis(url: str | None, max_connections: int = MAX_CONNECTIONS) -> tuple
         if url.startswith("redis://"):  # TLS and Unix sockets keep redis-py's own classes
             options["connection_class"] = HiredisPackingConnection
         pool = BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=30, health_check_interval=10, **options
+            url,
+            max_connections=max_connections,
+            timeout=30,
+            health_check_interval=10,
+            socket_timeout=socket_timeout,
+            # Store.run and Store.retrying retry (bounded by retry_for, resolving unknown outcomes with the
+            # library's operation ids); redis-py's own retries would stretch a stall far past retry_for.
+            retry=Retry(NoBackoff(), 0),
+            **options,
         )
         return Redis(connection_pool=pool), False
     import fakeredis
@@ -320,15 +335,23 @@ def open_redis(url: str | None, max_connections: int = MAX_CONNECTIONS) -> tuple
     return fakeredis.FakeAsyncRedis(server=server, decode_responses=False), True
 
 
-async def open_store(url: str | None, max_connections: int = MAX_CONNECTIONS, retry_for: float = RETRY_FOR_S) -> Store:
-    """Pick the mode from the URL (and, for redis://, from the server's ``INFO cluster``); log it."""
+async def open_store(
+    url: str | None,
+    max_connections: int = MAX_CONNECTIONS,
+    retry_for: float = RETRY_FOR_S,
+    socket_timeout: float = SOCKET_TIMEOUT_S,
+) -> Store:
+    """Pick the mode from the URL (and, for redis://, from the server's ``INFO cluster``); log it.
+
+    ``socket_timeout``: seconds a reply may take before the call fails and is retried (a stalled Redis).
+    """
     if url and url.split("://", 1)[0] in ("redis+sentinel", "rediss+sentinel"):
-        store = await _open_sentinel(parse_sentinel_url(url), max_connections, retry_for)
+        store = await _open_sentinel(parse_sentinel_url(url), max_connections, retry_for, socket_timeout)
     elif not url:
         client, _ = open_redis(None)
         store = Store(client, "embedded", "one in-process server", retry_for)
     else:
-        client, _ = open_redis(url, max_connections)
+        client, _ = open_redis(url, max_connections, socket_timeout)
         try:
             info = await client.info("cluster")
         except Exception:
@@ -339,7 +362,9 @@ async def open_store(url: str | None, max_connections: int = MAX_CONNECTIONS, re
         else:
             await client.aclose()
             # Headroom over max_in_flight for what bypasses the Store (the gateway's pub/sub, health checks).
-            cluster = RedisCluster.from_url(url, max_connections=max_connections + 16)
+            cluster = RedisCluster.from_url(
+                url, max_connections=max_connections + 16, socket_timeout=socket_timeout, retry=Retry(NoBackoff(), 0)
+            )
             await cluster.initialize()
             primaries = sorted(n.name for n in cluster.get_primaries())
             replicas = len(cluster.get_replicas())
@@ -349,13 +374,15 @@ async def open_store(url: str | None, max_connections: int = MAX_CONNECTIONS, re
     return store
 
 
-async def _open_sentinel(conf: SentinelURL, max_connections: int, retry_for: float) -> Store:
+async def _open_sentinel(
+    conf: SentinelURL, max_connections: int, retry_for: float, socket_timeout: float = SOCKET_TIMEOUT_S
+) -> Store:
     sentinel_kwargs: dict[str, Any] = {"socket_timeout": 2.0}
     if conf.sentinel_password:
         sentinel_kwargs["password"] = conf.sentinel_password
     if conf.sentinel_username:
         sentinel_kwargs["username"] = conf.sentinel_username
-    sentinel = Sentinel(conf.sentinels, sentinel_kwargs=sentinel_kwargs, socket_timeout=5.0)
+    sentinel = Sentinel(conf.sentinels, sentinel_kwargs=sentinel_kwargs, socket_timeout=socket_timeout)
     client = sentinel.master_for(
         conf.master,
         db=conf.db,

@@ -353,6 +353,43 @@ async def test_client_replaces_a_silent_socket_and_resumes_what_it_missed(server
     errors.check()
 
 
+async def test_client_drops_a_push_older_than_the_version_it_has(server: Server, browser: Browser) -> None:
+    """Pushes of concurrent changes may overtake each other: the client keeps the newest version per user."""
+    errors = PageErrors()
+    page = await client_page(browser, server, errors)
+    await make_friends(server, "hana", "ivan")
+    options = {
+        "url": server.ws_url,
+        "appId": server.app_id,
+        "userId": "hana",
+        "userSign": await user_sign(server, "hana"),
+        "imei": "hana-tab",
+    }
+    await page.evaluate("(o) => make('h', o)", options)
+    await wait_js(page, "() => h.state === 'open'")
+    ivan = await WsClient.connect(server.ws_port, imei="ivan-phone", client_type=3)
+    try:
+        await ivan.login("ivan", app=server.app_id, key=server.key)
+        await wait_js(page, "() => h.log.some((e) => e.type === 'online' && e.detail.userId === 'ivan')")
+        version = await page.evaluate(
+            "() => h.log.find((e) => e.type === 'online' && e.detail.userId === 'ivan').detail.version"
+        )
+        assert isinstance(version, int) and version >= 1
+        # What an overtaken push looks like on the wire: a later entry id, an older version (ivan offline).
+        deliver = """([version, status]) => h._ws.dispatchEvent(new MessageEvent('message', {data: JSON.stringify({
+            command: 4004, eventId: '99999999999999-' + version + status, appId: 1,
+            data: {appId: 1, userId: 'ivan', status, client: [], version}})}))"""
+        await page.evaluate(deliver, [version - 1, 2])
+        await page.evaluate(deliver, [version, 2])
+        assert not await page.evaluate("() => h.log.some((e) => e.type === 'offline')"), "older pushes dropped"
+        await page.evaluate(deliver, [version + 1, 2])
+        await wait_js(page, "() => h.log.some((e) => e.type === 'offline' && e.detail.userId === 'ivan')")
+    finally:
+        await ivan.close()
+    await page.evaluate("() => h.close()")
+    errors.check()
+
+
 async def test_client_requests_kick_and_refused_login(server: Server, browser: Browser) -> None:
     errors = PageErrors()
     page = await client_page(browser, server, errors)

@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
+import aiohttp
 import pytest
 
 from presence.config import AppConfig, Settings
@@ -97,7 +98,7 @@ async def _survives(
     # The next thing bob hears about alice is her custom status: no false "offline" in between.
     msg = await expect(bob, Command.CUSTOM_NOTIFY, timeout=10)
     pushed_after = time.monotonic() - recovered
-    assert msg.data == {"userId": "alice", "customStatus": 7, "customText": "back"}
+    assert msg.data == {"userId": "alice", "customStatus": 7, "customText": "back", "version": 2}
     assert pushed_after < 2.0, f"working again {pushed_after:.2f} s after the failover, not within 2 s"
     assert (await expect(alice, Command.CUSTOM_NOTIFY_SYNC, timeout=10)).data["customText"] == "back"
 
@@ -168,3 +169,33 @@ async def test_a_node_judges_peers_only_after_a_full_node_ttl_of_its_own_beats(f
         await asyncio.sleep(0.05)
     assert await keeper.reap() == 1
     assert (await facade.query_users(APP, ["alice"]))["alice"].status == 2
+
+
+async def test_sentinel_function_flush_heals_on_the_next_login_and_healthz(sentinel_set: SentinelSet) -> None:
+    """Issue 10 on Sentinel: a master that lost its functions gets the library back from the first call."""
+    node = await start(
+        Settings(
+            redis_url=sentinel_set.url,
+            tcp_port=free_port(),
+            ws_port=0,
+            http_port=free_port(),
+            offline_grace=0,
+            apps={APP: AppConfig(private_key=KEY)},
+        )
+    )
+    try:
+        with sentinel_set.master().client() as master:
+            master.function_flush()
+        alice = await TcpClient.connect(node.tcp_port)
+        assert (await alice.login("alice")).command == Command.LOGINACK
+        await alice.close()
+        with sentinel_set.master().client() as master:
+            master.function_flush()
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"http://127.0.0.1:{node.http_port}/healthz") as resp,
+            ):
+                assert resp.status == 200
+            assert master.function_list(library="presence"), "the library is back on the master"
+    finally:
+        await node.stop()

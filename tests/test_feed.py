@@ -64,7 +64,9 @@ async def test_every_kind_of_change_is_one_entry_in_user_order(facade: Presence)
         ("logout", "reaped", "3", "a1", "2", "0"),
     ]
     assert got[3]["customStatus"] == "2" and got[3]["customText"] == "busy"
-    assert all(e["appId"] == str(APP) and e["version"] == "0" for e in got)  # 0 until per-user versions exist
+    assert all(e["appId"] == str(APP) for e in got)
+    # The user's version after each change; the kick goes with the login that caused it.
+    assert [int(e["version"]) for e in got] == [1, 2, 2, 3, 4, 5, 6, 7, 8]
     times = [int(e["time"]) for e in got]
     assert times == sorted(times) and times[0] > 1_600_000_000_000
     ids = [e["eventId"] for e in got]

@@ -76,6 +76,7 @@ async def test_subscribe_returns_the_targets_status_and_subscriptions_are_listed
         "customText": "away",
         "status": 2,
         "lastSeen": None,
+        "version": 1,
     }
     # the same shape as a query
     query = await rest(node.http_port, "/v1/user/queryUserOnlineStatus", "carol", {"userList": ["dave", "erin"]})

@@ -10,7 +10,7 @@ import pytest
 from redis.asyncio import Redis
 
 from presence.errors import ParamError
-from presence.functions import ensure_library, library_source
+from presence.functions import ensure_library, fcall, library_source
 from presence.service import Presence
 
 APP = 10000
@@ -35,7 +35,7 @@ async def inbox(p: Presence, user: str) -> list[dict[str, object]]:
 
 async def test_library_loads_once_and_reports_version(any_redis: Redis) -> None:
     assert await ensure_library(any_redis) is False  # the fixture loaded this exact code already
-    assert (await any_redis.fcall_ro("presence_version", 0)) == b"2.1.0"
+    assert (await any_redis.fcall_ro("presence_version", 0)) == b"3.1.0"
 
 
 async def test_login_writes_session_and_friend_gets_4004(presence: Presence) -> None:
@@ -134,7 +134,7 @@ async def test_custom_status_4006_to_friends_and_4007_to_own_sessions(presence: 
     assert result.delivered == 1
     to_bob = (await inbox(presence, "bob"))[-1]
     assert to_bob["c"] == "4006"
-    assert to_bob["d"] == {"userId": "alice", "customStatus": 3, "customText": "in a meeting"}
+    assert to_bob["d"] == {"userId": "alice", "customStatus": 3, "customText": "in a meeting", "version": 3}
     sync = (await inbox(presence, "alice"))[-1]
     assert sync["c"] == "4007" and sync["x"] == "c-alice-2-phone"
     state = (await presence.query_users(APP, ["alice"]))["alice"]
@@ -301,4 +301,71 @@ def test_redis_cli_loads_the_file_as_is(redis_url: str) -> None:
     out = subprocess.run(
         ["redis-cli", "-u", redis_url, "FCALL", "presence_version", "0"], capture_output=True, check=True
     )
-    assert out.stdout.strip() == b"2.1.0"
+    assert out.stdout.strip() == b"3.1.0"
+
+
+# --- issue 10: versions, ordered fan-out, operation ids, lastSeen evidence (every store) ---
+
+
+async def test_every_change_moves_the_version_and_a_reconnect_keeps_it(presence: Presence) -> None:
+    first = await login(presence, "alice", IOS, "phone")
+    assert first.version == 1
+    assert (await presence.set_custom_status(APP, "alice", 1, "x")).version == 2
+    again = await login(presence, "alice", IOS, "phone", conn="c-alice-again")  # the same device: a reconnect
+    assert not again.changed and again.version == 2
+    out = await presence.logout(APP, "alice", IOS, "phone", conn_id="c-alice-again")
+    assert out.version == 3
+    assert (await presence.query_users(APP, ["alice"]))["alice"].version == 3
+
+
+async def test_fanout_never_writes_an_older_version_after_a_newer_one(presence: Presence) -> None:
+    await presence.add_friend(APP, "alice", "bob")
+    await login(presence, "bob")
+    newer = b'{"userId":"alice","customStatus":2,"customText":"new","version":7}'
+    older = b'{"userId":"alice","customStatus":1,"customText":"old","version":6}'
+    assert await presence.fanout(APP, ["bob"], 4006, newer, user_id="alice", version=7) == 1
+    assert await presence.fanout(APP, ["bob"], 4006, older, user_id="alice", version=6) == 0  # overtaken
+    assert await presence.fanout(APP, ["bob"], 4006, newer, user_id="alice", version=7) == 0  # a repeat
+    # Status (4004) and custom status (4006) are ordered separately: each pack is that kind's whole state.
+    status = b'{"appId":10000,"userId":"alice","status":2,"client":[],"version":5}'
+    assert await presence.fanout(APP, ["bob"], 4004, status, user_id="alice", version=5) == 1
+    assert [e["d"]["version"] for e in await inbox(presence, "bob") if e["d"].get("userId") == "alice"] == [7, 5]
+
+
+async def test_a_repeated_change_call_is_a_replay_that_still_names_the_recipients(presence: Presence) -> None:
+    """What a retry after a lost reply sends: the same operation id. Nothing is applied twice; the reply is the
+    stored state, with the recipients, so the caller can still fan it out."""
+    await presence.add_friend(APP, "alice", "bob")
+    await login(presence, "alice", IOS, "phone")
+    keys = presence.user(APP, "alice")
+    args = presence.fn.logout_args(APP, "alice", IOS, "phone", "c-alice-2-phone", op_id="op-1")
+    first = presence.fn.parse_logout(
+        await presence.store.one(keys.sessions, *fcall("presence_logout", keys.state(), args))
+    )
+    again = presence.fn.parse_logout(
+        await presence.store.one(keys.sessions, *fcall("presence_logout", keys.state(), args))
+    )
+    assert first.changed and again.changed and again.recipients == ["bob"]
+    assert first.data == again.data and again.version == 2
+    status = presence.fn
+    one = await status.set_custom_status(keys, APP, "alice", 3, "a", op_id="op-2")
+    two = await status.set_custom_status(keys, APP, "alice", 3, "a", op_id="op-2")
+    assert one.version == two.version == 3 and two.recipients == ["bob"]
+    # A login repeated with its connection id (its operation id) replays too.
+    login_args = presence.fn.login_args(APP, "alice", IOS, "phone", "c-new", "n1", "", 1, 3)
+    a = await presence.fn.login(keys, login_args)
+    b = await presence.fn.login(keys, login_args)
+    assert a.changed and b.changed and a.version == b.version == 4 and b.recipients == ["bob"]
+
+
+async def test_last_seen_is_the_evidence_and_never_moves_back(presence: Presence) -> None:
+    before = await presence.redis_time_ms()
+    await login(presence, "alice", IOS, "phone")  # seen at the login
+    await login(presence, "alice", WINDOWS, "pc")
+    await presence.logout(APP, "alice", IOS, "phone", seen_age_ms=60_000)  # evidence older than the login
+    last = (await presence.query_users(APP, ["alice"]))["alice"].lastSeen
+    assert last is not None and last >= before, "older evidence does not move lastSeen back"
+    later = await presence.redis_time_ms()
+    await presence.logout(APP, "alice", WINDOWS, "pc", seen_at_ms=later + 500)  # capped at the server's now
+    last = (await presence.query_users(APP, ["alice"]))["alice"].lastSeen
+    assert last is not None and later <= last < later + 500

@@ -84,7 +84,7 @@ async def test_custom_status_4006_to_friends_4007_to_own_devices(make_node: Make
     await expect(bob, Command.NOTIFY)
     await facade.set_custom_status(APP, "alice", 2, "lunch")
     custom = await expect(bob, Command.CUSTOM_NOTIFY)
-    assert custom.data == {"userId": "alice", "customStatus": 2, "customText": "lunch"}
+    assert custom.data == {"userId": "alice", "customStatus": 2, "customText": "lunch", "version": 2}
     own = await expect(alice, Command.CUSTOM_NOTIFY_SYNC)
     assert own.data["customText"] == "lunch"
     await alice.close()

@@ -165,7 +165,14 @@ async def test_query_friend_online_status(client: TestClient, svc: Presence, bod
         "phone-b",
         "node-1",
     )
-    assert data["carol"] == {"session": [], "customStatus": 5, "customText": "busy", "status": 2, "lastSeen": None}
+    assert data["carol"] == {
+        "session": [],
+        "customStatus": 5,
+        "customText": "busy",
+        "status": 2,
+        "lastSeen": None,
+        "version": 1,
+    }
 
 
 async def test_query_friend_online_status_without_friends_is_empty(client: TestClient) -> None:
@@ -180,7 +187,14 @@ async def test_query_user_online_status(client: TestClient, svc: Presence) -> No
     assert set(data) == {"bob", "carol", "nobody"}
     assert data["bob"]["status"] == 1 and len(data["bob"]["session"]) == 1
     assert data["carol"]["status"] == 2 and data["carol"]["lastSeen"] > 0
-    assert data["nobody"] == {"session": [], "customStatus": None, "customText": None, "status": 2, "lastSeen": None}
+    assert data["nobody"] == {
+        "session": [],
+        "customStatus": None,
+        "customText": None,
+        "status": 2,
+        "lastSeen": None,
+        "version": 0,
+    }
     assert ok(*await post(client, QUERY_USERS, {"userList": []})) == {}
 
 

@@ -41,30 +41,6 @@ async def test_killed_node_sessions_go_offline_within_node_ttl(
     await bob.close()
 
 
-async def test_sigterm_tells_clients_and_logs_sessions_out(
-    make_node: MakeNode, facade: Presence, store_url: str
-) -> None:
-    await facade.add_friend(APP, "alice", "bob")
-    peer = await make_node()
-    bob = await WsClient.connect(peer.ws_port)
-    await bob.login("bob")
-    node = ServeProcess(["--redis", store_url, "--offline-grace", "3", "--node-id", "leaving"])
-    try:
-        alice = await WsClient.connect(node.ws_port)
-        await alice.login("alice")
-        await expect(bob, Command.NOTIFY)
-        node.signal(signal.SIGTERM)
-        assert await alice.closed() == 1001  # going away
-        msg = await expect(bob, Command.NOTIFY)  # at once, not after the grace: the node is leaving
-        assert msg.data["status"] == 2
-        assert node.wait() == 0
-        assert await facade.redis.zscore(facade.keys.nodes, "leaving") is None, "the node left presence:nodes"
-    finally:
-        node.kill()
-    await alice.close()
-    await bob.close()
-
-
 async def rest_query(node: ServeProcess, key: str, user: str) -> dict[str, Any]:
     """queryUserOnlineStatus over real HTTP, signed as admin with the given app key."""
     params = {"appId": str(APP), "identifier": "admin", "userSign": sign("admin", key)}

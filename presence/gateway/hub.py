@@ -4,6 +4,12 @@ Delivery: a doorbell (pub/sub on this node's channel) names inboxes with new ent
 loop XREADs the dirty ones in one call from each inbox's lowest local cursor, encodes an entry once
 per wire format and writes it to every targeted local connection. A periodic sweep marks every local
 inbox dirty, so a lost doorbell only delays a push.
+
+Ends of sessions: lastSeen is the evidence (the connection's last frame for a silent loss, the close
+for a drop, LOGOUT), not the moment the logout runs. A restart under the same node id logs out what
+the predecessor left, after what remains of its grace. SIGTERM hands sessions over: clients are told
+to reconnect (WebSocket close ``1012``), sessions are kept for ``offline_grace`` and only those that
+did not come back anywhere are logged out.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Protocol
 import msgspec
 
 from presence.config import Settings
-from presence.errors import Code, UnavailableError
+from presence.errors import Code, PresenceError, UnavailableError
 from presence.gateway.codec import SERVER_HEADER, Command, encode_tcp, pack_head
 from presence.metrics import CONNECTIONS, DELIVERIES, DOORBELLS, LOGIN_TIMEOUTS, LOGINS, LOGOUTS
 from presence.models import ChangeResult
@@ -33,6 +39,9 @@ EventId = tuple[int, int]
 READ_COUNT = 100
 READ_BATCH = 500
 LOGOUT_ATTEMPTS = 5
+# WebSocket close of a deploy (RFC 6455 1012 "service restart"): reconnect, to any gateway, and resume.
+HANDOVER_CODE = 1012
+HANDOVER_REASON = "server restart: reconnect"
 _doorbell_decoder = msgspec.json.Decoder(list[str])
 
 
@@ -160,7 +169,10 @@ class Hub:
         self.connections: set[Connection] = set()
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
-        self._grace: dict[str, asyncio.TimerHandle] = {}
+        # member -> its logout timer (None while a SIGTERM handover holds it: Hub.stop logs it out)
+        self._grace: dict[str, asyncio.TimerHandle | None] = {}
+        # member -> (monotonic time of the evidence, or None; Redis-clock ms of it, or 0): what lastSeen becomes
+        self._evidence: dict[str, tuple[float | None, int]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._pending: set[asyncio.Task[object]] = set()
         self.sweep_interval = 5.0
@@ -178,7 +190,13 @@ class Hub:
     async def start(self) -> None:
         self.pubsub = self.presence.redis.pubsub()
         await self.pubsub.subscribe(self.presence.doorbell_channel(self.node_id))
+        # A new incarnation of this node id: whatever sessions the set still records are the predecessor's
+        # (no connection of ours exists yet). Read before our first beat overwrites its last one.
+        left = await self.presence.node_session_members(self.node_id)
+        last_beat = await self.presence.node_last_beat(self.node_id) if left else None
         await self.keeper.beat()
+        if left:
+            await self._adopt_predecessor(left, last_beat)
         loops = (
             self._doorbells(),
             self._deliver(),
@@ -192,19 +210,54 @@ class Hub:
         for coro in loops:
             self._tasks.append(asyncio.create_task(coro))
 
-    async def stop(self, *, logout: bool = True) -> None:
-        """Tell clients we are going away, log their sessions out (so no one stays online), stop."""
+    async def _adopt_predecessor(self, members: set[str], last_beat: int | None) -> None:
+        """Log out the predecessor's sessions once its grace (counted from its last heartbeat) is over.
+
+        A device that reconnects meanwhile (here or elsewhere) replaces its session with a new connection
+        id, so the logout, conditional on the old one, changes nothing: friends see nothing.
+        """
+        grace = self.settings.offline_grace
+        age = 0.0
+        if last_beat is not None:
+            age = max(await self.presence.redis_time_ms() - last_beat, 0) / 1000
+        delay = max(grace - age, 0.0)
+        log.warning(
+            "node %s: new incarnation; %d sessions of the predecessor (last beat %.1f s ago) end in %.1f s "
+            "unless their devices reconnect",
+            self.node_id,
+            len(members),
+            age,
+            delay,
+        )
+        loop = asyncio.get_running_loop()
+        for member in members:
+            self._evidence[member] = (None, last_beat or 0)
+            self._grace[member] = loop.call_later(delay, self._grace_expired, member, "restarted")
+
+    async def stop(self, *, logout: bool = True, handover: float = 0.0) -> None:
+        """Stop serving. ``handover`` > 0 (SIGTERM): tell clients to reconnect (close 1012), keep their sessions
+        that long, then log out only those that did not come back anywhere. Otherwise log them out at once.
+        """
         self.closing = True
         conns = list(self.connections)
         for conn in conns:
-            conn.close(1001, "server is shutting down")
-        await asyncio.gather(*(self.end(conn, "shutdown") for conn in conns), return_exceptions=True)
+            if handover > 0:
+                conn.close(HANDOVER_CODE, HANDOVER_REASON)
+            else:
+                conn.close(1001, "server is shutting down")
+        reason = "handover" if handover > 0 else "shutdown"
+        await asyncio.gather(*(self.end(conn, reason) for conn in conns), return_exceptions=True)
+        if handover > 0 and self._grace:
+            # Heartbeats go on meanwhile: no peer reaps these sessions before they had their chance.
+            log.info("handing over %d sessions: %.1f s for their devices to reconnect", len(self._grace), handover)
+            await asyncio.sleep(handover)
         for handle in list(self._grace.values()):
-            handle.cancel()
+            if handle is not None:
+                handle.cancel()
         pending = list(self._grace)
         self._grace.clear()
         if logout:
-            await asyncio.gather(*(self._logout_member(m, "shutdown") for m in pending), return_exceptions=True)
+            await asyncio.gather(*(self._logout_member(m, reason) for m in pending), return_exceptions=True)
         if self._pending:
             await asyncio.wait(self._pending, timeout=5)
         self.keeper.stopped = True
@@ -267,18 +320,25 @@ class Hub:
     ) -> tuple[str, bool | None]:
         """Log the connection in; returns (cursor to report, resume outcome or None when not asked)."""
         conn.conn_id = new_conn_id()
-        result: ChangeResult = await self.presence.login(
-            app_id,
-            user_id,
-            client_type,
-            imei,
-            conn_id=conn.conn_id,
-            node_id=self.node_id,
-            node_host=self.node_host,
-            version=version,
-            login_model=login_model,
-            max_sessions=max_sessions,
-        )
+        try:
+            result: ChangeResult = await self.presence.login(
+                app_id,
+                user_id,
+                client_type,
+                imei,
+                conn_id=conn.conn_id,
+                node_id=self.node_id,
+                node_host=self.node_host,
+                version=version,
+                login_model=login_model,
+                max_sessions=max_sessions,
+            )
+        except Exception as exc:
+            if not isinstance(exc, PresenceError) or exc.http_status >= 500:
+                # Unknown outcome (Redis timed out or went away): the client is told the login failed, so
+                # make sure no session of this connection stays behind (the logout is conditional on it).
+                self._spawn(self._do_logout(app_id, user_id, client_type, imei, conn.conn_id, "login-failed"))
+            raise
         conn.app_id, conn.user_id, conn.client_type, conn.imei = app_id, user_id, client_type, imei
         conn.cursor = parse_event_id(result.inbox_last_id)
         inbox = self.presence.inbox_key(app_id, user_id)
@@ -328,13 +388,19 @@ class Hub:
                 del self.by_inbox[inbox]
         if not conn.logged_in:
             return
+        # The evidence of the user's last presence: the last frame of a silent connection, else now.
+        seen = conn.last_active if reason == "timeout" else time.monotonic()
         grace = self.settings.offline_grace
-        if reason in ("close", "timeout", "error") and grace > 0 and not self.closing:
+        if (reason in ("close", "timeout", "error") and grace > 0 and not self.closing) or reason == "handover":
             member = self._member(conn)
+            self._evidence[member] = (seen, 0)
+            if reason == "handover":  # Hub.stop waits the grace and logs out what is left
+                self._grace[member] = None
+                return
             loop = asyncio.get_running_loop()
             self._grace[member] = loop.call_later(grace, self._grace_expired, member, reason)
             return
-        await self._logout(conn, reason)
+        await self._do_logout(conn.app_id, conn.user_id, conn.client_type, conn.imei, conn.conn_id, reason, seen)
 
     def _member(self, conn: Connection) -> str:
         return node_member(conn.app_id, conn.user_id, conn.client_type, conn.imei, conn.conn_id)
@@ -344,16 +410,43 @@ class Hub:
             self._spawn(self._logout_member(member, reason))
 
     async def _logout_member(self, member: str, reason: str) -> None:
-        await self._do_logout(*parse_node_member(member), reason)
+        mono, at_ms = self._evidence.pop(member, (None, 0))
+        await self._do_logout(*parse_node_member(member), reason, mono, at_ms)
 
     async def _logout(self, conn: Connection, reason: str) -> None:
         await self._do_logout(conn.app_id, conn.user_id, conn.client_type, conn.imei, conn.conn_id, reason)
 
-    async def _do_logout(self, app_id: int, user_id: str, ct: int, imei: str, conn_id: str, reason: str) -> None:
+    async def _do_logout(
+        self,
+        app_id: int,
+        user_id: str,
+        ct: int,
+        imei: str,
+        conn_id: str,
+        reason: str,
+        seen: float | None = None,
+        seen_at_ms: int = 0,
+    ) -> None:
+        """Log a session out, retried; ``seen`` (monotonic) or ``seen_at_ms`` (Redis clock) is the evidence.
+
+        Every attempt carries the same operation id: an attempt whose reply was lost but which Redis applied
+        makes the next one a replay that still fans the change out (never a silent no-op).
+        """
+        op_id = new_conn_id()
         for attempt in range(LOGOUT_ATTEMPTS):
+            age_ms = int((time.monotonic() - seen) * 1000) if seen is not None else 0
             try:
                 result = await self.presence.logout(
-                    app_id, user_id, ct, imei, conn_id=conn_id, node_id=self.node_id, reason=reason
+                    app_id,
+                    user_id,
+                    ct,
+                    imei,
+                    conn_id=conn_id,
+                    node_id=self.node_id,
+                    op_id=op_id,
+                    seen_age_ms=age_ms,
+                    seen_at_ms=seen_at_ms,
+                    reason=reason,
                 )
             except Exception as exc:
                 if attempt == LOGOUT_ATTEMPTS - 1 or self.closing:
@@ -470,11 +563,13 @@ class Hub:
             self._wake.clear()
             while self._dirty:
                 batch: dict[str, str] = {}
+                read_from: dict[str, EventId] = {}
                 while self._dirty and len(batch) < READ_BATCH:
                     inbox = self._dirty.pop()
                     local = self.by_inbox.get(inbox)
                     if local:
-                        batch[inbox] = format_event_id(min(c.cursor for c in local.values()))
+                        read_from[inbox] = min(c.cursor for c in local.values())
+                        batch[inbox] = format_event_id(read_from[inbox])
                 if not batch:
                     break
                 try:
@@ -487,9 +582,9 @@ class Hub:
                     await asyncio.sleep(0.5)
                     continue
                 for inbox, entries in replies:
-                    self.dispatch(inbox, entries)
-                    if len(entries) >= READ_COUNT:
+                    if self.dispatch(inbox, entries, read_from.get(inbox)) or len(entries) >= READ_COUNT:
                         self._dirty.add(inbox)
+                        self._wake.set()
 
     async def _read(self, batch: dict[str, str]) -> list[tuple[str, list[tuple[bytes, list[bytes]]]]]:
         """``read_inboxes``, but an inbox Redis refuses to read (a bad cursor, a key of another type) does
@@ -515,11 +610,21 @@ class Hub:
         for conn in list(self.by_inbox.pop(inbox, {}).values()):
             self._spawn(conn.fail(Code.SYSTEM_ERROR, "system error", rid))
 
-    def dispatch(self, inbox: str, entries: list[tuple[bytes, list[bytes]]]) -> None:
+    def dispatch(self, inbox: str, entries: list[tuple[bytes, list[bytes]]], read_from: EventId | None = None) -> bool:
+        """Write the entries (read after ``read_from``) to the inbox's local connections.
+
+        A connection activated while the read was in flight may have a cursor before ``read_from``: the
+        entries in between were not read, so it is left out (its cursor untouched) and True is returned
+        to read the inbox again from its cursor. Moving its cursor here would skip those entries (a kick,
+        a sync) for good.
+        """
         local = self.by_inbox.get(inbox)
         if not local:
-            return
-        conns = list(local.values())
+            return False
+        behind = read_from is not None and any(c.cursor < read_from for c in local.values())
+        conns = [c for c in local.values() if read_from is None or c.cursor >= read_from]
+        if not conns:
+            return behind
         sample = conns[0]
         # Frames per connection, written with one write each: a backlog costs one syscall, not one per entry.
         out: dict[Connection, list[bytes]] = {}
@@ -556,6 +661,7 @@ class Hub:
             conn.close(4002, "logged in elsewhere")
             self._spawn(self.end(conn, "kicked"))
         DELIVERIES.inc(delivered)
+        return behind
 
     # --- inbox memory ---
 

@@ -26,6 +26,7 @@ from presence.auth import generate_user_sign, verify_user_sign
 from presence.bounded import MAX_JSON_DEPTH, too_deep
 from presence.config import DEV_APP_ID, AppConfig, Settings
 from presence.errors import AuthError, Code, ForbiddenError, ParamError, PresenceError
+from presence.functions import library_version
 from presence.http.demo import add_demo_routes, ws_url_on_port
 from presence.ids import check_user_id
 from presence.metrics import ONLINE_SESSIONS, ONLINE_USERS, REGISTRY, REST_REQUESTS
@@ -445,13 +446,25 @@ async def import_friend(request: web.Request) -> web.Response:
 
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
-    """Ready when Redis answers PING; 503 otherwise (a load balancer takes this node out)."""
+    """Ready when Redis answers and runs our function library; 503 otherwise (a load balancer takes this node out).
+
+    The check calls ``presence_version``: a Redis that lost its functions (FUNCTION FLUSH, an empty restart)
+    gets the library loaded again by that call; only if that fails is it 503. Another version (a rolling deploy
+    replaced it) is usable: 200 naming it.
+    """
+    presence = request.app[PRESENCE]
     try:
         async with asyncio.timeout(HEALTH_TIMEOUT_S):
-            await request.app[PRESENCE].redis.ping()
-    except Exception as exc:  # any failure to reach Redis means not ready
-        log.warning("healthz: redis is unavailable: %r", exc)
+            await presence.redis.ping()
+            version = await presence.fn.version()
+    except Exception as exc:  # any failure to reach Redis or run the library means not ready
+        log.warning("healthz: redis or its presence library is unusable: %r", exc)
         return web.json_response({"status": "unavailable", "reason": f"redis: {type(exc).__name__}"}, status=503)
+    if version != library_version():
+        # Usable (changes are additive), and during a rolling deploy one version replaces the other: say so,
+        # but do not take every node of the other version out of the load balancer.
+        log.warning("healthz: redis runs presence library %s, this node ships %s", version, library_version())
+        return web.json_response({"status": "ok", "library": version})
     return web.json_response({"status": "ok"})
 
 
