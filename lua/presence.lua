@@ -716,17 +716,17 @@ end
 --[[ presence_query_raw  (no-writes; what the facade calls: presence_query's data without building JSON)
 KEYS: pairs  sessions_1, status_1, sessions_2, status_2, ...  (one slot on a cluster)
 ARGV: none (the caller knows the users, in KEYS order)
-Reply: per user, in KEYS order, 4 items: {session JSON...}, customStatus, customText, lastSeen
-  (nil when never set). Building the JSON object in Lua was most of presence_query's time.
+Reply: per user, in KEYS order, 5 items: {session JSON...}, customStatus, customText, lastSeen,
+  version (nil when never set). Building the JSON object in Lua was most of presence_query's time.
 ]]
 local function presence_query_raw(keys, args)
   if #keys % 2 ~= 0 then return param_error('presence_query_raw takes sessions/status key pairs') end
   local reply, n, call = {}, 0, redis.call
   for i = 1, #keys, 2 do
-    local st = call('HMGET', keys[i + 1], 'customStatus', 'customText', 'lastSeen')
+    local st = call('HMGET', keys[i + 1], 'customStatus', 'customText', 'lastSeen', 'version')
     reply[n + 1] = call('HVALS', keys[i])
-    reply[n + 2], reply[n + 3], reply[n + 4] = st[1], st[2], st[3]
-    n = n + 4
+    reply[n + 2], reply[n + 3], reply[n + 4], reply[n + 5] = st[1], st[2], st[3], st[4]
+    n = n + 5
   end
   return reply
 end

@@ -350,18 +350,18 @@ class PresenceFunctions:
 
     @staticmethod
     def parse_query(raw: Any, user_ids: Sequence[str]) -> dict[str, UserOnlineStatus]:
-        """The reply of presence_query_raw (4 items per user) or presence_query (its JSON object) as models.
+        """The reply of presence_query_raw (5 items per user) or presence_query (its JSON object) as models.
 
         The raw reply is spliced into one JSON document (the session records are stored as JSON) and
         decoded by one msgspec Decoder: no per-field Python objects in between.
         """
         if isinstance(raw, bytes | str):
             return _query_decoder.decode(raw)
-        if len(raw) != 4 * len(user_ids):
+        if len(raw) != 5 * len(user_ids):
             raise PresenceError(f"presence_query_raw answered {len(raw)} items for {len(user_ids)} users")
         parts: list[bytes] = []
         for i, user in enumerate(user_ids):
-            values, custom, text, seen = raw[4 * i : 4 * i + 4]
+            values, custom, text, seen, version = raw[5 * i : 5 * i + 5]
             parts += [
                 _json(user),
                 b':{"session":[',
@@ -373,6 +373,8 @@ class PresenceFunctions:
                 b',"status":1,' if values else b',"status":2,',
                 b'"lastSeen":',
                 seen or b"null",
+                b',"version":',
+                version or b"0",
                 b"},",
             ]
         if parts:
