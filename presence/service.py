@@ -581,15 +581,20 @@ class Presence:
         """``from_id``'s side (one call: the count returned), then each friend's side, per slot.
 
         Each call is atomic and idempotent; if the caller dies in between, repeating the request converges.
+        4010 goes out only for the friends ``from_id``'s side actually gained or lost (none: no push).
         """
         own = self.user(app_id, from_id).friends
         mine = self.fn.friends_command(add, [own] * len(users), [(from_id, u) for u in users])
+        # Which of them the owner's side has before the change (SMISMEMBER, Redis >= 6.2): the ones that move.
+        before = await self._one(own, "SMISMEMBER", own, *users)
+        moved = [u for u, had in zip(users, before, strict=True) if bool(int(had)) != add]
         changed = int(await self._one(own, *mine))
         await self._per_slot(
             [self.user(app_id, u).friends for u in users],
             lambda keys, idx: self.fn.friends_command(add, keys, [(users[i], from_id) for i in idx]),
         )
-        await self._friendship_notify(add, app_id, from_id, users)
+        if moved:
+            await self._friendship_notify(add, app_id, from_id, moved)
         return changed
 
     async def _friendship_notify(self, add: bool, app_id: int, from_id: str, users: list[str]) -> None:

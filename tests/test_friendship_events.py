@@ -45,17 +45,43 @@ async def test_add_import_and_delete_friend_push_4010_to_both_sides_with_status(
     assert to_bob.data["action"] == "add" and to_bob.data["friends"]["alice"]["status"] == 1
     assert to_alice.pack["userId"] == "alice"  # the WebSocket pack names its recipient
 
-    # import: the owner gets one entry naming every friend (offline ones too), each online friend one entry
+    # import: the owner gets one entry naming every new friend (offline ones too), each online new friend one
+    # entry; alice, already bob's friend, is not re-announced (nothing changed for her)
     body = {"fromId": "bob", "friendItem": [{"toId": "carol"}, {"toId": "alice"}]}
     await rest(node.http_port, "/v1/friendship/importFriend", "admin", body)
     to_bob = await expect(bob, Command.FRIENDSHIP_NOTIFY)
-    assert set(to_bob.data["friends"]) == {"carol", "alice"} and to_bob.data["friends"]["carol"]["status"] == 2
-    assert (await expect(alice, Command.FRIENDSHIP_NOTIFY)).data["friends"]["bob"]["status"] == 1
+    assert set(to_bob.data["friends"]) == {"carol"} and to_bob.data["friends"]["carol"]["status"] == 2
 
     await rest(node.http_port, "/v1/friendship/deleteFriend", "admin", {"fromId": "bob", "toId": "alice"})
     for client, other in ((alice, "bob"), (bob, "alice")):
-        msg = await expect(client, Command.FRIENDSHIP_NOTIFY)
+        msg = await expect(client, Command.FRIENDSHIP_NOTIFY)  # alice's first 4010 since the add: not the import
         assert msg.data["action"] == "delete" and set(msg.data["friends"]) == {other}
+    await alice.close()
+    await bob.close()
+
+
+async def test_friendship_calls_that_change_nothing_push_nothing(make_node: MakeNode) -> None:
+    node = await make_node(http_port=free_port())
+    alice = await WsClient.connect(node.ws_port)
+    await alice.login("alice")
+    bob = await TcpClient.connect(node.tcp_port, client_type=IOS, imei="bob-phone")
+    await bob.login("bob")
+    add = {"fromId": "alice", "toItem": {"toId": "bob"}}
+    assert (await rest(node.http_port, "/v1/friendship/addFriend", "admin", add))["added"] == 1
+    for client in (alice, bob):
+        assert (await expect(client, Command.FRIENDSHIP_NOTIFY)).data["action"] == "add"
+    # again: added 0, and an import naming bob again: no 4010 to anyone
+    assert (await rest(node.http_port, "/v1/friendship/addFriend", "admin", add))["added"] == 0
+    body = {"fromId": "bob", "friendItem": [{"toId": "alice"}]}
+    await rest(node.http_port, "/v1/friendship/importFriend", "admin", body)
+    delete = {"fromId": "bob", "toId": "alice"}
+    assert (await rest(node.http_port, "/v1/friendship/deleteFriend", "admin", delete))["removed"] == 1
+    for client in (alice, bob):  # the next 4010 each side gets is the delete: the repeats pushed nothing
+        assert (await expect(client, Command.FRIENDSHIP_NOTIFY)).data["action"] == "delete"
+    assert (await rest(node.http_port, "/v1/friendship/deleteFriend", "admin", delete))["removed"] == 0
+    assert (await rest(node.http_port, "/v1/friendship/addFriend", "admin", add))["added"] == 1
+    for client in (alice, bob):  # and the removed: 0 delete pushed nothing either
+        assert (await expect(client, Command.FRIENDSHIP_NOTIFY)).data["action"] == "add"
     await alice.close()
     await bob.close()
 
