@@ -40,7 +40,7 @@ Errors start with PRESENCE_PARAM (bad argument), PRESENCE_LIMIT (a per-user limi
 reached) or PRESENCE_STATE (a conflict).
 ]]
 
-local VERSION = '3.1.0'
+local VERSION = '3.2.0'
 local MAX_SUB_TIME = 2592000000 -- 30 days in ms
 local MAX_CUSTOM_TEXT = 100 -- bytes
 local DEFAULT_MAX_SESSIONS = 10
@@ -252,7 +252,8 @@ Optional (the change feed and online counters; both or neither):
 KEYS[6] the user's outbox STREAM   KEYS[7] the online counters HASH of the user's slot
 ARGV[14] outbox MAXLEN  ARGV[15] outbox TTL ms
   A login that changed something appends a 'logout' entry (reason kicked) per kicked session,
-  then a 'login' entry, to the outbox, and moves the counters.
+  then a 'login' entry (field kicked: JSON list of {clientType, imei} it kicked), to the outbox,
+  and moves the counters.
 Reply: {changed 0|1, 4004 data JSON, inbox last id, kicked count, recipient userIds...}
   The 4004 data carries the user's version. A repeat of a login whose session (same connId) is
   still stored applies nothing: changed = 1 and the current state, for the caller to fan out.
@@ -330,15 +331,18 @@ local function presence_login(keys, args)
     redis.call('HSET', status, 'op', conn_id)
     version = stored_version(status)
   end
+  local kicked_json = {}
   for _, k in ipairs(to_kick) do
     if k[3] then
       redis.call('HDEL', sessions, k[1])
       live = live - 1
       if outbox then
         local kct = to_int(string.match(k[1], '^(%d+):'))
+        local kimei = string.match(k[1], '^%d+:(.*)$')
         count(counters, app_id, kct, -1, 0)
         feed_add(outbox, args[14], args[15], session_fields('logout', app_id, user_id, kct,
-          string.match(k[1], '^%d+:(.*)$'), 'kicked', 1, live, version, now))
+          kimei, 'kicked', 1, live, version, now))
+        kicked_json[#kicked_json + 1] = '{"clientType":' .. kct .. ',"imei":' .. cjson.encode(kimei) .. '}'
       end
     end
     kicked = kicked + 1
@@ -356,8 +360,12 @@ local function presence_login(keys, args)
   redis.call('HSET', status, 'lastSeen', now)
   if outbox and changed == 1 then
     if not replaced then count(counters, app_id, ct, 1, before == 0 and 1 or 0) end
-    feed_add(outbox, args[14], args[15], session_fields('login', app_id, user_id, ct, imei, 'login', 1,
-      redis.call('HLEN', sessions), version, now))
+    local fields = session_fields('login', app_id, user_id, ct, imei, 'login', 1,
+      redis.call('HLEN', sessions), version, now)
+    -- the devices this login kicked (their own 'kicked' entries came just before), as Tencent's KickedDevice
+    fields[#fields + 1] = 'kicked'
+    fields[#fields + 1] = '[' .. table.concat(kicked_json, ',') .. ']'
+    feed_add(outbox, args[14], args[15], fields)
   end
 
   local values = redis.call('HVALS', sessions)
