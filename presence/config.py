@@ -8,15 +8,17 @@ and ``"true"``/``"false"`` as booleans.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
+from yarl import URL
 
 from presence.errors import ParamError
 from presence.ids import MAX_USER_ID_BYTES, check_user_id
@@ -57,6 +59,38 @@ class AppConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
             raise ParamError(f"login_model must be 1..4, got {self.login_model}")
         if self.max_sessions < 1:
             raise ParamError(f"max_sessions must be at least 1, got {self.max_sessions}")
+        check_webhook_urls(self.webhook_urls)
+
+
+def redact_url(url: str) -> str:
+    """``url`` without ``user:password@`` (for logs and the start-up summary)."""
+    with contextlib.suppress(ValueError):
+        parsed = URL(url)
+        if parsed.user is not None or parsed.password is not None:
+            return str(parsed.with_user(None))
+    return url
+
+
+def check_webhook_urls(urls: Sequence[str]) -> None:
+    """Each URL parses (yarl, as aiohttp will), is http(s) with a host and a port 1..65535; none is given twice.
+
+    Raises ParamError naming ``webhook_urls[i]`` and the reason (credentials redacted)."""
+    seen: set[str] = set()
+    for i, url in enumerate(urls):
+        field = f"webhook_urls[{i}]"
+        try:
+            parsed = URL(url)
+            port = parsed.port
+        except ValueError as exc:
+            raise ParamError(f"{field}: not a usable URL ({exc}): {redact_url(url)!r}") from None
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise ParamError(f"{field}: must be an http:// or https:// URL with a host, got {redact_url(url)!r}")
+        if port is None or not 1 <= port <= 65535:
+            raise ParamError(f"{field}: the port must be 1..65535, got {redact_url(url)!r}")
+        canonical = str(parsed)
+        if canonical in seen:
+            raise ParamError(f"{field}: {redact_url(url)!r} is given twice (each URL gets every event once)")
+        seen.add(canonical)
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -181,6 +215,8 @@ def _decode(value: Any, kind: type[Any], where: str, path: str, *, strict: bool 
         if path and " - at `" not in message:  # msgspec names no path for an error at the top
             message += f" - at `{path}`"
         raise ParamError(f"{where}: {message}") from None
+    except ParamError as exc:  # a check of __post_init__ (webhook_urls)
+        raise ParamError(f"{where}: {path + '.' if path else ''}{exc.message}") from None
 
 
 def _app_id(text: str, where: str) -> int:
@@ -297,6 +333,6 @@ def describe_apps(settings: Settings) -> list[str]:
     return [
         f"app {app_id}: admins {list(app.admins)}, login_model {app.login_model}, "
         f"max_sessions {app.max_sessions}, unsigned_login {'on' if app.unsigned_login else 'off'}"
-        + (f", webhooks {list(app.webhook_urls)}" if app.webhook_urls else "")
+        + (f", webhooks {[redact_url(u) for u in app.webhook_urls]}" if app.webhook_urls else "")
         for app_id, app in sorted(settings.apps.items())
     ]
