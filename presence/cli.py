@@ -1,4 +1,4 @@
-"""The ``presence`` command: serve, sign, functions load|show."""
+"""The ``presence`` command: serve, sign, functions load|show, webhooks replay."""
 
 from __future__ import annotations
 
@@ -94,6 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.add_argument("action", choices=["load", "show"])
     f.add_argument("--redis", dest="redis_url", help="Redis URL (see below) [PRESENCE_REDIS_URL, REDIS_URL]")
+
+    w = sub.add_parser(
+        "webhooks",
+        help="replay an app's webhook dead letters",
+        description="replay: POST the app's dead-lettered webhook events again, oldest first, each to the\n"
+        "configured URL it failed for (signed as usual); each one accepted is deleted from the dead-letter\n"
+        "stream. Stops at the first failure (exit 1). See gateway/FEED.md.",
+        epilog=REDIS_URLS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    w.add_argument("action", choices=["replay"])
+    w.add_argument("--app-id", type=int, required=True)
+    w.add_argument("--redis", dest="redis_url", help="Redis URL (see below) [PRESENCE_REDIS_URL, REDIS_URL]")
+    w.add_argument("--config", help="TOML settings file with the app's webhook_urls [PRESENCE_CONFIG]")
     return parser
 
 
@@ -105,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.cmd == "functions":
             return _functions(args.action, args.redis_url)
+        if args.cmd == "webhooks":
+            return _replay(args.app_id, args.redis_url, args.config)
         return _serve(args)
     except PresenceError as exc:
         print(f"presence: {exc.message}", file=sys.stderr)
@@ -136,6 +152,33 @@ def _functions(action: str, redis_url: str | None) -> int:
             return 0
         finally:
             await store.aclose()
+
+    return asyncio.run(run())
+
+
+def _replay(app_id: int, redis_url: str | None, config: str | None) -> int:
+    from presence.config import load_settings
+    from presence.service import Presence
+    from presence.store import open_store
+    from presence.webhooks import replay_dead_letters
+
+    settings = load_settings(config, redis_url=redis_url)
+    app = settings.apps.get(app_id)
+    if not settings.redis_url or app is None or not app.webhook_urls:
+        print(f"presence: webhooks replay needs --redis URL and app {app_id} with webhook_urls", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        store = await open_store(settings.redis_url, max_connections=4, retry_for=5)
+        try:
+            sent, error = await replay_dead_letters(Presence(store, settings), app_id, app, settings.webhook_timeout)
+        finally:
+            await store.aclose()
+        print(f"replayed {sent} dead-lettered events of app {app_id}")
+        if error:
+            print(f"presence: stopped at {error}", file=sys.stderr)
+            return 1
+        return 0
 
     return asyncio.run(run())
 

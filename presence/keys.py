@@ -55,6 +55,10 @@ class KeySchema:
         """The last outbox id of ``user_id`` relayed into that shard (same slot as the shard)."""
         return f"{self.prefix}:feed:{{{app_id}:{shard}}}:cursor:{user_id}"
 
+    def feed_shard_count(self, app_id: int) -> str:
+        """The app's ``feed_shards``, pinned by the first node that started (a STRING; FEED.md section 2)."""
+        return f"{self.prefix}:feed:{{{app_id}}}:shards"
+
     def feed_dead(self, app_id: int) -> str:
         """Webhook events that failed every attempt (a STREAM)."""
         return f"{self.prefix}:webhooks:dead:{{{app_id}}}"

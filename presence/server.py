@@ -18,13 +18,14 @@ from aiohttp import web
 
 from presence.auth import generate_user_sign
 from presence.config import DEV_APP_ID, Settings, describe_apps, with_dev_app
+from presence.errors import ParamError
 from presence.gateway.hub import Hub
 from presence.gateway.tcp import start_tcp_server
 from presence.gateway.ws import create_ws_app
 from presence.service import Presence
 from presence.sockets import MAX_SPARE, SocketGate
 from presence.store import open_store
-from presence.webhooks import WebhookWorker
+from presence.webhooks import WebhookWorker, pin_feed_shards
 
 log = logging.getLogger("presence.server")
 
@@ -150,6 +151,11 @@ async def start(settings: Settings, *, reuse_port: bool = False, ready_line: boo
     presence = Presence(store, settings)
     if await presence.start():
         log.info("loaded the presence function library into Redis")
+    try:
+        await pin_feed_shards(presence, settings)
+    except ParamError:
+        await store.aclose()
+        raise
     node_id = settings.node_id or default_node_id()
     hub = Hub(presence, settings, node_id, node_host=settings.host)
     hub.capacity = capacity
