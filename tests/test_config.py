@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from presence.config import DEV_APP_ID, load_settings, with_dev_app
+from presence.config import DEV_APP_ID, describe_apps, load_settings, with_dev_app
 from presence.errors import ParamError
+from presence.webhooks import group_name
 
 
 def test_defaults_match_the_design() -> None:
@@ -260,3 +261,34 @@ def test_feed_and_webhook_settings_from_environment_and_toml(tmp_path: Path) -> 
     conf.write_text('[apps.1]\nprivate_key = "k"\nwebhook_urls = ["ftp://x"]\n')
     with pytest.raises(ParamError, match="webhook_urls"):
         load_settings(conf, env={})
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://[::1", "not a usable URL"),
+        ("http://127.0.0.1:99999/x", "not a usable URL"),
+        ("http://127.0.0.1:0/x", "the port must be 1..65535"),
+        ("https://:80/x", "not a usable URL|with a host"),
+    ],
+)
+def test_unusable_webhook_urls_fail_the_start_naming_the_field(tmp_path: Path, url: str, reason: str) -> None:
+    conf = tmp_path / "p.toml"
+    conf.write_text(f'[apps.1]\nprivate_key = "k"\nwebhook_urls = ["{url}"]\n')
+    with pytest.raises(ParamError, match=rf"p\.toml: apps\.1\.webhook_urls\[0\]: ({reason})"):
+        load_settings(conf, env={})
+
+
+def test_a_webhook_url_given_twice_is_refused_and_credentials_are_never_shown(tmp_path: Path) -> None:
+    conf = tmp_path / "p.toml"
+    conf.write_text('[apps.1]\nprivate_key = "k"\nwebhook_urls = ["http://u:pw@h/x", "http://u:pw@h/x"]\n')
+    with pytest.raises(ParamError, match=r"webhook_urls\[1\]: 'http://h/x' is given twice") as err:
+        load_settings(conf, env={})
+    assert "pw" not in err.value.message
+    conf.write_text('[apps.1]\nprivate_key = "k"\nwebhook_urls = ["http://u:pw@h/x"]\n')
+    settings = load_settings(conf, env={})
+    (line,) = describe_apps(settings)
+    assert "http://h/x" in line and "pw" not in line
+    group = group_name(settings.apps[1].webhook_urls[0])
+    assert "pw" not in group and group != group_name("http://u:other@h/x")  # a hash tells them apart
+    assert group_name("http://h/x") == "webhook:http://h/x"  # URLs without credentials keep their group
