@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -292,3 +295,16 @@ def test_a_webhook_url_given_twice_is_refused_and_credentials_are_never_shown(tm
     group = group_name(settings.apps[1].webhook_urls[0])
     assert "pw" not in group and group != group_name("http://u:other@h/x")  # a hash tells them apart
     assert group_name("http://h/x") == "webhook:http://h/x"  # URLs without credentials keep their group
+
+
+def test_presence_serve_refuses_to_start_with_an_unusable_webhook_url(tmp_path: Path) -> None:
+    conf = tmp_path / "p.toml"
+    conf.write_text('[apps.1]\nprivate_key = "k"\nwebhook_urls = ["http://127.0.0.1:99999/x"]\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRESENCE_")}
+    out = subprocess.run(
+        [sys.executable, "-m", "presence", "serve", "--config", str(conf), "--tcp-port", "0", "--ws-port", "0"],
+        capture_output=True, text=True, env=env, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "apps.1.webhook_urls[0]: not a usable URL (Port out of range" in out.stderr
+    assert "presence listening" not in out.stdout
