@@ -183,6 +183,10 @@ class Hub:
         self.capacity: int | None = settings.max_connections or None
         self._refused_since_log = 0
         self._refused_logged_at = -REFUSED_LOG_INTERVAL
+        # conn id -> (version, loginModel, max sessions) of its LOGIN: what re-asserting a lost session repeats
+        self._login_params: dict[str, tuple[int, int, int]] = {}
+        self._reasserting: asyncio.Task[int] | None = None
+        presence.on_data_lost = self.reassert_soon
 
     # --- lifecycle ---
 
@@ -298,6 +302,12 @@ class Hub:
         if timeout > 0:
             conn.login_deadline = asyncio.get_running_loop().call_later(timeout, self._login_expired, conn)
 
+    def login_started(self, conn: Connection) -> None:
+        """A LOGIN is being served: the login deadline no longer applies (a failed login closes the connection)."""
+        if conn.login_deadline is not None:
+            conn.login_deadline.cancel()
+            conn.login_deadline = None
+
     def _login_expired(self, conn: Connection) -> None:
         conn.login_deadline = None
         if conn.logged_in or conn.ended:
@@ -351,6 +361,7 @@ class Hub:
             await self._logout(conn, "close")
             return format_event_id(conn.cursor), resumed
         conn.logged_in = True
+        self._login_params[conn.conn_id] = (version, login_model, max_sessions)
         if conn.login_deadline is not None:
             conn.login_deadline.cancel()
             conn.login_deadline = None
@@ -377,6 +388,7 @@ class Hub:
             self.connections.discard(conn)
             CONNECTIONS.labels(conn.transport_name).dec()
         if conn.conn_id:
+            self._login_params.pop(conn.conn_id, None)
             inbox = self.presence.inbox_key(conn.app_id, conn.user_id)
             local = self.by_inbox.get(inbox)
             if local is not None and local.pop(conn.conn_id, None) is not None and not local:
@@ -459,6 +471,7 @@ class Hub:
         A member counts as stale only when two rounds in a row find it so, which leaves room for a
         login in flight (recorded before its connection is marked logged in).
         """
+        await self.reassert()
         live = {self._member(c) for c in self.connections if c.logged_in} | set(self._grace)
         stale = {m for m in await self.presence.node_session_members(self.node_id) if m not in live}
         confirmed, self._suspects = stale & self._suspects, stale
@@ -638,9 +651,75 @@ class Hub:
                 await self.end(conn, "timeout")
 
     async def _reaped_meanwhile(self) -> None:
-        """A peer reaped this node (we were silent too long): our sessions are gone, so reconnect all."""
-        log.warning("node %s was reaped by a peer; closing its %d connections", self.node_id, len(self.connections))
-        for conn in list(self.connections):
-            conn.logged_in = False  # its session no longer exists; nothing to log out
-            conn.close(1012, "node restarted its sessions, reconnect")
-            await self.end(conn, "reaped")
+        """This node's record was gone at a heartbeat (which registered it again): a peer reaped it (we were
+        silent too long) or Redis lost it (the primary holding ``presence:nodes`` restarted empty).
+
+        Either way the connections are live: keep them and log in again every session Redis no longer holds
+        (``reassert``). If that cannot be done, close them and log their sessions out (no ghost online).
+        """
+        log.warning(
+            "node %s: its node record was gone (reaped by a peer, or lost by Redis); re-asserting", self.node_id
+        )
+        try:
+            await self.reassert()
+        except Exception as exc:
+            log.error(
+                "node %s: re-asserting sessions failed (%r); closing %d connections",
+                self.node_id,
+                exc,
+                len(self.connections),
+            )
+            for conn in list(self.connections):
+                conn.close(1012, "node restarted its sessions, reconnect")
+                await self.end(conn, "reaped")
+
+    def reassert_soon(self) -> None:
+        """A Redis node lost its data (it had no library): re-assert this node's sessions in the background."""
+        if self.closing or (self._reasserting is not None and not self._reasserting.done()):
+            return
+        self._reasserting = asyncio.ensure_future(self._reassert_logged())
+
+    async def _reassert_logged(self) -> int:
+        try:
+            return await self.reassert()
+        except Exception as exc:  # the reconcile loop tries again
+            log.warning("re-asserting sessions failed (%r); the next reconciliation tries again", exc)
+            return 0
+
+    async def reassert(self) -> int:
+        """Log in again, under the same connection id, the session of every live local connection that Redis
+        no longer holds (its primary restarted empty, or a peer reaped this node): friends see the user
+        online again and pushes flow. A device whose session another connection holds now is left alone.
+        Returns the sessions logged in again.
+        """
+        conns = [c for c in self.connections if c.logged_in and not c.ended and c.conn_id in self._login_params]
+        if not conns:
+            return 0
+        held = await self.presence.sessions_held(
+            [(c.app_id, c.user_id, c.client_type, c.imei, c.conn_id) for c in conns]
+        )
+        lost = [c for c, h in zip(conns, held, strict=True) if h is False]
+        for conn in lost:
+            version, login_model, max_sessions = self._login_params[conn.conn_id]
+            try:
+                await self.presence.login(
+                    conn.app_id,
+                    conn.user_id,
+                    conn.client_type,
+                    conn.imei,
+                    conn_id=conn.conn_id,
+                    node_id=self.node_id,
+                    node_host=self.node_host,
+                    version=version,
+                    login_model=login_model,
+                    max_sessions=max_sessions,
+                )
+            except PresenceError as exc:
+                if exc.http_status >= 500:
+                    raise
+                # Refused now (e.g. the user's other devices took every session meanwhile): end this one.
+                conn.close(4001, "session lost")
+                await self.end(conn, "error")
+        if lost:
+            log.warning("node %s: %d sessions Redis had lost were logged in again", self.node_id, len(lost))
+        return len(lost)
