@@ -5,7 +5,8 @@ every session still recorded for a node whose last heartbeat is older than ``nod
 
 Liveness lives in Redis, so a node that could not reach Redis cannot tell a dead peer from a dead
 backplane: after a failover every peer's last beat is old. A node therefore judges peers only once its
-own rounds have succeeded for a full ``node_ttl`` in a row; by then every live peer has beaten again.
+own rounds have succeeded for a full ``node_ttl`` in a row (plus the socket timeout a peer's beat may have
+hung on a frozen node); by then every live peer has beaten again.
 """
 
 from __future__ import annotations
@@ -31,10 +32,14 @@ class NodeKeeper:
         node_ttl: float,
         on_reaped: Callable[[], Awaitable[None]] | None = None,
         interval: float = 1.0,
+        stall: float = 0.0,
     ) -> None:
         self.presence = presence
         self.node_id = node_id
         self.node_ttl = node_ttl
+        # A live peer's beat may hang up to the socket timeout on a node that froze before it failed over:
+        # judging waits that much longer, so such a peer has beaten again too.
+        self.stall = stall
         self.on_reaped = on_reaped
         self.interval = min(interval, max(node_ttl / 3, 0.05))
         self._beaten = False
@@ -43,11 +48,12 @@ class NodeKeeper:
         self.stopped = False  # loops also check a flag: redis-py may swallow a cancel mid-command
 
     def may_judge(self) -> bool:
-        """Whether this node's own beats have succeeded for a full ``node_ttl``, the last one just now."""
+        """Whether this node's own beats have succeeded for a full ``node_ttl`` (plus ``stall``), the last one
+        just now."""
         if self._healthy_since is None or self._last_ok is None:
             return False
         now = time.monotonic()
-        return now - self._healthy_since >= self.node_ttl and now - self._last_ok <= self.node_ttl / 2
+        return now - self._healthy_since >= self.node_ttl + self.stall and now - self._last_ok <= self.node_ttl / 2
 
     async def beat(self) -> None:
         if self.node_id is not None:

@@ -27,6 +27,7 @@ import asyncio
 import functools
 import logging
 import os
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -70,6 +71,8 @@ RETRYABLE = (
     OSError,  # a reset or refused socket that redis-py did not wrap
     asyncio.TimeoutError,  # an attempt cut short by the retry window
 )
+HUNG_AFTER_S = 0.5  # a cluster node silent this long has its slot map re-read while the attempt waits
+MAX_BACKOFF_S = 0.5  # a failover is over within a retry or two of its end
 WARN_INTERVAL_S = 5.0  # at most one "retrying" warning per interval (a failover repeats it for every call)
 
 
@@ -129,6 +132,8 @@ class Store:
         self.on_function_missing: Callable[[Any], Awaitable[object]] | None = None
         self._node_clients: dict[str, Redis] = {}  # cluster: node name -> a client of that node alone
         self._warnings = _Warnings()
+        self._abandoned: set[asyncio.Future[Any]] = set()
+        self._suspect: str | None = None  # cluster: the node that failed or hung last
 
     @classmethod
     def wrap(cls, client: Client, retry_for: float = RETRY_FOR_S) -> Store:
@@ -169,6 +174,13 @@ class Store:
             return await self.client.execute_command(*args)
         return await self.node_client(node).execute_command(*args)
 
+    def any_primary(self, avoid: str | None = None) -> ClusterNode | None:
+        """A cluster primary other than ``avoid`` (None off a cluster, or when there is no other)."""
+        if not isinstance(self.client, RedisCluster):
+            return None
+        others = [n for n in self.client.get_primaries() if n.name != avoid]
+        return random.choice(others) if others else None
+
     def node_client(self, node: ClusterNode) -> Redis:
         """A client of one cluster node (its own pool, the cluster's connection settings)."""
         client = self._node_clients.get(node.name)
@@ -184,11 +196,30 @@ class Store:
 
     async def _attempt(self, deadline: float, send: Callable[[], Awaitable[T]]) -> T:
         """One attempt, cut off at the deadline (a hung node must not stretch the retry window)."""
-        async with asyncio.timeout(max(deadline - time.monotonic(), 0.01)):
+
+        async def gated() -> T:
             if self._gate is None:
                 return await send()
             async with self._gate:
                 return await send()
+
+        task = asyncio.ensure_future(gated())
+        done, _ = await asyncio.wait({task}, timeout=max(deadline - time.monotonic(), 0.01))
+        if not done:
+            self._abandon(task)
+            raise TimeoutError("the retry window ended during an attempt")
+        return task.result()
+
+    def _abandon(self, task: asyncio.Future[Any]) -> None:
+        """Cancel an attempt without waiting for it: redis-py may hold a cancel until the socket times out."""
+        task.cancel()
+        self._abandoned.add(task)
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Future[Any]) -> None:
+        self._abandoned.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: the attempt was given up, its error is no one's
 
     async def one(self, key: str | None, *args: Any) -> Any:
         (reply,) = await self.run([(key, args)], raise_errors=True)
@@ -239,8 +270,8 @@ class Store:
                 assert last is not None
                 self._warnings.retrying(last, len(retry), delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-                await self._refresh(deadline)
+                delay = min(delay * 2, MAX_BACKOFF_S)
+                await self.refresh(deadline)
             pending = retry
         if raise_errors:
             for reply in results:
@@ -267,8 +298,8 @@ class Store:
                     raise RedisUnavailable(f"redis unavailable for {self.retry_for:.0f} s: {exc!r}") from exc
                 self._warnings.retrying(exc, 1, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-                await self._refresh(deadline)
+                delay = min(delay * 2, MAX_BACKOFF_S)
+                await self.refresh(deadline)
 
     async def _reload(self, key: str | None) -> None:
         assert self.on_function_missing is not None
@@ -283,13 +314,17 @@ class Store:
             return self.client.get_node_from_key(key).name
         return None
 
-    async def _refresh(self, deadline: float | None = None) -> None:
-        """After a failover: learn the new slot owners before retrying (a cluster only)."""
+    async def refresh(self, deadline: float | None = None, avoid: str | None = None) -> None:
+        """After a failover: learn the new slot owners before retrying (a cluster only); the node ``avoid``
+        (one that failed or hangs) is asked last."""
         if isinstance(self.client, RedisCluster):
             try:
-                timeout = 5.0 if deadline is None else max(min(deadline - time.monotonic(), 5.0), 0.01)
+                # Short: it runs under redis-py's lock, which every other refresh waits for.
+                cap = 2 * HUNG_AFTER_S
+                timeout = cap if deadline is None else max(min(deadline - time.monotonic(), cap), 0.01)
                 async with asyncio.timeout(timeout):
-                    await self.client.nodes_manager.initialize()
+                    # The node that failed or hung last is asked last (the others are asked in random order).
+                    await self.client.nodes_manager.initialize(last_failed_node_name=avoid or self._suspect)
             except Exception as exc:  # the next attempt tries again
                 log.debug("cluster topology refresh failed: %r", exc)
 
@@ -321,24 +356,54 @@ class Store:
             by_node.setdefault(node.name, (node, []))[1].append(i)
         results: list[Any] = [None] * len(commands)
 
+        async def pipeline(client: Redis, idx: list[int]) -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
+                for i in idx:
+                    pipe.execute_command(*commands[i][1])
+                return await pipe.execute(raise_on_error=False)
+
         async def on(node: ClusterNode, idx: list[int]) -> None:
             client = self.node_client(node)
             try:
-                async with client.pipeline(transaction=False) as pipe:
-                    for i in idx:
-                        pipe.execute_command(*commands[i][1])
-                    replies = await pipe.execute(raise_on_error=False)
+                task = asyncio.ensure_future(pipeline(client, idx))
+                try:
+                    while not (await asyncio.wait({task}, timeout=HUNG_AFTER_S))[0]:
+                        # A node that does not answer may be frozen and failed over already: re-read the
+                        # slot map (asking it last); if its slots moved, give up the attempt (the retry
+                        # goes to the new owner; a repeated change call is a replay: nothing twice).
+                        self._suspect = node.name
+                        await self.refresh(time.monotonic() + HUNG_AFTER_S, avoid=node.name)
+                        if any(self._node_name(commands[i][0]) != node.name for i in idx if commands[i][0]):
+                            raise rex.ConnectionError(f"node {node.name} hangs and its slots moved")
+                        if any(commands[i][0] is None for i in idx) and self._move_default(cluster, node):
+                            raise rex.ConnectionError(f"node {node.name} hangs; keyless commands go elsewhere")
+                finally:
+                    if not task.done():
+                        self._abandon(task)
+                replies = task.result()
             except rex.RedisError as exc:
                 replies = [exc] * len(idx)
             except (OSError, RuntimeError, AttributeError) as exc:
                 # A connection torn down mid-write (redis-py raises these from a closed transport).
                 await client.connection_pool.disconnect(inuse_connections=False)
                 replies = [rex.ConnectionError(f"node {node.name}: {exc!r}")] * len(idx)
+            if any(isinstance(r, RETRYABLE) for r in replies):
+                self._suspect = node.name
+                if any(commands[i][0] is None for i in idx):
+                    self._move_default(cluster, node)
             for i, reply in zip(idx, replies, strict=True):
                 results[i] = reply
 
         await asyncio.gather(*(on(node, idx) for node, idx in by_node.values()))
         return results
+
+    def _move_default(self, cluster: RedisCluster, node: ClusterNode) -> bool:
+        """Keyless commands (PUBLISH, TIME) leave a node that failed or hangs: True if another took over."""
+        other = self.any_primary(avoid=node.name)
+        if other is None or cluster.get_default_node().name != node.name:
+            return False
+        cluster.set_default_node(other)
+        return True
 
     async def aclose(self) -> None:
         for node in self._node_clients.values():

@@ -41,6 +41,8 @@ LOGOUT_ATTEMPTS = 5
 HANDOVER_CODE = 1012
 HANDOVER_REASON = "server restart: reconnect"
 REFUSED_LOG_INTERVAL = 10.0  # seconds between "at capacity" log lines
+PUBSUB_PING_AFTER = 0.5  # seconds without a doorbell before the subscription is PINGed
+PUBSUB_PONG_WITHIN = 1.0  # seconds for its PONG before it is made again
 _doorbell_decoder = msgspec.json.Decoder(list[str])
 
 
@@ -177,7 +179,9 @@ class Hub:
         self.sweep_interval = 5.0
         self.reconcile_interval = 30.0
         self._suspects: set[str] = set()
-        self.keeper = NodeKeeper(presence, node_id, settings.node_ttl, on_reaped=self._reaped_meanwhile)
+        self.keeper = NodeKeeper(
+            presence, node_id, settings.node_ttl, on_reaped=self._reaped_meanwhile, stall=settings.redis_timeout
+        )
         self.closing = False
         # Most client connections at once; the server sets it from the file descriptor limit at start.
         self.capacity: int | None = settings.max_connections or None
@@ -193,6 +197,8 @@ class Hub:
     async def start(self) -> None:
         self.pubsub = self.presence.redis.pubsub()
         await self.pubsub.subscribe(self.presence.doorbell_channel(self.node_id))
+        node = getattr(self.pubsub, "get_pubsub_node", lambda: None)()
+        self._pubsub_node: str | None = node.name if node is not None else None
         # A new incarnation of this node id: whatever sessions the set still records are the predecessor's
         # (no connection of ours exists yet). Read before our first beat overwrites its last one.
         left = await self.presence.node_session_members(self.node_id)
@@ -501,21 +507,36 @@ class Hub:
         self._wake.set()
 
     async def _doorbells(self) -> None:
+        """Read doorbells. A subscription on a node that hangs (frozen, blackholed) raises nothing: after
+        ``PUBSUB_PING_AFTER`` s of silence it is PINGed, and without its PONG within ``PUBSUB_PONG_WITHIN``
+        s it is given up and made again (on the slot's new primary after a failover)."""
+        heard, pinged = time.monotonic(), None
         while not self.closing:
             try:
-                msg = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                msg = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=PUBSUB_PING_AFTER / 2)
+                now = time.monotonic()
+                if msg is not None:
+                    heard, pinged = now, None
+                elif pinged is not None and now - pinged > PUBSUB_PONG_WITHIN:
+                    raise ConnectionError(f"no PONG on the doorbell subscription within {PUBSUB_PONG_WITHIN:g} s")
+                elif pinged is None and now - heard > PUBSUB_PING_AFTER:
+                    await asyncio.wait_for(self.pubsub.ping(), PUBSUB_PONG_WITHIN)
+                    pinged = now
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("doorbell subscription failed (%r); resubscribing", exc)
+                pause = 0.0
                 while not self.closing:
                     try:
-                        await self._resubscribe()
+                        await self._resubscribe(pause)
                         break
                     except asyncio.CancelledError:
                         raise
                     except Exception as again:
                         log.warning("doorbell resubscription failed (%r); trying again", again)
+                        pause = 0.5
+                heard, pinged = time.monotonic(), None
                 continue
             if msg is None or msg.get("type") != "message":
                 continue
@@ -531,14 +552,20 @@ class Hub:
             if self._dirty:
                 self._wake.set()
 
-    async def _resubscribe(self) -> None:
-        """A fresh subscription (on a cluster, through whichever node is up), then read every local
-        inbox: doorbells rung while we were away are lost, the entries are not."""
-        await asyncio.sleep(0.5)
+    async def _resubscribe(self, pause: float = 0.0) -> None:
+        """A fresh subscription (on a cluster, on the channel's primary in a freshly read slot map), then
+        read every local inbox: doorbells rung while we were away are lost, the entries are not."""
+        await asyncio.sleep(pause)
         with contextlib.suppress(Exception):
-            await self.pubsub.aclose()
-        self.pubsub = self.presence.redis.pubsub()
-        await self.pubsub.subscribe(self.presence.doorbell_channel(self.node_id))
+            await asyncio.wait_for(self.pubsub.aclose(), 1.0)
+        store = self.presence.store
+        failed = self._pubsub_node
+        await store.refresh(time.monotonic() + PUBSUB_PONG_WITHIN, avoid=failed)
+        # A cluster PUBLISH reaches every node: subscribe on any primary but the one that failed.
+        node = store.any_primary(avoid=failed)
+        self.pubsub = self.presence.redis.pubsub() if node is None else self.presence.redis.pubsub(node=node)
+        self._pubsub_node = node.name if node is not None else None
+        await asyncio.wait_for(self.pubsub.subscribe(self.presence.doorbell_channel(self.node_id)), PUBSUB_PONG_WITHIN)
         self._mark_all()
 
     def _mark_all(self) -> None:
