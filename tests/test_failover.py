@@ -455,3 +455,68 @@ async def test_cluster_primary_frozen_sessions_survive_and_pushes_resume(
         thaw(frozen)
     with capsys.disabled():
         print(f"\ncluster freeze: push delivered {pushed_after:.2f} s after cluster_state:ok")
+
+
+# --- a primary without replicas dies, and comes back empty ---
+
+
+@pytest.fixture
+def bare_cluster() -> Iterator[Cluster]:
+    c = Cluster(primaries=3, replicas=0, node_timeout_ms=1000)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+async def test_cluster_shard_down_healthz_stable_and_an_empty_restart_gets_its_sessions_back(
+    bare_cluster: Cluster, gateways
+) -> None:
+    """/healthz names the shard that is down (200 degraded, every time, not flapping with the node asked) and
+    is 503 only when no primary answers. A primary back empty (no persistence, no replica) lost its users'
+    sessions: the gateway's reconciliation logs in again the sessions of its live connections."""
+    cluster = bare_cluster
+    a, b, facade = await gateways(cluster.url)
+    alice = await TcpClient.connect(b.tcp_port, imei="alice-1")
+    await alice.login("alice")
+    doomed = cluster.primary_for(facade.user(APP, "alice").sessions)
+    doomed.kill()
+    async with aiohttp.ClientSession() as http:
+        for _ in range(5):
+            async with http.get(f"http://127.0.0.1:{a.http_port}/healthz") as resp:
+                assert resp.status == 200
+                assert await resp.json() == {"status": "degraded", "unavailable": [f"127.0.0.1:{doomed.port}"]}
+        doomed.start()  # same port and cluster config, no data: its slots are back, its sessions are not
+        await asyncio.to_thread(cluster.wait_ok)
+        async with http.get(f"http://127.0.0.1:{a.http_port}/healthz") as resp:
+            assert resp.status == 200 and await resp.json() == {"status": "ok"}
+    assert (await facade.query_users(APP, ["alice"]))["alice"].status == 2, "the empty restart lost her session"
+    assert await b.hub.reassert() == 1
+    assert (await facade.query_users(APP, ["alice"]))["alice"].status == 1
+    assert await b.hub.reassert() == 0, "a session Redis holds is left alone"
+    alice.send(Command.PULL, {"userList": ["alice"]})
+    assert (await expect(alice, Command.PULL)).data["data"]["alice"]["status"] == 1
+    await alice.close()
+    for server in cluster.primaries():
+        server.kill()
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{a.http_port}/healthz") as resp:
+        assert resp.status == 503
+
+
+async def test_stop_is_bounded_when_redis_is_away(frozen_server: Server) -> None:
+    """Stopping (SIGTERM) while Redis hangs: each step waits at most a few seconds, not the retry window
+    per logout; the node record stays, so a peer's reaper logs out what could not be."""
+    node = await _gateway(frozen_server.url, "gw-stop", redis_retry_for=30)
+    clients = [await TcpClient.connect(node.tcp_port, imei=f"dev-{i}") for i in range(3)]
+    for i, client in enumerate(clients):
+        await client.login(f"user{i}")
+    freeze(frozen_server)
+    started = time.monotonic()
+    await node.stop()
+    took = time.monotonic() - started
+    assert took < 15, f"stop took {took:.1f} s with Redis away"
+    thaw(frozen_server)
+    with frozen_server.client() as direct:
+        assert direct.zscore("presence:nodes", "gw-stop") is not None, "the record stays for a peer's reaper"
+    for client in clients:
+        await client.close()

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import struct
 import time
+from collections.abc import Awaitable
 from typing import Protocol
 
 import msgspec
@@ -41,9 +42,20 @@ LOGOUT_ATTEMPTS = 5
 HANDOVER_CODE = 1012
 HANDOVER_REASON = "server restart: reconnect"
 REFUSED_LOG_INTERVAL = 10.0  # seconds between "at capacity" log lines
+STOP_STEP_S = 5.0  # most seconds each step of a shutdown waits for Redis
 PUBSUB_PING_AFTER = 0.5  # seconds without a doorbell before the subscription is PINGed
 PUBSUB_PONG_WITHIN = 1.0  # seconds for its PONG before it is made again
 _doorbell_decoder = msgspec.json.Decoder(list[str])
+
+
+async def _within(awaitable: Awaitable[object], seconds: float) -> bool:
+    """Await at most ``seconds``; False (the work cancelled, not awaited) when it took longer or failed."""
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+        return False
+    return not task.cancelled() and task.exception() is None
 
 
 def doorbell_inboxes(message: bytes) -> list[str]:
@@ -190,6 +202,7 @@ class Hub:
         # conn id -> (version, loginModel, max sessions) of its LOGIN: what re-asserting a lost session repeats
         self._login_params: dict[str, tuple[int, int, int]] = {}
         self._reasserting: asyncio.Task[int] | None = None
+        self._logouts_failed = 0  # logouts given up (left in this node's set): a stop then keeps the node record
         presence.on_data_lost = self.reassert_soon
 
     # --- lifecycle ---
@@ -253,7 +266,11 @@ class Hub:
             else:
                 conn.close(1001, "server is shutting down")
         reason = "handover" if handover > 0 else "shutdown"
-        await asyncio.gather(*(self.end(conn, reason) for conn in conns), return_exceptions=True)
+        # Each step is bounded: a Redis that is away or rejects this node must not hold the exit for the
+        # whole retry window. What is not logged out stays in this node's set, for a peer's reaper.
+        finished = await _within(
+            asyncio.gather(*(self.end(conn, reason) for conn in conns), return_exceptions=True), STOP_STEP_S
+        )
         if handover > 0 and self._grace:
             # Heartbeats go on meanwhile: no peer reaps these sessions before they had their chance.
             log.info("handing over %d sessions: %.1f s for their devices to reconnect", len(self._grace), handover)
@@ -263,10 +280,13 @@ class Hub:
                 handle.cancel()
         pending = list(self._grace)
         self._grace.clear()
-        if logout:
-            await asyncio.gather(*(self._logout_member(m, reason) for m in pending), return_exceptions=True)
+        if logout and pending:
+            finished &= await _within(
+                asyncio.gather(*(self._logout_member(m, reason) for m in pending), return_exceptions=True),
+                STOP_STEP_S,
+            )
         if self._pending:
-            await asyncio.wait(self._pending, timeout=5)
+            await asyncio.wait(self._pending, timeout=STOP_STEP_S)
         self.keeper.stopped = True
         self._wake.set()
         for task in self._tasks:
@@ -275,9 +295,13 @@ class Hub:
         await asyncio.wait(self._tasks, timeout=2)
         self._tasks.clear()
         with contextlib.suppress(Exception):
-            await self.pubsub.aclose()
-        if logout:
-            await self.presence.node_leave(self.node_id)
+            await _within(self.pubsub.aclose(), 1.0)
+        if logout and finished and not self._logouts_failed:
+            # Only once every session is logged out: the record is what lets a peer's reaper find the rest.
+            if not await _within(self.presence.node_leave(self.node_id), STOP_STEP_S):
+                log.warning("node %s: leaving failed; peers reap it after node_ttl", self.node_id)
+        elif logout:
+            log.warning("node %s: stopped with sessions left; a peer's reaper logs them out", self.node_id)
 
     # --- sessions ---
 
@@ -464,6 +488,7 @@ class Hub:
                 if attempt == LOGOUT_ATTEMPTS - 1 or self.closing:
                     # The session stays in this node's set: reconcile() (or a reaper) logs it out later.
                     log.error("logout of %s/%s failed (%r); left for reconciliation", user_id, imei, exc)
+                    self._logouts_failed += 1
                     return
                 await asyncio.sleep(0.2 * 2**attempt)
                 continue
