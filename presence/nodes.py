@@ -45,15 +45,17 @@ class NodeKeeper:
         self._beaten = False
         self._healthy_since: float | None = None  # monotonic start of the current run of good beats
         self._last_ok: float | None = None
+        self._after_gap = False  # the current run of good beats follows a failure (not the start)
         self.stopped = False  # loops also check a flag: redis-py may swallow a cancel mid-command
 
     def may_judge(self) -> bool:
-        """Whether this node's own beats have succeeded for a full ``node_ttl`` (plus ``stall``), the last one
-        just now."""
+        """Whether this node's own beats have succeeded for a full ``node_ttl`` (plus ``stall`` after a
+        failure), the last one just now."""
         if self._healthy_since is None or self._last_ok is None:
             return False
         now = time.monotonic()
-        return now - self._healthy_since >= self.node_ttl + self.stall and now - self._last_ok <= self.node_ttl / 2
+        need = self.node_ttl + (self.stall if self._after_gap else 0.0)
+        return now - self._healthy_since >= need and now - self._last_ok <= self.node_ttl / 2
 
     async def beat(self) -> None:
         if self.node_id is not None:
@@ -64,6 +66,7 @@ class NodeKeeper:
         # The first beat, or the first after a gap (a failure, or a beat that waited out a failover):
         # a new run of good beats starts.
         if self._last_ok is None or self._healthy_since is None or now - self._last_ok > self.node_ttl / 2:
+            self._after_gap = self._last_ok is not None  # not the first run: Redis was away or stalled
             self._healthy_since = now
         self._last_ok = now
 
