@@ -80,6 +80,21 @@ class RedisUnavailable(rex.RedisError):
     """Redis stayed unreachable (or mid-failover) for the whole retry window."""
 
 
+async def _captured(work: Awaitable[T]) -> tuple[bool, Any]:
+    """(True, result) or (False, the exception): an attempt given up never leaves an unretrieved error."""
+    try:
+        return True, await work
+    except BaseException as exc:  # a cancel included: whoever awaits the outcome re-raises it
+        return False, exc
+
+
+def _outcome(task: asyncio.Future[tuple[bool, Any]]) -> Any:
+    ok, value = task.result()
+    if not ok:
+        raise value
+    return value
+
+
 class _Warnings:
     """The "retrying" warning, at most once per ``WARN_INTERVAL_S`` with the count of those held back."""
 
@@ -203,12 +218,16 @@ class Store:
             async with self._gate:
                 return await send()
 
-        task = asyncio.ensure_future(gated())
-        done, _ = await asyncio.wait({task}, timeout=max(deadline - time.monotonic(), 0.01))
+        task = asyncio.ensure_future(_captured(gated()))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=max(deadline - time.monotonic(), 0.01))
+        except asyncio.CancelledError:
+            self._abandon(task)
+            raise
         if not done:
             self._abandon(task)
             raise TimeoutError("the retry window ended during an attempt")
-        return task.result()
+        return _outcome(task)
 
     def _abandon(self, task: asyncio.Future[Any]) -> None:
         """Cancel an attempt without waiting for it: redis-py may hold a cancel until the socket times out."""
@@ -218,8 +237,6 @@ class Store:
 
     def _forget(self, task: asyncio.Future[Any]) -> None:
         self._abandoned.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: the attempt was given up, its error is no one's
 
     async def one(self, key: str | None, *args: Any) -> Any:
         (reply,) = await self.run([(key, args)], raise_errors=True)
@@ -365,7 +382,7 @@ class Store:
         async def on(node: ClusterNode, idx: list[int]) -> None:
             client = self.node_client(node)
             try:
-                task = asyncio.ensure_future(pipeline(client, idx))
+                task = asyncio.ensure_future(_captured(pipeline(client, idx)))
                 try:
                     while not (await asyncio.wait({task}, timeout=HUNG_AFTER_S))[0]:
                         # A node that does not answer may be frozen and failed over already: re-read the
@@ -380,7 +397,7 @@ class Store:
                 finally:
                     if not task.done():
                         self._abandon(task)
-                replies = task.result()
+                replies = _outcome(task)
             except rex.RedisError as exc:
                 replies = [exc] * len(idx)
             except (OSError, RuntimeError, AttributeError) as exc:

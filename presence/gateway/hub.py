@@ -54,6 +54,7 @@ async def _within(awaitable: Awaitable[object], seconds: float) -> bool:
     done, _ = await asyncio.wait({task}, timeout=seconds)
     if not done:
         task.cancel()
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its late error is no one's
         return False
     return not task.cancelled() and task.exception() is None
 
