@@ -46,6 +46,7 @@ class NodeKeeper:
         self._healthy_since: float | None = None  # monotonic start of the current run of good beats
         self._last_ok: float | None = None
         self._after_gap = False  # the current run of good beats follows a failure (not the start)
+        self._failed = False  # a beat failed since the last good one
         self.stopped = False  # loops also check a flag: redis-py may swallow a cancel mid-command
 
     def may_judge(self) -> bool:
@@ -66,7 +67,10 @@ class NodeKeeper:
         # The first beat, or the first after a gap (a failure, or a beat that waited out a failover):
         # a new run of good beats starts.
         if self._last_ok is None or self._healthy_since is None or now - self._last_ok > self.node_ttl / 2:
-            self._after_gap = self._last_ok is not None  # not the first run: Redis was away or stalled
+            # A failed beat, or one that waited a full node_ttl (a frozen node): peers' beats may have hung
+            # as long. Not a beat merely late under load.
+            self._after_gap = self._failed or (self._last_ok is not None and now - self._last_ok >= self.node_ttl)
+            self._failed = False
             self._healthy_since = now
         self._last_ok = now
 
@@ -98,6 +102,7 @@ class NodeKeeper:
                 raise
             except Exception:
                 self._healthy_since = None
+                self._failed = True
                 log.exception("node heartbeat failed; retrying (peers are not judged until Redis is back)")
                 continue
             try:
