@@ -3,13 +3,22 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: install run test lint fuzz redis-server chromium bench bench-quick bench-cluster clean
+.PHONY: install install-run run test lint fuzz redis-server chromium bench bench-quick bench-cluster clean
 
-$(VENV)/.installed: pyproject.toml
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+
+# What the server needs (`make run`): the package and uvloop. The test extras only for the suite and tools.
+$(VENV)/.installed-run: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[speed]'
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.installed-run
 	$(PY) -m pip install -q -e '.[test,speed]'
 	touch $@
+
+install-run: $(VENV)/.installed-run
 
 install: $(VENV)/.installed
 
@@ -37,7 +46,7 @@ chromium:
 	    echo "or set PRESENCE_CHROMIUM to a Chromium or Chrome binary."; exit 1; \
 	  fi; }
 
-run: install
+run: install-run
 	$(VENV)/bin/presence serve
 
 test: install redis-server chromium

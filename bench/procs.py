@@ -134,6 +134,7 @@ class Server:
         self.name, self.cmd, self.ready, self.env, self.log_path = name, list(cmd), ready, env, log_path
         self.proc: asyncio.subprocess.Process | None = None
         self.ws_port = 0
+        self.control_port = 0  # the ceiling server's change trigger
         self._drain: asyncio.Task[None] | None = None
         self._log: TextIO | None = None
 
@@ -226,9 +227,9 @@ def presence_command(redis_url: str, ws_port: int, node_id: str) -> list[str]:
     ]
 
 
-def presence_server(redis_url: str, node_id: str, log_path: Path) -> Server:
+def presence_server(redis_url: str, node_id: str, log_path: Path, extra: Sequence[str] = ()) -> Server:
     env = {**os.environ, "PRESENCE_APPS": f"{APP}:{KEY}"}
-    cmd = presence_command(redis_url, free_port(), node_id)
+    cmd = [*presence_command(redis_url, free_port(), node_id), *extra]
     return Server("presence serve", cmd, "presence listening", env, log_path)
 
 
@@ -313,3 +314,12 @@ class Worker:
             self._reader.cancel()
             with contextlib.suppress(BaseException):
                 await self._reader
+
+
+def ceiling_server(log_path: Path) -> Server:
+    """The bare aiohttp push/login server (bench.ceiling_server): the machine's ceiling in the same run."""
+    control = free_port()
+    cmd = [PY, "-m", "bench.ceiling_server", "--ws-port", str(free_port()), "--control-port", str(control)]
+    server = Server("ceiling server", cmd, "ceiling listening", dict(os.environ), log_path)
+    server.control_port = control
+    return server

@@ -28,7 +28,7 @@ from bench.harness import machine_cpu_seconds
 from bench.procs import ROOT, RedisServer, log, presence_command, raise_nofile
 
 RESULTS = ROOT / "bench" / "results"
-SCENARIOS = ("fanout", "query", "memory", "connections")
+SCENARIOS = ("ceiling", "fanout", "query", "memory", "connections", "workers")
 
 
 def machine() -> dict[str, Any]:
@@ -102,7 +102,7 @@ async def main_async(mode: scenarios.Mode, only: list[str], command: str) -> dic
             "redis_version": info["redis_version"],
             "redis_command": "redis-server --port PORT --bind 127.0.0.1 --save '' --appendonly no",
             "presence_command": "PRESENCE_APPS=10000:KEY "
-            + shlex.join(presence_command("redis://127.0.0.1:PORT/0", 0, "NODE")).replace(
+            + shlex.join(["python", *presence_command("redis://127.0.0.1:PORT/0", 0, "NODE")[1:]]).replace(
                 "--ws-port 0", "--ws-port PORT"
             ),
             "git_head": git_head(),
@@ -120,14 +120,19 @@ async def main_async(mode: scenarios.Mode, only: list[str], command: str) -> dic
                 if name == "fanout":
                     ours = await scenarios.fanout(ctx, "ours")
                     profile = ours.pop("profile", None)
-                    baseline = await scenarios.fanout(ctx, "baseline")
+                    try:
+                        baseline = await scenarios.fanout(ctx, "baseline")
+                    except Exception as exc:  # ours stays reported
+                        log(f"scenario fanout (baseline) FAILED: {exc!r}")
+                        traceback.print_exc()
+                        baseline = {"error": repr(exc)}
                     results["fanout_gateway_log"] = {
                         "ours": ours.pop("gateway_log", None),
                         "baseline": baseline.pop("gateway_log", None),
                     }
                     fan: dict[str, Any] = {}
                     for size, value in ours.items():
-                        value["baseline"] = baseline.get(size)
+                        value["baseline"] = baseline.get(size) if "error" not in baseline else None
                         b = (value["baseline"] or {}).get("deliveries_per_s")
                         if b and value.get("deliveries_per_s"):
                             value["ratio_deliveries_vs_baseline"] = round(value["deliveries_per_s"] / b, 2)
@@ -151,6 +156,7 @@ async def main_async(mode: scenarios.Mode, only: list[str], command: str) -> dic
     if end_print != results["meta"]["code_fingerprint"]:
         results["meta"]["code_changed_during_run"] = {"code_fingerprint_at_end": end_print}
         log("WARNING: presence/ or lua/ changed while the benchmark ran: the figures mix two versions; run it again")
+    report.derive(results)
     results["targets"] = report.targets(results)
     return results
 
@@ -168,6 +174,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.render:
         results = json.loads((RESULTS / "latest.json").read_text())
+        report.derive(results)
         results["targets"] = report.targets(results)
         write(results)
         return

@@ -46,6 +46,8 @@ const state = {
   /** @type {{customStatus: number, customText: string} | null} */
   pendingCustom: null,
   generation: 0, // bumps on every sign-in, so replies meant for a previous user are dropped
+  /** @type {ReturnType<typeof setInterval>|undefined} the "reconnecting in N s" countdown */
+  countdown: undefined,
 };
 
 // --- small helpers ---
@@ -305,9 +307,11 @@ function renderMe() {
   const u = user(me);
   el("me-name").textContent = me;
   el("me-imei").textContent = client.imei;
-  el("me-dot").dataset.status = u.status === Status.ONLINE ? "online" : "offline";
+  // Grey while the socket is down: this tab is not online, whatever the last push said.
+  el("me-dot").dataset.status = u.status === Status.ONLINE && client.state === "open" ? "online" : "offline";
   el("me-mood").textContent = moodText(u.customStatus);
   el("me-custom").textContent = u.customText ?? "";
+  showCustomForm(u);
   el("my-devices").replaceChildren(
     ...u.sessions.map((s) => {
       const self = s.imei === client.imei && s.clientType === client.clientType;
@@ -319,6 +323,22 @@ function renderMe() {
       );
     }),
   );
+}
+
+/**
+ * The status form shows the current mood and text, unless the user is editing it.
+ * @param {UserView} u
+ */
+function showCustomForm(u) {
+  const form = el("custom-form");
+  if (form.contains(document.activeElement) && document.activeElement !== document.body) return;
+  const select = /** @type {HTMLSelectElement} */ (el("custom-status-input"));
+  const value = String(u.customStatus ?? 0);
+  if (!Array.from(select.options).some((o) => o.value === value)) {
+    select.append(h("option", { value }, moodText(u.customStatus) || `status ${value}`));
+  }
+  select.value = value;
+  /** @type {HTMLInputElement} */ (el("custom-text-input")).value = u.customText ?? "";
 }
 
 /** Re-render whatever shows this user. @param {string} userId */
@@ -445,7 +465,12 @@ async function signIn(userId) {
 function wire(client) {
   const me = /** @type {string} */ (state.me);
   const mine = () => state.client === client;
-  client.on("state", (s) => mine() && renderConn(s));
+  client.on("state", (s) => {
+    if (!mine()) return;
+    if (s !== "reconnecting") clearInterval(state.countdown);
+    renderConn(s);
+    renderMe();
+  });
   client.on("open", () => {
     if (!mine()) return;
     banner("");
@@ -454,8 +479,31 @@ function wire(client) {
   });
   client.on("resync", () => mine() && resync());
   client.on("close", (detail) => {
-    if (!mine() || !detail.reconnect) return;
-    renderConn("reconnecting", `reconnecting in ${Math.ceil((detail.delay ?? 0) / 1000)} s`);
+    if (!mine()) return;
+    renderMe(); // own dot grey
+    if (!detail.reconnect) return;
+    const until = Date.now() + (detail.delay ?? 0);
+    const show = () => {
+      if (!mine() || client.state !== "reconnecting") {
+        clearInterval(state.countdown);
+        return;
+      }
+      renderConn("reconnecting", `reconnecting in ${Math.max(0, Math.ceil((until - Date.now()) / 1000))} s`);
+    };
+    clearInterval(state.countdown);
+    show();
+    state.countdown = setInterval(show, 250);
+  });
+  client.on("friendship", (data) => {
+    if (!mine()) return;
+    const friends = data.friends ?? {};
+    for (const id of Object.keys(friends)) {
+      if (data.action === "delete") state.friends.delete(id);
+      else state.friends.add(id);
+    }
+    applyQuery(friends);
+    renderFriends();
+    renderSubs();
   });
   client.on("message", (_pack, event) => noteServerTime(event.eventId));
   client.on("status", (data, event) => {
@@ -492,7 +540,16 @@ function wire(client) {
       const what = data.customText ? `"${data.customText}"` : "cleared";
       logSync(`Custom status ${what}${mood ? ` (${mood})` : ""} set ${here ? "in this tab" : "on another device"}`);
     } else if (!state.friends.has(data.userId) && !state.subs.has(data.userId)) {
+      // Someone new (a friend added elsewhere) whose custom status came first: pull their presence too.
       state.friends.add(data.userId);
+      client
+        .pull([data.userId])
+        .then((result) => {
+          if (!mine()) return;
+          applyQuery(result);
+          renderUser(data.userId);
+        })
+        .catch(() => {}); // the next resync pulls it
     }
     renderUser(data.userId);
   });
@@ -551,7 +608,12 @@ function setupForms() {
 
   onSubmit("login-form", async () => {
     const userId = inputValue("user-input");
-    if (userId) await signIn(userId);
+    if (!userId) {
+      banner("Enter a user id to connect as (1 to 64 characters, without | { or }).");
+      el("user-input").focus();
+      return;
+    }
+    await signIn(userId);
   });
 
   onSubmit("custom-form", async () => {

@@ -29,6 +29,8 @@ export const Command = Object.freeze({
   NOTIFY_SYNC: 4005,
   CUSTOM_NOTIFY: 4006,
   CUSTOM_NOTIFY_SYNC: 4007,
+  FRIENDSHIP_NOTIFY: 4010,
+  QUERY_SUBSCRIPTIONS: 4011,
   ERROR: 9100,
 });
 
@@ -84,6 +86,19 @@ const OPEN = 1; // WebSocket.OPEN, without relying on a global in non-browser ho
  */
 
 /**
+ * @typedef {object} FriendshipNotify Data of 4010 (ours): friendships of yours were added or deleted.
+ * @property {number} appId
+ * @property {"add"|"delete"} action
+ * @property {Record<string, UserOnlineStatus>} friends each friend added or deleted -> their status now
+ */
+
+/**
+ * @typedef {object} SubscriptionList Reply of querySubscriptions (4011).
+ * @property {{userId: string, expireAt: number}[]} subscriptions live ones, the soonest to expire first
+ * @property {number} serverTime now on the server's clock, ms
+ */
+
+/**
  * @typedef {object} KickNotify Data of 9002: the login that displaced this connection.
  * @property {number} appId
  * @property {string} userId
@@ -104,6 +119,7 @@ const OPEN = 1; // WebSocket.OPEN, without relying on a global in non-browser ho
  * @typedef {object} SubscribeResult
  * @property {number} expireAt ms since the epoch (server clock) when the subscription ends
  * @property {number} liveSubscriptions subscriptions the caller now holds
+ * @property {Record<string, UserOnlineStatus>} users every target's status now (read after subscribing)
  */
 
 /**
@@ -245,6 +261,7 @@ export function randomImei() {
  * | offline   | {@link StatusNotify}          | 4004 with status 2 |
  * | sync      | {@link StatusNotify}          | 4005: your own devices changed (another tab, phone, ...) |
  * | custom    | {@link CustomNotify}          | 4006 (someone else) or 4007 (yourself, set elsewhere) |
+ * | friendship | {@link FriendshipNotify}     | 4010: friends added or deleted (by an admin), with their status |
  * | kicked    | {@link KickNotify}            | 9002: another login displaced this one; no reconnect |
  * | error     | {@link ErrorDetail}           | 9100: the gateway refused something and closes |
  * | close     | {@link CloseDetail}           | the socket is gone (will reconnect unless detail.reconnect is false) |
@@ -298,6 +315,7 @@ export class PresenceClient extends EventTarget {
     this._inflight = new Map([
       [Command.SUBSCRIBE, []],
       [Command.PULL, []],
+      [Command.QUERY_SUBSCRIPTIONS, []],
     ]);
     /** @type {PendingRequest[]} requests made while not logged in, sent after the next LOGINACK */
     this._queued = [];
@@ -386,6 +404,14 @@ export class PresenceClient extends EventTarget {
       return Promise.reject(new PresenceError(ClientCode.INVALID, "subscribe: ms must be a positive integer"));
     }
     return this._request(Command.SUBSCRIBE, { subUserId: list, subTime: ms });
+  }
+
+  /**
+   * Your live subscriptions and when each expires.
+   * @returns {Promise<SubscriptionList>}
+   */
+  querySubscriptions() {
+    return this._request(Command.QUERY_SUBSCRIPTIONS, {});
   }
 
   /**
@@ -529,8 +555,12 @@ export class PresenceClient extends EventTarget {
       case Command.CUSTOM_NOTIFY_SYNC:
         this._emit("custom", data, pack);
         break;
+      case Command.FRIENDSHIP_NOTIFY:
+        this._emit("friendship", data, pack);
+        break;
       case Command.SUBSCRIBE:
       case Command.PULL:
+      case Command.QUERY_SUBSCRIPTIONS:
         this._onReply(command, data);
         break;
       case Command.MUTUALLOGIN:

@@ -40,7 +40,7 @@ Errors start with PRESENCE_PARAM (bad argument), PRESENCE_LIMIT (a per-user limi
 reached) or PRESENCE_STATE (a conflict).
 ]]
 
-local VERSION = '3.0.0'
+local VERSION = '3.1.0'
 local MAX_SUB_TIME = 2592000000 -- 30 days in ms
 local MAX_CUSTOM_TEXT = 100 -- bytes
 local DEFAULT_MAX_SESSIONS = 10
@@ -203,6 +203,30 @@ local function last_id(inbox)
   return last[1][1]
 end
 
+-- The change feed and the online counters (optional KEYS of the user's functions).
+-- Feed entries go to the user's outbox STREAM (the user's slot, so atomic with the change);
+-- the caller relays them to the app's feed shard with presence_feed_append. Fields (all strings):
+--   event login|logout|status  appId  userId  clientType  imei  reason  status 1|2 (after the change)
+--   sessions (live sessions after)  version (the user's version after the change, as in the packs)
+--   time ms  [customStatus customText]
+local function feed_add(outbox, maxlen, ttl_ms, fields)
+  redis.call('XADD', outbox, 'MAXLEN', '~', to_int(maxlen) or 1000, '*', unpack(fields))
+  redis.call('PEXPIRE', outbox, to_int(ttl_ms) or 86400000)
+end
+
+local function session_fields(event, app_id, user_id, ct, imei, reason, online, sessions, version, now)
+  return {'event', event, 'appId', tostring(app_id), 'userId', user_id, 'clientType', tostring(ct),
+    'imei', imei, 'reason', reason, 'status', tostring(online), 'sessions', tostring(sessions),
+    'version', tostring(version), 'time', tostring(now)}
+end
+
+-- Online counters: one HASH per cluster slot (its hash tag shares the user's slot), fields
+-- '<appId>:u' (users online) and '<appId>:s:<clientType>' (sessions of that client type).
+local function count(counters, app_id, ct, sessions_delta, users_delta)
+  if sessions_delta ~= 0 then redis.call('HINCRBY', counters, app_id .. ':s:' .. ct, sessions_delta) end
+  if users_delta ~= 0 then redis.call('HINCRBY', counters, app_id .. ':u', users_delta) end
+end
+
 -- Which existing session (client type old_ct) a new login (client type new_ct) kicks
 -- under the app's multi-login model. WEBAPI (0) neither kicks nor is kicked.
 local function kicks(model, new_ct, old_ct)
@@ -224,6 +248,11 @@ ARGV[1] appId  ARGV[2] userId  ARGV[3] clientType 0..5  ARGV[4] imei  ARGV[5] co
 ARGV[6] brokerId  ARGV[7] brokerHost  ARGV[8] version  ARGV[9] loginModel 1..4
 ARGV[10] inbox MAXLEN  ARGV[11] inbox TTL ms  ARGV[12] doorbell channel prefix
 ARGV[13] most live sessions of the user, WEBAPI included (optional, default 10)
+Optional (the change feed and online counters; both or neither):
+KEYS[6] the user's outbox STREAM   KEYS[7] the online counters HASH of the user's slot
+ARGV[14] outbox MAXLEN  ARGV[15] outbox TTL ms
+  A login that changed something appends a 'logout' entry (reason kicked) per kicked session,
+  then a 'login' entry, to the outbox, and moves the counters.
 Reply: {changed 0|1, 4004 data JSON, inbox last id, kicked count, recipient userIds...}
   The 4004 data carries the user's version. A repeat of a login whose session (same connId) is
   still stored applies nothing: changed = 1 and the current state, for the caller to fan out.
@@ -234,7 +263,7 @@ Errors: PRESENCE_LIMIT when the login would make more live sessions than ARGV[13
   login is refused and nothing is written (existing sessions are never kicked for it).
 ]]
 local function presence_login(keys, args)
-  if #keys ~= 5 then return param_error('presence_login takes 5 keys') end
+  if #keys ~= 5 and #keys ~= 7 then return param_error('presence_login takes 5 or 7 keys') end
   local app_id, user_id, imei, conn_id = to_int(args[1]), args[2], args[4], args[5]
   local ct, model = to_int(args[3]), to_int(args[9])
   local broker_id = args[6] or ''
@@ -287,18 +316,37 @@ local function presence_login(keys, args)
     return redis.error_reply('PRESENCE_LIMIT ' .. user_id .. ' already has ' .. remaining ..
       ' live sessions, the most per user is ' .. max_sessions)
   end
+  local outbox, counters = keys[6], keys[7]
+  local before = #existing / 2
+  local live = before
+  -- Only the same device coming back (a reconnect) is no change for anybody else: it keeps the
+  -- version others hold. Otherwise the version moves once, for the login and the kicks it causes.
+  local changed = 1
+  if replaced and kicked_others == 0 then changed = 0 end
+  local version
+  if changed == 1 then
+    version = next_version(status, conn_id)
+  else
+    redis.call('HSET', status, 'op', conn_id)
+    version = stored_version(status)
+  end
   for _, k in ipairs(to_kick) do
-    if k[3] then redis.call('HDEL', sessions, k[1]) end
+    if k[3] then
+      redis.call('HDEL', sessions, k[1])
+      live = live - 1
+      if outbox then
+        local kct = to_int(string.match(k[1], '^(%d+):'))
+        count(counters, app_id, kct, -1, 0)
+        feed_add(outbox, args[14], args[15], session_fields('logout', app_id, user_id, kct,
+          string.match(k[1], '^%d+:(.*)$'), 'kicked', 1, live, version, now))
+      end
+    end
     kicked = kicked + 1
     local data = '{"appId":' .. app_id .. ',"userId":' .. cjson.encode(user_id) ..
       ',"clientType":' .. ct .. ',"imei":' .. cjson.encode(imei) .. '}'
     inbox_add(inbox, maxlen, ttl, 9002, data, nil, connid_of(k[2]))
     add_nodes(by_node, {k[2]}, inbox)
   end
-  -- Only the same device coming back (a reconnect) is no change for anybody else.
-  local changed = 1
-  if replaced and kicked_others == 0 then changed = 0 end
-
   local session = '{"appId":' .. app_id .. ',"userId":' .. cjson.encode(user_id) ..
     ',"clientType":' .. ct .. ',"imei":' .. cjson.encode(imei) .. ',"connectState":1' ..
     ',"brokerId":' .. cjson.encode(broker_id) .. ',"brokerHost":' .. cjson.encode(args[7] or '') ..
@@ -306,13 +354,10 @@ local function presence_login(keys, args)
     ',"connId":' .. cjson.encode(conn_id) .. '}'
   redis.call('HSET', sessions, field, session)
   redis.call('HSET', status, 'lastSeen', now)
-  -- A reconnect shows others nothing new, so it keeps the version they hold.
-  local version
-  if changed == 1 then
-    version = next_version(status, conn_id)
-  else
-    redis.call('HSET', status, 'op', conn_id)
-    version = stored_version(status)
+  if outbox and changed == 1 then
+    if not replaced then count(counters, app_id, ct, 1, before == 0 and 1 or 0) end
+    feed_add(outbox, args[14], args[15], session_fields('login', app_id, user_id, ct, imei, 'login', 1,
+      redis.call('HLEN', sessions), version, now))
   end
 
   local values = redis.call('HVALS', sessions)
@@ -342,6 +387,10 @@ ARGV[9] TTL ms of the inbox once the last session is gone (undelivered kicks dra
 ARGV[10] operation id ('' = none; optional)
 ARGV[11] evidence age ms: the user was last seen this long before now (optional, default 0)
 ARGV[12] evidence time ms on the server's clock (optional, 0 = use ARGV[11]); never later than now
+Optional (the change feed and online counters; both or neither):
+KEYS[6] the user's outbox STREAM   KEYS[7] the online counters HASH of the user's slot
+ARGV[13] reason (logout|close|timeout|reaped|kicked|shutdown|error)  ARGV[14] outbox MAXLEN
+ARGV[15] outbox TTL ms
 Reply: {changed 0|1, 4004 data JSON, online 1|2, recipient userIds...}
   changed = 0 (and nothing else) when the session is gone or belongs to a newer
   connection: a late logout never removes a newer login of the same device. A repeat of
@@ -349,7 +398,7 @@ Reply: {changed 0|1, 4004 data JSON, online 1|2, recipient userIds...}
   current state. lastSeen becomes the later of its stored value and the evidence.
 ]]
 local function presence_logout(keys, args)
-  if #keys ~= 5 then return param_error('presence_logout takes 5 keys') end
+  if #keys ~= 5 and #keys ~= 7 then return param_error('presence_logout takes 5 or 7 keys') end
   local app_id, user_id, ct, imei, conn_id = to_int(args[1]), args[2], to_int(args[3]), args[4], args[5] or ''
   if app_id == nil then return param_error('appId must be an integer') end
   if not stored_user_id(user_id) then return param_error('userId must be 1..64 bytes without | { }') end
@@ -381,6 +430,11 @@ local function presence_logout(keys, args)
   if before == nil or before < seen then redis.call('HSET', status, 'lastSeen', seen) end
   local values = redis.call('HVALS', sessions)
   local pack, online = status_pack(app_id, user_id, values, version)
+  if keys[6] then
+    count(keys[7], app_id, ct, -1, #values == 0 and -1 or 0)
+    feed_add(keys[6], args[14], args[15], session_fields('logout', app_id, user_id, ct, imei,
+      args[13] or 'logout', online, #values, version, now))
+  end
   if #values == 0 then
     if redis.call('EXISTS', inbox) == 1 then redis.call('PEXPIRE', inbox, idle_ttl) end
   else
@@ -401,11 +455,13 @@ ARGV[1] appId  ARGV[2] userId  ARGV[3] customStatus (integer)  ARGV[4] customTex
 ARGV[5] origin connId ('' = none: every session of the user gets the 4007 sync)
 ARGV[6] inbox MAXLEN  ARGV[7] inbox TTL ms  ARGV[8] doorbell channel prefix
 ARGV[9] operation id ('' = none; optional)
+Optional (the change feed): KEYS[6] the user's outbox STREAM  ARGV[10] outbox MAXLEN  ARGV[11] outbox TTL ms
+  appends a 'status' entry (clientType 0, imei and reason '') with customStatus and customText.
 Reply: {1, 4006 data JSON (with the user's version), recipient userIds...}
   A repeat of the user's latest operation (ARGV[9]) applies nothing and replies the current state.
 ]]
 local function presence_set_custom_status(keys, args)
-  if #keys ~= 5 then return param_error('presence_set_custom_status takes 5 keys') end
+  if #keys ~= 5 and #keys ~= 6 then return param_error('presence_set_custom_status takes 5 or 6 keys') end
   local app_id, user_id, custom, text, origin = to_int(args[1]), args[2], to_int(args[3]), args[4] or '', args[5] or ''
   if app_id == nil then return param_error('appId must be an integer') end
   if not valid_user_id(user_id) then return param_error('userId must be 1..64 bytes of UTF-8 without control characters, | { }') end
@@ -423,8 +479,16 @@ local function presence_set_custom_status(keys, args)
     return reply
   end
   redis.call('HSET', status, 'customStatus', custom, 'customText', text, 'customAt', now)
-  local pack = custom_pack(user_id, custom, text, next_version(status, op_id))
+  local version = next_version(status, op_id)
+  local pack = custom_pack(user_id, custom, text, version)
   local values = redis.call('HVALS', sessions)
+  if keys[6] then
+    local fields = session_fields('status', app_id, user_id, 0, '', '', #values > 0 and 1 or 2, #values,
+      version, now)
+    fields[#fields + 1] = 'customStatus'; fields[#fields + 1] = tostring(custom)
+    fields[#fields + 1] = 'customText'; fields[#fields + 1] = text
+    feed_add(keys[6], args[10], args[11], fields)
+  end
   local others = #values
   if origin ~= '' then others = others - 1 end
   if others > 0 then
@@ -529,6 +593,25 @@ local function presence_subscribe(keys, args)
   return {expire_at, live}
 end
 
+--[[ presence_subscriptions  (no-writes)
+KEYS[1] the subscriber's subscriptions ZSET
+ARGV[1] most entries to return
+Reply: {now ms, target userId, expireAt ms, target userId, expireAt ms, ...}: the live subscriptions,
+  the soonest to expire first (expired entries are left for the next write to prune)
+]]
+local function presence_subscriptions(keys, args)
+  local limit = to_int(args[1])
+  if #keys ~= 1 or limit == nil or limit < 1 then return param_error('presence_subscriptions takes 1 key and a limit') end
+  local now = now_ms()
+  local reply = {now}
+  local live = redis.call('ZRANGE', keys[1], '(' .. now, '+inf', 'BYSCORE', 'LIMIT', 0, limit, 'WITHSCORES')
+  for i = 1, #live, 2 do
+    reply[#reply + 1] = live[i]
+    reply[#reply + 1] = math.floor(tonumber(live[i + 1]))
+  end
+  return reply
+end
+
 --[[ presence_subscribers_add  (the targets' side of presence_subscribe)
 KEYS[1..n] each target's subscribers ZSET  (one slot on a cluster)
 ARGV[1] subscriber userId   ARGV[2] expireAt ms (absolute: the presence_subscribe reply)
@@ -630,6 +713,115 @@ local function presence_query(keys, args)
   return '{' .. table.concat(parts, ',') .. '}'
 end
 
+--[[ presence_query_raw  (no-writes; what the facade calls: presence_query's data without building JSON)
+KEYS: pairs  sessions_1, status_1, sessions_2, status_2, ...  (one slot on a cluster)
+ARGV: none (the caller knows the users, in KEYS order)
+Reply: per user, in KEYS order, 5 items: {session JSON...}, customStatus, customText, lastSeen,
+  version (nil when never set). Building the JSON object in Lua was most of presence_query's time.
+]]
+local function presence_query_raw(keys, args)
+  if #keys % 2 ~= 0 then return param_error('presence_query_raw takes sessions/status key pairs') end
+  local reply, n, call = {}, 0, redis.call
+  for i = 1, #keys, 2 do
+    local st = call('HMGET', keys[i + 1], 'customStatus', 'customText', 'lastSeen', 'version')
+    reply[n + 1] = call('HVALS', keys[i])
+    reply[n + 2], reply[n + 3], reply[n + 4], reply[n + 5] = st[1], st[2], st[3], st[4]
+    n = n + 5
+  end
+  return reply
+end
+
+local function parse_id(id)
+  local ms, seq = string.match(id or '', '^(%d+)-(%d+)$')
+  if not ms then return nil end
+  return {tonumber(ms), tonumber(seq)}
+end
+
+local function id_after(a, b) return a[1] > b[1] or (a[1] == b[1] and a[2] > b[2]) end
+
+--[[ presence_feed_append  (the relay step of the change feed)
+KEYS[1] the app's feed shard STREAM   KEYS[2] the user's relay cursor STRING (same slot as KEYS[1])
+KEYS[3] the user's outbox STREAM (optional; only where it may share the call: one server)
+ARGV[1] feed MAXLEN (~)  ARGV[2] cursor TTL ms
+ARGV[3..] entries in outbox order: outbox id, field count n, then n field and value strings
+Reply: {entries appended, the cursor after the call}
+  Entries whose outbox id is not after the cursor were appended before (a retry, or a concurrent
+  relay of the same user) and are skipped: the shard gets each entry of a user once while the cursor
+  lives, in outbox order. With KEYS[3] the relayed entries are also trimmed from the outbox (else the
+  caller runs presence_outbox_trim on the outbox afterwards).
+]]
+-- An emptied outbox is kept a minute, not deleted: a stream remembers its last id, so the user's
+-- next entry (maybe in the same millisecond) still gets an id after the relay cursor.
+local EMPTY_OUTBOX_TTL = 60000
+
+local function presence_feed_append(keys, args)
+  if #keys ~= 2 and #keys ~= 3 then return param_error('presence_feed_append takes 2 or 3 keys') end
+  local maxlen, ttl = to_int(args[1]), to_int(args[2])
+  if maxlen == nil or maxlen < 1 or ttl == nil or ttl < 1 then return param_error('MAXLEN and cursor TTL must be positive') end
+  local cursor_text = redis.call('GET', keys[2]) or '0-0'
+  local cursor = parse_id(cursor_text) or {0, 0}
+  local appended, last = 0, nil
+  local i = 3
+  while i <= #args do
+    local id, n = args[i], to_int(args[i + 1])
+    local parsed = parse_id(id)
+    if parsed == nil or n == nil or n < 2 or n % 2 ~= 0 then return param_error('entries are: outbox id, field count, fields') end
+    if id_after(parsed, cursor) then
+      local fields = {}
+      for j = 1, n do fields[j] = args[i + 1 + j] end
+      redis.call('XADD', keys[1], 'MAXLEN', '~', maxlen, '*', unpack(fields))
+      appended = appended + 1
+      cursor, cursor_text = parsed, id
+    end
+    if last == nil or id_after(parsed, last) then last = parsed end
+    i = i + 2 + n
+  end
+  if appended > 0 then redis.call('SET', keys[2], cursor_text, 'PX', ttl) end
+  if keys[3] and last then
+    redis.call('XTRIM', keys[3], 'MINID', last[1] .. '-' .. (last[2] + 1))
+    if redis.call('XLEN', keys[3]) == 0 then redis.call('PEXPIRE', keys[3], EMPTY_OUTBOX_TTL) end
+  end
+  return {appended, cursor_text}
+end
+
+--[[ presence_outbox_trim
+KEYS[1] the user's outbox STREAM   ARGV[1] the last relayed outbox id
+Reply: entries left in the outbox (an empty outbox expires a minute later)
+]]
+local function presence_outbox_trim(keys, args)
+  local last = parse_id(args[1])
+  if #keys ~= 1 or last == nil then return param_error('presence_outbox_trim takes 1 key and an entry id') end
+  redis.call('XTRIM', keys[1], 'MINID', last[1] .. '-' .. (last[2] + 1))
+  local left = redis.call('XLEN', keys[1])
+  if left == 0 then redis.call('PEXPIRE', keys[1], EMPTY_OUTBOX_TTL) end
+  return left
+end
+
+--[[ presence_inbox_trim  (the gateway, for inboxes whose local sessions all received everything)
+KEYS[1] inbox STREAM
+ARGV[1] resume window ms (>= 1)   ARGV[2] the last entry id every local session of the user received
+Reply: entries left
+  Drops the entries up to ARGV[2] that are older than the window (by their id, Redis clock): a client
+  reconnecting within the window still resumes from any id it saw. An inbox left empty is deleted (its
+  last id is older than the window, so the next entry's id is still after every cursor). Another gateway
+  with sessions of the user has read these entries unless it stalled for longer than the window, and a
+  window longer than node_ttl means such a gateway was reaped: its clients reconnect and re-pull.
+]]
+local function presence_inbox_trim(keys, args)
+  local window, upto = to_int(args[1]), parse_id(args[2])
+  -- A window of at least 1 ms keeps a deleted inbox's last id before any id the next entry can get.
+  if #keys ~= 1 or window == nil or window < 1 or upto == nil then
+    return param_error('presence_inbox_trim takes 1 key, a window of at least 1 ms and an entry id')
+  end
+  local horizon = now_ms() - window
+  local min_id = horizon .. '-0'
+  if upto[1] <= horizon then min_id = string.format('%d-%d', upto[1], upto[2] + 1) end
+  redis.call('XTRIM', keys[1], 'MINID', min_id)
+  local left = redis.call('XLEN', keys[1])
+  if left == 0 then redis.call('DEL', keys[1]) end
+  return left
+end
+
 --[[ presence_node_heartbeat
 KEYS[1] nodes ZSET   ARGV[1] node id
 Reply: {1 if the node was already registered else 0, now ms}
@@ -662,10 +854,15 @@ redis.register_function('presence_fanout', presence_fanout)
 redis.register_function('presence_subscribe', presence_subscribe)
 redis.register_function('presence_subscribers_add', presence_subscribers_add)
 redis.register_function('presence_unsubscribe', presence_unsubscribe)
+redis.register_function{function_name = 'presence_subscriptions', callback = presence_subscriptions, flags = {'no-writes'}}
 redis.register_function('presence_subscribers_remove', presence_subscribers_remove)
 redis.register_function('presence_friends_add', presence_friends_add)
 redis.register_function('presence_friends_remove', presence_friends_remove)
 redis.register_function{function_name = 'presence_query', callback = presence_query, flags = {'no-writes'}}
+redis.register_function('presence_feed_append', presence_feed_append)
+redis.register_function('presence_outbox_trim', presence_outbox_trim)
+redis.register_function('presence_inbox_trim', presence_inbox_trim)
+redis.register_function{function_name = 'presence_query_raw', callback = presence_query_raw, flags = {'no-writes'}}
 redis.register_function('presence_node_heartbeat', presence_node_heartbeat)
 redis.register_function{function_name = 'presence_nodes_expired', callback = presence_nodes_expired, flags = {'no-writes'}}
 redis.register_function{function_name = 'presence_version', callback = presence_version, flags = {'no-writes'}}

@@ -99,7 +99,7 @@ def decode_user_sign(user_sign: str) -> tuple[str, int, int, int, str]:
         raise _invalid("it does not decode") from None
     if len(raw) > MAX_SIGN_JSON_BYTES or inflater.unconsumed_tail:
         raise _invalid(f"it inflates to more than {MAX_SIGN_JSON_BYTES} bytes")
-    if not inflater.eof:
+    if not inflater.eof or inflater.unused_data:  # a truncated stream, or bytes after its end
         raise _invalid("it does not decode")
     if too_deep(raw):
         raise _invalid(f"its JSON is nested too deeply (more than {MAX_JSON_DEPTH} levels)")

@@ -57,6 +57,17 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         help="most client connections, 0 = file descriptor limit minus reserve [PRESENCE_MAX_CONNECTIONS] (0)",
     )
+    p.add_argument(
+        "--resume-window",
+        type=float,
+        help="seconds delivered pushes stay resumable, then inboxes are trimmed [PRESENCE_RESUME_WINDOW] (60)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="gateway processes sharing the TCP and WebSocket ports (SO_REUSEPORT), REST served once "
+        "[PRESENCE_WORKERS] (1)",
+    )
     p.add_argument("--config", help="TOML settings file [PRESENCE_CONFIG]")
     p.add_argument("--log-level", default="INFO")
 
@@ -192,6 +203,8 @@ def _serve(args: argparse.Namespace) -> int:
         offline_grace=args.offline_grace,
         login_timeout=args.login_timeout,
         max_connections=args.max_connections,
+        resume_window=args.resume_window,
+        workers=args.workers,
     )
     run(settings)
     return 0

@@ -9,6 +9,7 @@ and ``"true"``/``"false"`` as booleans.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import tomllib
 from collections.abc import Mapping
@@ -18,14 +19,19 @@ from typing import Annotated, Any
 import msgspec
 
 from presence.errors import ParamError
-from presence.ids import MAX_USER_ID_BYTES
+from presence.ids import MAX_USER_ID_BYTES, check_user_id
 
 DEV_APP_ID = 10000
 DEFAULT_ADMINS = ("admin",)
 
 _Admin = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_USER_ID_BYTES)]
-_Seconds = Annotated[float, msgspec.Meta(ge=0)]
+# Every number has a finite upper bound: inf or 1e20 would overflow a timer or a Redis argument later.
+DAY = 86_400.0
+_Seconds = Annotated[float, msgspec.Meta(ge=0, le=DAY)]
 _Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+# Frames carry the app id as a signed 32-bit integer; ids are written in ASCII digits.
+MAX_APP_ID = (1 << 31) - 1
+_APP_ID = re.compile(r"[0-9]{1,10}")
 
 
 class AppConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -39,6 +45,8 @@ class AppConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     max_sessions: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 10
     # Seconds without a frame before a connection of this app is closed; None = the global setting, 0 = never.
     heartbeat_timeout: _Seconds | None = None
+    # Every change feed entry of the app is POSTed to each of these (gateway/FEED.md).
+    webhook_urls: tuple[Annotated[str, msgspec.Meta(pattern=r"^https?://\S+$")], ...] = ()
 
     def __post_init__(self) -> None:  # constructors skip the Meta checks that decoding applies
         if not self.private_key:
@@ -70,13 +78,28 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     prefix: str = "presence"
     inbox_maxlen: int = 100
     inbox_ttl: float = 86400.0
+    # Seconds a delivered inbox entry is kept so a reconnecting client can resume after it; then the gateway
+    # trims it, and drops an inbox left empty. At least offline_grace and node_ttl plus a second; resume
+    # after a silently dead socket needs heartbeat_timeout + offline_grace (30 + 3 by default).
+    resume_window: float = 60.0
+    # Gateway processes of `presence serve` (SO_REUSEPORT on the TCP and WebSocket ports, REST once).
+    workers: int = 1
     # Seconds a Redis reply may take before the call counts as failed (and is retried; its outcome is
     # resolved by the library's operation ids), and seconds calls are retried before the backplane counts
     # as unavailable (REST 503, LOGIN 90000).
     redis_timeout: float = 5.0
     redis_retry_for: float = 30.0
+    # The change feed: partitions per app (a user's entries all go to one) and entries kept per partition.
+    feed_shards: int = 4
+    feed_maxlen: int = 100_000
+    # Webhooks: attempts per entry before the dead-letter stream, first retry delay (s, doubling), POST timeout (s).
+    webhook_attempts: int = 8
+    webhook_backoff: float = 0.5
+    webhook_timeout: float = 5.0
     apps: Mapping[int, AppConfig] = msgspec.field(default_factory=dict)
     dev_mode: bool = False
+    # Dev mode's key for app 10000 (None: a new random one at each start, which invalidates old userSigns).
+    dev_key: str | None = None
 
     def app(self, app_id: int) -> AppConfig | None:
         return self.apps.get(app_id)
@@ -100,12 +123,20 @@ class _Layer(msgspec.Struct, forbid_unknown_fields=True):
     node_ttl: _Seconds | msgspec.UnsetType = msgspec.UNSET
     offline_grace: _Seconds | msgspec.UnsetType = msgspec.UNSET
     login_timeout: _Seconds | msgspec.UnsetType = msgspec.UNSET
-    max_connections: Annotated[int, msgspec.Meta(ge=0)] | msgspec.UnsetType = msgspec.UNSET
-    fd_reserve: Annotated[int, msgspec.Meta(ge=0)] | msgspec.UnsetType = msgspec.UNSET
+    max_connections: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] | msgspec.UnsetType = msgspec.UNSET
+    fd_reserve: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] | msgspec.UnsetType = msgspec.UNSET
     prefix: Annotated[str, msgspec.Meta(min_length=1)] | msgspec.UnsetType = msgspec.UNSET
-    inbox_maxlen: Annotated[int, msgspec.Meta(ge=1)] | msgspec.UnsetType = msgspec.UNSET
-    inbox_ttl: _Seconds | msgspec.UnsetType = msgspec.UNSET
-    redis_timeout: Annotated[float, msgspec.Meta(gt=0)] | msgspec.UnsetType = msgspec.UNSET
+    inbox_maxlen: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | msgspec.UnsetType = msgspec.UNSET
+    inbox_ttl: Annotated[float, msgspec.Meta(ge=0, le=365 * DAY)] | msgspec.UnsetType = msgspec.UNSET
+    resume_window: Annotated[float, msgspec.Meta(ge=1, le=DAY)] | msgspec.UnsetType = msgspec.UNSET
+    workers: Annotated[int, msgspec.Meta(ge=1, le=256)] | msgspec.UnsetType = msgspec.UNSET
+    feed_shards: Annotated[int, msgspec.Meta(ge=1, le=1024)] | msgspec.UnsetType = msgspec.UNSET
+    feed_maxlen: Annotated[int, msgspec.Meta(ge=1, le=100_000_000)] | msgspec.UnsetType = msgspec.UNSET
+    webhook_attempts: Annotated[int, msgspec.Meta(ge=1, le=1000)] | msgspec.UnsetType = msgspec.UNSET
+    webhook_backoff: Annotated[float, msgspec.Meta(ge=0, le=3600)] | msgspec.UnsetType = msgspec.UNSET
+    webhook_timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] | msgspec.UnsetType = msgspec.UNSET
+    dev_key: Annotated[str, msgspec.Meta(min_length=1)] | msgspec.UnsetType | None = msgspec.UNSET
+    redis_timeout: Annotated[float, msgspec.Meta(gt=0, le=DAY)] | msgspec.UnsetType = msgspec.UNSET
     redis_retry_for: _Seconds | msgspec.UnsetType = msgspec.UNSET
 
     def values(self) -> dict[str, Any]:
@@ -128,8 +159,16 @@ _ENV = {
     "prefix": ("PRESENCE_PREFIX",),
     "inbox_maxlen": ("PRESENCE_INBOX_MAXLEN",),
     "inbox_ttl": ("PRESENCE_INBOX_TTL",),
+    "resume_window": ("PRESENCE_RESUME_WINDOW",),
+    "workers": ("PRESENCE_WORKERS",),
     "redis_timeout": ("PRESENCE_REDIS_TIMEOUT",),
     "redis_retry_for": ("PRESENCE_REDIS_RETRY_FOR",),
+    "feed_shards": ("PRESENCE_FEED_SHARDS",),
+    "feed_maxlen": ("PRESENCE_FEED_MAXLEN",),
+    "webhook_attempts": ("PRESENCE_WEBHOOK_ATTEMPTS",),
+    "webhook_backoff": ("PRESENCE_WEBHOOK_BACKOFF",),
+    "webhook_timeout": ("PRESENCE_WEBHOOK_TIMEOUT",),
+    "dev_key": ("PRESENCE_DEV_KEY",),
 }
 
 
@@ -144,23 +183,45 @@ def _decode(value: Any, kind: type[Any], where: str, path: str, *, strict: bool 
         raise ParamError(f"{where}: {message}") from None
 
 
+def _app_id(text: str, where: str) -> int:
+    """An app id: ASCII digits, 1..2^31-1 (frames carry it as int32)."""
+    if not _APP_ID.fullmatch(text) or not 1 <= int(text) <= MAX_APP_ID:
+        raise ParamError(f"{where}: the app id must be an integer 1..{MAX_APP_ID} in ASCII digits, got {text!r}")
+    return int(text)
+
+
+def _checked_admins(app: AppConfig, where: str) -> AppConfig:
+    """Admins are identifiers: held to the userId rule of presence/ids.py."""
+    for i, admin in enumerate(app.admins):
+        try:
+            check_user_id(f"admins[{i}]", admin)
+        except ParamError as exc:
+            raise ParamError(f"{where}: {exc.message}") from None
+    return app
+
+
 def parse_apps_env(text: str) -> dict[int, AppConfig]:
     """``PRESENCE_APPS``: comma-separated ``appId:privateKey[:admins=a|b]`` (admins default ``admin``).
 
-    ``admins=`` with nothing after it means no admin. The key may contain ``:`` but not ``,``.
+    ``admins=`` with nothing after it means no admin; each admin is stripped of surrounding spaces.
+    The key may contain ``:`` but not ``,``. An app id given twice is an error.
     """
     apps: dict[int, AppConfig] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
-        app_id, sep, rest = item.partition(":")
+        app_text, sep, rest = item.partition(":")
         key, has_admins, admins = rest.rpartition(":admins=") if ":admins=" in rest else (rest, "", "")
-        if not sep or not app_id.strip().isdigit() or not key:
+        if not sep or not key:
             raise ParamError(
                 f"PRESENCE_APPS entries look like 10000:privateKey or 10000:privateKey:admins=alice|bob, got {item!r}"
             )
+        app_id = _app_id(app_text.strip(), "PRESENCE_APPS")
+        if app_id in apps:
+            raise ParamError(f"PRESENCE_APPS: app {app_id} is given twice")
+        where = f"PRESENCE_APPS entry {app_id}"
         conf: dict[str, Any] = {"private_key": key}
         if has_admins:
-            conf["admins"] = [a for a in admins.split("|") if a]
-        apps[int(app_id)] = _decode(conf, AppConfig, f"PRESENCE_APPS entry {app_id}", "")
+            conf["admins"] = [a.strip() for a in admins.split("|") if a.strip()]
+        apps[app_id] = _checked_admins(_decode(conf, AppConfig, where, ""), where)
     return apps
 
 
@@ -168,10 +229,11 @@ def _apps_from_toml(table: object, where: str) -> dict[int, AppConfig]:
     if not isinstance(table, dict):
         raise ParamError(f"{where}: apps must be a table of [apps.<id>] tables")
     apps = {}
-    for app_id, conf in table.items():
-        if not str(app_id).isdigit():
-            raise ParamError(f"{where}: [apps.{app_id}]: the app id must be an integer")
-        apps[int(app_id)] = _decode(conf, AppConfig, where, f"apps.{app_id}")
+    for name, conf in table.items():
+        app_id = _app_id(str(name), f"{where}: [apps.{name}]")
+        if app_id in apps:  # [apps.7] and [apps.007]
+            raise ParamError(f"{where}: [apps.{name}]: app {app_id} is given twice")
+        apps[app_id] = _checked_admins(_decode(conf, AppConfig, where, f"apps.{name}"), f"{where}: apps.{name}")
     return apps
 
 
@@ -212,14 +274,21 @@ def load_settings(
     for name, value in overrides.items():
         if value is not None:
             values.update(_decode({name: value}, _Layer, f"option --{name.replace('_', '-')}", "").values())
-    return Settings(**values, apps=apps)
+    settings = Settings(**values, apps=apps)
+    floor = max(settings.offline_grace, settings.node_ttl) + 1
+    if settings.resume_window < floor:
+        raise ParamError(
+            f"resume_window must be at least offline_grace and node_ttl plus 1 s ({floor:g} s here), "
+            f"got {settings.resume_window:g}"
+        )
+    return settings
 
 
 def with_dev_app(settings: Settings) -> Settings:
-    """No app configured: dev mode with app 10000 and a random key."""
+    """No app configured: dev mode with app 10000 and ``dev_key`` (PRESENCE_DEV_KEY), else a random key."""
     if settings.apps:
         return settings
-    app = AppConfig(private_key=secrets.token_urlsafe(24))
+    app = AppConfig(private_key=settings.dev_key or secrets.token_urlsafe(24))
     return msgspec.structs.replace(settings, apps={DEV_APP_ID: app}, dev_mode=True)
 
 
@@ -228,5 +297,6 @@ def describe_apps(settings: Settings) -> list[str]:
     return [
         f"app {app_id}: admins {list(app.admins)}, login_model {app.login_model}, "
         f"max_sessions {app.max_sessions}, unsigned_login {'on' if app.unsigned_login else 'off'}"
+        + (f", webhooks {list(app.webhook_urls)}" if app.webhook_urls else "")
         for app_id, app in sorted(settings.apps.items())
     ]

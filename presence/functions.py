@@ -23,6 +23,7 @@ from presence.store import RedisUnavailable, Store
 
 LIBRARY_NAME = "presence"
 _query_decoder = msgspec.json.Decoder(dict[str, UserOnlineStatus])
+_json = msgspec.json.Encoder().encode
 
 
 class _Versioned(msgspec.Struct):
@@ -231,6 +232,8 @@ class PresenceFunctions:
             i.ttl_ms,
             i.doorbell_prefix,
             max_sessions,
+            1000,  # the feed outbox's MAXLEN and TTL ms (used when the feed keys are passed)
+            i.ttl_ms,
         ]
 
     def logout_args(
@@ -302,23 +305,27 @@ class PresenceFunctions:
 
     def fanout_command(
         self,
-        triples: Sequence[tuple[str, str, str]],
+        groups: Sequence[tuple[str, ...]],
         command: int,
         data: bytes,
-        user_id: str,
-        version: int,
+        user_id: str = "",
+        version: int = 0,
         *,
         ring: bool = True,
     ) -> list[Any]:
         """presence_fanout for (sessions, inbox, pushed) keys of recipients of one slot, for ``user_id``'s
         change at ``version`` (a recipient already holding that version or a newer one is skipped).
+        Without ``user_id``: (sessions, inbox) pairs and no ordering (events that are not a user's state).
 
         ``ring=False`` (a cluster): no PUBLISH; the reply names the nodes to ring instead.
         """
-        keys = [k for triple in triples for k in triple]
+        keys = [k for group in groups for k in group]
         i = self.inbox
         prefix = i.doorbell_prefix if ring else ""
-        return fcall("presence_fanout", keys, [command, data, i.maxlen, i.ttl_ms, prefix, user_id, version])
+        args: list[Any] = [command, data, i.maxlen, i.ttl_ms, prefix]
+        if user_id:
+            args += [user_id, version]
+        return fcall("presence_fanout", keys, args)
 
     @staticmethod
     def parse_fanout(reply: Sequence[Any]) -> tuple[int, dict[str, list[str]]]:
@@ -363,19 +370,49 @@ class PresenceFunctions:
         return int(await self.call("presence_friends_add", keys, [u for f in friend_ids for u in (user_id, f)]))
 
     async def query(self, pairs: Sequence[tuple[str, str]], user_ids: Sequence[str]) -> dict[str, UserOnlineStatus]:
-        """presence_query for users of one slot."""
+        """presence_query_raw for users of one slot."""
         if not user_ids:
             return {}
         keys = [k for pair in pairs for k in pair]
-        return self.parse_query(await self.call("presence_query", keys, user_ids, read_only=True))
+        return self.parse_query(await self.call("presence_query_raw", keys, [], read_only=True), user_ids)
 
     @staticmethod
     def query_command(pairs: Sequence[tuple[str, str]], user_ids: Sequence[str]) -> list[Any]:
-        return fcall("presence_query", [k for pair in pairs for k in pair], user_ids, read_only=True)
+        """presence_query_raw (``user_ids`` name the pairs' users, in order; ``parse_query`` needs them too)."""
+        return fcall("presence_query_raw", [k for pair in pairs for k in pair], [], read_only=True)
 
     @staticmethod
-    def parse_query(raw: bytes) -> dict[str, UserOnlineStatus]:
-        return _query_decoder.decode(raw)
+    def parse_query(raw: Any, user_ids: Sequence[str]) -> dict[str, UserOnlineStatus]:
+        """The reply of presence_query_raw (5 items per user) or presence_query (its JSON object) as models.
+
+        The raw reply is spliced into one JSON document (the session records are stored as JSON) and
+        decoded by one msgspec Decoder: no per-field Python objects in between.
+        """
+        if isinstance(raw, bytes | str):
+            return _query_decoder.decode(raw)
+        if len(raw) != 5 * len(user_ids):
+            raise PresenceError(f"presence_query_raw answered {len(raw)} items for {len(user_ids)} users")
+        parts: list[bytes] = []
+        for i, user in enumerate(user_ids):
+            values, custom, text, seen, version = raw[5 * i : 5 * i + 5]
+            parts += [
+                _json(user),
+                b':{"session":[',
+                b",".join(values),
+                b'],"customStatus":',
+                custom or b"null",
+                b',"customText":',
+                b"null" if text is None else _json(text.decode(errors="replace")),
+                b',"status":1,' if values else b',"status":2,',
+                b'"lastSeen":',
+                seen or b"null",
+                b',"version":',
+                version or b"0",
+                b"},",
+            ]
+        if parts:
+            parts[-1] = b"}"
+        return _query_decoder.decode(b"{" + b"".join(parts) + b"}")
 
     async def node_heartbeat(self, nodes_key: str, node_id: str) -> tuple[bool, int]:
         reply = await self.call("presence_node_heartbeat", [nodes_key], [node_id])

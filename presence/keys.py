@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import binascii
 from dataclasses import dataclass
 
 import msgspec
@@ -18,6 +19,7 @@ class UserKeys:
     subscriptions: str
     inbox: str
     pushed: str
+    outbox: str
 
     def state(self) -> list[str]:
         """KEYS of presence_login / presence_logout / presence_set_custom_status."""
@@ -42,7 +44,28 @@ class KeySchema:
             subscriptions=base + "subscriptions",
             inbox=base + "inbox",
             pushed=base + "pushed",
+            outbox=base + "outbox",
         )
+
+    def feed_shard(self, app_id: int, shard: int) -> str:
+        """The app's change feed, partition ``shard`` (a STREAM; consumers read it with XREADGROUP)."""
+        return f"{self.prefix}:feed:{{{app_id}:{shard}}}"
+
+    def feed_cursor(self, app_id: int, shard: int, user_id: str) -> str:
+        """The last outbox id of ``user_id`` relayed into that shard (same slot as the shard)."""
+        return f"{self.prefix}:feed:{{{app_id}:{shard}}}:cursor:{user_id}"
+
+    def feed_dead(self, app_id: int) -> str:
+        """Webhook events that failed every attempt (a STREAM)."""
+        return f"{self.prefix}:webhooks:dead:{{{app_id}}}"
+
+    def webhook_lease(self, app_id: int, shard: int, group: str) -> str:
+        """Which webhook worker delivers this shard to this group (one at a time keeps per-user order)."""
+        return f"{self.prefix}:feed:{{{app_id}:{shard}}}:lease:{group}"
+
+    def counters(self, tag: str) -> str:
+        """The online counters HASH whose hash tag ``tag`` lands on one cluster slot (``slot_tag``)."""
+        return f"{self.prefix}:online:{{{tag}}}"
 
     @property
     def nodes(self) -> str:
@@ -57,6 +80,32 @@ class KeySchema:
 
     def doorbell(self, node_id: str) -> str:
         return self.doorbell_prefix + node_id
+
+
+_SLOT_TAGS: list[str] = []
+
+
+def slot_tags() -> list[str]:
+    """For each cluster slot 0..16383, a short hash tag whose key slot it is (the first found, so stable).
+
+    Lets a per-slot key (the online counters) share the slot of any user's keys: written in the same call.
+    """
+    if not _SLOT_TAGS:
+        tags: list[str | None] = [None] * 16384
+        left, i = 16384, 0
+        while left:
+            tag = format(i, "x")
+            slot = binascii.crc_hqx(tag.encode(), 0) % 16384
+            if tags[slot] is None:
+                tags[slot] = tag
+                left -= 1
+            i += 1
+        _SLOT_TAGS.extend(t for t in tags if t is not None)
+    return _SLOT_TAGS
+
+
+def user_slot(app_id: int, user_id: str) -> int:
+    return binascii.crc_hqx(f"{app_id}:{user_id}".encode(), 0) % 16384
 
 
 def doorbell_message(inboxes: list[str]) -> bytes:

@@ -28,3 +28,21 @@ REDIS_LATENCY = Histogram(
     registry=REGISTRY,
 )
 REST_REQUESTS = Counter("presence_rest_requests_total", "REST requests", ["route", "status"], registry=REGISTRY)
+FEED_ENTRIES = Counter("presence_feed_entries_total", "Change feed entries appended to feed shards", registry=REGISTRY)
+ONLINE_USERS = Gauge("presence_online_users", "Users with at least one live session", ["app"], registry=REGISTRY)
+ONLINE_SESSIONS = Gauge(
+    "presence_online_sessions", "Live sessions by client type", ["app", "client_type"], registry=REGISTRY
+)
+WEBHOOK_SENT = Counter("presence_webhook_sent_total", "Webhook events delivered (2xx)", ["app"], registry=REGISTRY)
+WEBHOOK_FAILED = Counter(
+    "presence_webhook_failed_total", "Webhook attempts that failed (to be retried)", ["app"], registry=REGISTRY
+)
+WEBHOOK_DEAD = Counter(
+    "presence_webhook_dead_total", "Webhook events moved to the dead-letter stream", ["app"], registry=REGISTRY
+)
+WEBHOOK_LAG = Gauge(
+    "presence_webhook_lag_seconds",
+    "Age of the event a webhook worker is delivering (0 when idle)",
+    ["app"],
+    registry=REGISTRY,
+)

@@ -40,6 +40,14 @@ class UserCustomStatusChangeNotifyPack(msgspec.Struct, kw_only=True):
     customText: str
 
 
+class FriendshipPack(msgspec.Struct, kw_only=True):
+    """Data of 4010 (ours): friendships added or deleted; ``friends`` maps each friend to their status now."""
+
+    appId: int
+    action: str  # "add" | "delete"
+    friends: dict[str, UserOnlineStatus]
+
+
 class KickPack(msgspec.Struct, kw_only=True):
     """Data of 9002 MUTUALLOGIN: the login that displaced this connection."""
 
@@ -138,5 +146,28 @@ class ChangeResult(msgspec.Struct, kw_only=True):
 
 
 class SubscribeResult(msgspec.Struct, kw_only=True):
+    """subscribe: the expiry, the caller's live subscriptions, and every target's status now (query shape)."""
+
     expireAt: int
     liveSubscriptions: int
+    users: dict[str, UserOnlineStatus] = msgspec.field(default_factory=dict)
+
+
+class Subscription(msgspec.Struct, kw_only=True):
+    userId: str
+    expireAt: int
+
+
+class SubscriptionList(msgspec.Struct, kw_only=True):
+    """querySubscriptions: the caller's live subscriptions, the soonest to expire first."""
+
+    subscriptions: list[Subscription]
+    serverTime: int
+
+
+class OnlineCount(msgspec.Struct, kw_only=True):
+    """queryOnlineCount: users with a live session, live sessions, and sessions per clientType ("0".."5")."""
+
+    onlineUsers: int = 0
+    onlineSessions: int = 0
+    sessionsByClientType: dict[str, int] = msgspec.field(default_factory=dict)

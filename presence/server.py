@@ -12,6 +12,7 @@ import secrets
 import signal
 import socket
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -21,7 +22,9 @@ from presence.gateway.hub import Hub
 from presence.gateway.tcp import start_tcp_server
 from presence.gateway.ws import create_ws_app
 from presence.service import Presence
+from presence.sockets import MAX_SPARE, SocketGate
 from presence.store import open_store
+from presence.webhooks import WebhookWorker
 
 log = logging.getLogger("presence.server")
 
@@ -81,31 +84,61 @@ class Running:
     _servers: list[asyncio.Server] = field(default_factory=list)
     _runners: list[web.AppRunner] = field(default_factory=list)
     embedded: bool = False
+    webhooks: WebhookWorker | None = None
+    node_id: str = ""
 
     async def stop(self, *, handover: float = 0.0) -> None:
         """Stop; ``handover`` seconds > 0 keeps sessions that long for their devices to reconnect elsewhere."""
         for server in self._servers:
             server.close()  # stop accepting first
         await self.hub.stop(handover=handover)
+        if self.webhooks is not None:  # after the hub: the sessions' last logouts are in the feed by now
+            await self.webhooks.stop()
+        for runner in self._runners:  # closes the HTTP and WebSocket connections
+            await runner.cleanup()
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 2)
-        for runner in self._runners:
-            await runner.cleanup()
         await self.presence.store.aclose()
 
 
-async def _site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+HTTP_IDLE_DEFAULT = 75.0  # s an HTTP connection may wait for a complete request when login_timeout is 0
+
+
+async def _site(
+    app: web.Application,
+    host: str,
+    port: int,
+    gate: SocketGate,
+    transport: str,
+    idle: float,
+    reuse_port: bool = False,
+) -> tuple[web.AppRunner, asyncio.Server]:
+    """An aiohttp app on its own listener, every accepted socket counted by ``gate``.
+
+    ``keepalive_timeout`` closes a connection that has no complete request ``idle`` s after it opened
+    (or after its last answer): idle or trickling sockets cannot hold descriptors for ever.
+    """
+    from presence.http.app import EnvelopeRequestHandler
+
+    options: dict[str, Any] = {"access_log": None, "keepalive_timeout": idle}
+    runner = web.AppRunner(app, handle_signals=False, **options)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
-    server = site._server
-    bound = server.sockets[0].getsockname()[1] if server is not None and server.sockets else port
-    return runner, bound
+    manager, loop = runner.server, asyncio.get_running_loop()
+    assert manager is not None
+
+    def handler() -> EnvelopeRequestHandler:  # what ``manager()`` makes, answering malformed HTTP our way
+        return EnvelopeRequestHandler(manager, loop=loop, **options)
+
+    server = await loop.create_server(
+        gate.http_protocol(handler, transport), host, port, reuse_address=True, reuse_port=reuse_port or None
+    )
+    return runner, server
 
 
-async def start(settings: Settings) -> Running:
+async def start(settings: Settings, *, reuse_port: bool = False, ready_line: bool = True) -> Running:
+    """Start one node. ``reuse_port``: the TCP and WebSocket listeners share their ports with other worker
+    processes (SO_REUSEPORT); ``ready_line``: print it (a ``--workers`` supervisor prints its own)."""
     settings = with_dev_app(settings)
     for line in describe_apps(settings):
         log.info("%s", line)
@@ -120,21 +153,35 @@ async def start(settings: Settings) -> Running:
     node_id = settings.node_id or default_node_id()
     hub = Hub(presence, settings, node_id, node_host=settings.host)
     hub.capacity = capacity
+    hub.gate.spare = min(MAX_SPARE, settings.fd_reserve // 4)
     await hub.start()
     running = Running(settings, presence, hub, embedded=embedded)
+    if WebhookWorker.enabled(settings):
+        running.webhooks = WebhookWorker(presence, settings, node_id)
+        await running.webhooks.start()
+    idle = settings.login_timeout or HTTP_IDLE_DEFAULT
     if _enabled(settings.tcp_port):
-        server = await start_tcp_server(hub, settings.host, settings.tcp_port)
+        server = await start_tcp_server(hub, settings.host, settings.tcp_port, reuse_port=reuse_port)
         running._servers.append(server)
         running.tcp_port = server.sockets[0].getsockname()[1]
     if _enabled(settings.ws_port):
-        runner, running.ws_port = await _site(create_ws_app(hub), settings.host, settings.ws_port)
+        runner, server = await _site(
+            create_ws_app(hub), settings.host, settings.ws_port, hub.gate, "ws", idle, reuse_port
+        )
         running._runners.append(runner)
+        running._servers.append(server)
+        running.ws_port = server.sockets[0].getsockname()[1]
     if _enabled(settings.http_port):
         from presence.http.app import create_app
 
-        runner, running.http_port = await _site(create_app(presence, settings), settings.host, settings.http_port)
+        app = create_app(presence, settings)
+        runner, server = await _site(app, settings.host, settings.http_port, hub.gate, "http", idle)
         running._runners.append(runner)
-    _announce(running, node_id)
+        running._servers.append(server)
+        running.http_port = server.sockets[0].getsockname()[1]
+    running.node_id = node_id
+    if ready_line:
+        announce(running, node_id)
     return running
 
 
@@ -142,7 +189,7 @@ def _enabled(port: int) -> bool:
     return port != 0  # as on the command line: 0 disables that listener
 
 
-def _announce(running: Running, node_id: str) -> None:
+def announce(running: Running, node_id: str) -> None:
     s = running.settings
     host = "127.0.0.1" if s.host in ("0.0.0.0", "") else s.host
     mode = running.presence.store.mode
@@ -157,6 +204,11 @@ def _announce(running: Running, node_id: str) -> None:
     )
     if s.dev_mode:
         key = s.apps[DEV_APP_ID].private_key
+        if not running.embedded and not s.dev_key:
+            log.warning(
+                "dev mode on a real Redis: the key is new at each start, so userSigns from an earlier start "
+                "fail (60003); set PRESENCE_DEV_KEY to keep one across restarts"
+            )
         sample = generate_user_sign(DEV_APP_ID, key, "alice")
         print(
             f"dev mode: app {DEV_APP_ID}, private key {key}\n"
@@ -170,8 +222,13 @@ def _announce(running: Running, node_id: str) -> None:
     print(f"presence listening tcp={running.tcp_port} ws={running.ws_port} http={running.http_port}", flush=True)
 
 
-async def serve(settings: Settings) -> None:
-    running = await start(settings)
+async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
+    if settings.workers > 1:
+        from presence.workers import supervise
+
+        await supervise(settings)
+        return
+    running = await start(settings, reuse_port=reuse_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

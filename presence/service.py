@@ -6,6 +6,9 @@ schema know Redis key names.
 
 from __future__ import annotations
 
+import asyncio
+import binascii
+import logging
 import re
 import secrets
 import time
@@ -13,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
@@ -29,14 +33,29 @@ from presence.functions import (
     raise_mapped,
 )
 from presence.ids import check_imei, check_user_id
-from presence.keys import KeySchema, UserKeys, doorbell_message
-from presence.metrics import FANOUT_ENTRIES, REDIS_LATENCY, STATUS_CHANGES
-from presence.models import ChangeResult, SubscribeResult, UserOnlineStatus
+from presence.keys import KeySchema, UserKeys, doorbell_message, slot_tags, user_slot
+from presence.metrics import FANOUT_ENTRIES, FEED_ENTRIES, REDIS_LATENCY, STATUS_CHANGES
+from presence.models import (
+    ChangeResult,
+    FriendshipPack,
+    OnlineCount,
+    SubscribeResult,
+    Subscription,
+    SubscriptionList,
+    UserOnlineStatus,
+)
 from presence.store import Command, RedisUnavailable, Store
+
+log = logging.getLogger("presence.service")
+_pack_json = msgspec.json.Encoder()
 
 NOTIFY_STATUS = 4004
 NOTIFY_CUSTOM = 4006
+NOTIFY_FRIENDSHIP = 4010  # ours: friends added or deleted, with their status
 CLIENT_TYPES = range(0, 6)
+OUTBOX_READ = 100  # unrelayed feed entries of one user taken per change
+OUTBOX_MAXLEN = 1000  # a user's unrelayed feed entries kept at most (only a relay that keeps failing fills it)
+FEED_CURSOR_TTL_MS = 7 * 86400 * 1000  # how long a relay remembers a user's last relayed entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +67,8 @@ class Limits:
     custom_text_bytes: int = 100
     sub_time_ms: int = 30 * 86400 * 1000
     imei_bytes: int = 128
+    # Recipients per presence_fanout call: bounds how long one call holds Redis (calls are pipelined).
+    fanout_chunk: int = 100
 
 
 def check_user_list(field: str, values: Sequence[object], most: int) -> list[str]:
@@ -144,12 +165,118 @@ class Presence:
         )
         if node_id:
             member = node_member(app_id, user_id, client_type, imei, conn_id)
-            change = await self._login_on_node(keys, args, node_id, member)
+            change, pending = await self._login_on_node(keys, args, node_id, member)
         else:
-            change = await self.fn.login(keys, args)
-        return await self._spread(app_id, user_id, change, NOTIFY_STATUS, "online")
+            login = fcall("presence_login", self._state_keys(keys, app_id, user_id), args)
+            replies = await self._run([(keys.sessions, login), (keys.outbox, self._outbox_read(keys))])
+            change, pending = self.fn.parse_login(replies[0]), replies[1]
+        return await self._spread(app_id, user_id, change, pending, NOTIFY_STATUS, "online")
 
-    async def _login_on_node(self, keys: UserKeys, args: list[Any], node_id: str, member: str) -> StatusChange:
+    # --- the change feed and the online counters ---
+
+    def counters_key(self, app_id: int, user_id: str) -> str:
+        """The online counters HASH in the user's slot (one per slot on a cluster, one in all elsewhere)."""
+        return self.keys.counters(slot_tags()[user_slot(app_id, user_id)] if self._cluster else "0")
+
+    def counters_keys(self) -> list[str]:
+        """Every online counters HASH there can be."""
+        return [self.keys.counters(t) for t in slot_tags()] if self._cluster else [self.keys.counters("0")]
+
+    def feed_shard_of(self, app_id: int, user_id: str) -> int:
+        return binascii.crc32(user_id.encode()) % self.settings.feed_shards
+
+    def feed_shards(self, app_id: int) -> list[str]:
+        """The app's feed streams, shard 0 first."""
+        return [self.keys.feed_shard(app_id, k) for k in range(self.settings.feed_shards)]
+
+    def _state_keys(self, keys: UserKeys, app_id: int, user_id: str) -> list[str]:
+        """KEYS of the user's own functions with the feed outbox and the counters (the optional 6th and 7th)."""
+        return [*keys.state(), keys.outbox, self.counters_key(app_id, user_id)]
+
+    @staticmethod
+    def _outbox_read(keys: UserKeys) -> list[Any]:
+        """The user's unrelayed feed entries, read right after the user's function in the same pipeline."""
+        return ["XRANGE", keys.outbox, "-", "+", "COUNT", OUTBOX_READ]
+
+    def _relay(self, app_id: int, user_id: str, pending: Any) -> tuple[Command, str] | None:
+        """presence_feed_append of the user's pending outbox entries (and the last outbox id), or None."""
+        if not pending or isinstance(pending, BaseException):
+            return None
+        shard = self.feed_shard_of(app_id, user_id)
+        keys = [self.keys.feed_shard(app_id, shard), self.keys.feed_cursor(app_id, shard, user_id)]
+        if not self._cluster:  # one server: the trim of the outbox rides in the same call
+            keys.append(self.user(app_id, user_id).outbox)
+        args: list[Any] = [self.settings.feed_maxlen, FEED_CURSOR_TTL_MS]
+        last = ""
+        for raw_id, fields in pending:
+            last = _text(raw_id)
+            flat: list[Any] = ["eventId", f"{app_id}:{user_id}:{last}"]
+            for name, value in fields.items():
+                flat += [name, value]
+            args += [last, len(flat), *flat]
+        return (keys[0], fcall("presence_feed_append", keys, args)), last
+
+    async def relay_outboxes(self, cursors: dict[Any, int], count: int = 500) -> int:
+        """One SCAN step per primary over the users' feed outboxes; relays any that still hold entries.
+
+        The normal path relays a change's entry right after it; this catches an entry whose caller died
+        between the two steps and whose user changes no more. ``cursors`` (primary -> SCAN cursor) is
+        kept by the caller between rounds; a full pass visits every key once. Returns entries relayed.
+        """
+        pattern = f"{self.keys.prefix}:{{*}}:outbox"
+        relayed = 0
+        for node in self.store.primaries():
+            try:
+                reply = await self.store.on_node(
+                    node, "SCAN", cursors.get(node, 0), "MATCH", pattern, "COUNT", count, "TYPE", "stream"
+                )
+                cursor, keys = reply
+                if isinstance(cursor, dict):  # a cluster client names the node: ({node: cursor}, keys)
+                    (cursor,) = cursor.values()
+            except Exception as exc:  # next round
+                log.debug("outbox scan failed: %r", exc)
+                continue
+            cursors[node] = int(cursor)
+            for raw in keys:
+                parsed = _outbox_user(self.keys.prefix, _text(raw))
+                if parsed is not None:
+                    relayed += await self.relay_user(*parsed)
+        return relayed
+
+    async def relay_user(self, app_id: int, user_id: str) -> int:
+        """Relay whatever waits in one user's outbox (idempotent: the cursor skips what was appended)."""
+        keys = self.user(app_id, user_id)
+        pending = await self._one(keys.outbox, *self._outbox_read(keys))
+        relay = self._relay(app_id, user_id, pending)
+        if relay is None:
+            return 0
+        (reply,) = await self._run([relay[0]], raise_errors=False)
+        await self._relayed(app_id, user_id, relay[1], reply)
+        return 0 if isinstance(reply, BaseException) else int(reply[0])
+
+    async def online_counts(self) -> dict[int, OnlineCount]:
+        """Users online and sessions by client type, per app, summed over every counters HASH (exact:
+        each moves in the same function call as the session it counts). One pipeline per primary."""
+        keys = self.counters_keys()
+        out: dict[int, OnlineCount] = {}
+        for reply in await self._run([(k, ["HGETALL", k]) for k in keys]):
+            for name, value in (reply or {}).items():
+                app, _, rest = _text(name).partition(":")
+                if not app.isdigit():
+                    continue
+                count = out.setdefault(int(app), OnlineCount())
+                n = int(value)
+                if rest == "u":
+                    count.onlineUsers += n
+                elif rest.startswith("s:"):
+                    ct = rest[2:]
+                    count.sessionsByClientType[ct] = count.sessionsByClientType.get(ct, 0) + n
+                    count.onlineSessions += n
+        return out
+
+    async def _login_on_node(
+        self, keys: UserKeys, args: list[Any], node_id: str, member: str
+    ) -> tuple[StatusChange, Any]:
         """The node's record of the session exists before the session does, so the reaper finds every session.
 
         One server: SADD and presence_login in one MULTI/EXEC (both run or neither). A cluster (other
@@ -157,15 +284,17 @@ class Presence:
         leftover one is harmless: logging out a session that does not exist changes nothing).
         """
         node_set = self.keys.node_sessions(node_id)
-        login = fcall("presence_login", keys.state(), args)
+        login = fcall("presence_login", self._state_keys(keys, int(args[0]), str(args[1])), args)
         started = time.perf_counter()
         try:
             try:
                 if not self._cluster:
-                    reply = await self._atomic(["SADD", node_set, member], login)
+                    _, reply, pending = await self._atomic(["SADD", node_set, member], login, self._outbox_read(keys))
                 else:
                     await self.store.one(node_set, "SADD", node_set, member)
-                    reply = await self.store.one(keys.sessions, *login)
+                    reply, pending = await self.store.run(
+                        [(keys.sessions, login), (keys.outbox, self._outbox_read(keys))], raise_errors=True
+                    )
             except ResponseError:
                 # The login was refused, so no session exists. (After a lost connection the outcome is
                 # unknown: the record stays, and the node's reconciliation logs out what no socket holds.)
@@ -177,20 +306,20 @@ class Presence:
             raise UnavailableError("redis is unavailable") from exc
         finally:
             REDIS_LATENCY.labels("presence_login").observe(time.perf_counter() - started)
-        return self.fn.parse_login(reply)
+        return self.fn.parse_login(reply), pending
 
-    async def _atomic(self, first: list[Any], second: list[Any]) -> Any:
-        """Two commands in one MULTI/EXEC on the one server, retried like any call; the second's reply."""
+    async def _atomic(self, *commands: list[Any]) -> list[Any]:
+        """Commands in one MULTI/EXEC on the one server, retried like any call; their replies."""
 
-        async def once() -> Any:
+        async def once() -> list[Any]:
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.execute_command(*first)
-                pipe.execute_command(*second)
+                for command in commands:
+                    pipe.execute_command(*command)
                 replies = await pipe.execute(raise_on_error=False)
             for reply in replies:
                 if isinstance(reply, BaseException):
                     raise reply
-            return replies[1]
+            return list(replies)
 
         return await self.store.retrying(once)
 
@@ -212,26 +341,37 @@ class Presence:
         op_id: str | None = None,
         seen_age_ms: int = 0,
         seen_at_ms: int = 0,
+        reason: str = "logout",
     ) -> ChangeResult:
         """Remove a session; with ``conn_id``, only if it still belongs to that connection.
 
         ``op_id`` (default: a new one) identifies the operation: calling again with the same one after an
         unknown outcome (a timeout) applies nothing twice and still fans the change out. lastSeen is the
         evidence: ``seen_at_ms`` on the Redis clock if given, else ``seen_age_ms`` before now.
+        ``reason`` (logout, close, timeout, reaped, kicked, shutdown, error) goes into the change feed.
         Ids are not held to the identifier rule here: a session stored before it must still end.
         """
         if not isinstance(user_id, str) or not user_id or not isinstance(imei, str) or not imei:
             raise ParamError("userId and imei must be non-empty strings")
         keys = self.user(app_id, user_id)
-        args = self.fn.logout_args(
-            app_id, user_id, client_type, imei, conn_id, op_id or new_conn_id(), seen_age_ms, seen_at_ms
-        )
-        commands: list[Command] = [(keys.sessions, fcall("presence_logout", keys.state(), args))]
+        args = [
+            *self.fn.logout_args(
+                app_id, user_id, client_type, imei, conn_id, op_id or new_conn_id(), seen_age_ms, seen_at_ms
+            ),
+            reason,
+            *self._outbox_args(),
+        ]
+        commands: list[Command] = [
+            (keys.sessions, fcall("presence_logout", self._state_keys(keys, app_id, user_id), args)),
+            (keys.outbox, self._outbox_read(keys)),
+        ]
         if node_id and conn_id:
             node_set = self.keys.node_sessions(node_id)
             commands.append((node_set, ["SREM", node_set, node_member(app_id, user_id, client_type, imei, conn_id)]))
         replies = await self._run(commands)
-        return await self._spread(app_id, user_id, self.fn.parse_logout(replies[0]), NOTIFY_STATUS, "offline")
+        return await self._spread(
+            app_id, user_id, self.fn.parse_logout(replies[0]), replies[1], NOTIFY_STATUS, "offline"
+        )
 
     async def set_custom_status(
         self, app_id: int, user_id: str, custom_status: int, custom_text: str = "", *, origin_conn_id: str = ""
@@ -244,21 +384,47 @@ class Presence:
         size = len(custom_text.encode())
         if size > self.limits.custom_text_bytes:
             raise ParamError(f"customText must be at most {self.limits.custom_text_bytes} UTF-8 bytes, got {size}")
+        keys = self.user(app_id, user_id)
+        i = self.fn.inbox
         # One operation id for the call and Store.run's retries of it: a repeat after a timeout applies nothing.
-        change = await self.fn.set_custom_status(
-            self.user(app_id, user_id), app_id, user_id, custom_status, custom_text, origin_conn_id, new_conn_id()
-        )
-        return await self._spread(app_id, user_id, change, NOTIFY_CUSTOM, "custom")
+        op_id = new_conn_id()
+        args = [
+            app_id,
+            user_id,
+            custom_status,
+            custom_text,
+            origin_conn_id,
+            i.maxlen,
+            i.ttl_ms,
+            i.doorbell_prefix,
+            op_id,
+        ]
+        call = fcall("presence_set_custom_status", [*keys.state(), keys.outbox], [*args, *self._outbox_args()])
+        replies = await self._run([(keys.sessions, call), (keys.outbox, self._outbox_read(keys))])
+        reply = replies[0]
+        change = StatusChange(changed=True, data=reply[1], recipients=[_text(r) for r in reply[2:]])
+        return await self._spread(app_id, user_id, change, replies[1], NOTIFY_CUSTOM, "custom")
 
-    async def _spread(self, app_id: int, user_id: str, change: StatusChange, command: int, kind: str) -> ChangeResult:
+    def _outbox_args(self) -> list[Any]:
+        return [OUTBOX_MAXLEN, int(self.settings.inbox_ttl * 1000)]
+
+    async def _spread(
+        self, app_id: int, user_id: str, change: StatusChange, pending: Any, command: int, kind: str
+    ) -> ChangeResult:
+        """The fan-out of a change and the relay of the user's feed entries, in one pipeline per primary."""
         delivered = 0
         if change.changed:
             STATUS_CHANGES.labels(kind).inc()
-            if change.recipients:
-                delivered = await self.fanout(
-                    app_id, change.recipients, command, change.data, user_id=user_id, version=change.version
-                )
+        relay = self._relay(app_id, user_id, pending)
+        recipients = change.recipients if change.changed else []
+        if recipients or relay:
+            delivered, relayed = await self._fanout(
+                app_id, recipients, command, change.data, [relay[0]] if relay else [], user_id, change.version
+            )
+            if recipients:
                 FANOUT_ENTRIES.inc(delivered)
+            if relay is not None:
+                await self._relayed(app_id, user_id, relay[1], relayed[0])
         return ChangeResult(
             changed=change.changed,
             recipients=len(change.recipients),
@@ -268,8 +434,21 @@ class Presence:
             version=change.version,
         )
 
+    async def _relayed(self, app_id: int, user_id: str, last_id: str, reply: Any) -> None:
+        """After the feed append: count it; on a cluster trim the outbox (a separate call: another slot)."""
+        if isinstance(reply, BaseException):  # left in the outbox: the user's next change relays it
+            log.warning("feed relay of %s/%s failed (%r); it goes with the next change", app_id, user_id, reply)
+            return
+        FEED_ENTRIES.inc(int(reply[0]))
+        if self._cluster:
+            outbox = self.user(app_id, user_id).outbox
+            try:
+                await self._one(outbox, *fcall("presence_outbox_trim", [outbox], [last_id]))
+            except Exception as exc:  # a later relay skips what was appended (the cursor) and trims again
+                log.warning("feed outbox trim of %s/%s failed (%r)", app_id, user_id, exc)
+
     async def fanout(
-        self, app_id: int, recipients: Iterable[str], command: int, data: bytes, *, user_id: str, version: int
+        self, app_id: int, recipients: Iterable[str], command: int, data: bytes, *, user_id: str = "", version: int = 0
     ) -> int:
         """presence_fanout per slot, one pipeline per primary (one call on one server); entries written.
 
@@ -279,17 +458,46 @@ class Presence:
         On a cluster the calls do not publish: each gateway gets one doorbell for the whole change,
         PUBLISHed after the fan-out (one pipeline to one node; the cluster bus carries it to the gateway).
         """
+        return (await self._fanout(app_id, recipients, command, data, [], user_id, version))[0]
+
+    async def _fanout(
+        self,
+        app_id: int,
+        recipients: Iterable[str],
+        command: int,
+        data: bytes,
+        extra: Sequence[Command],
+        user_id: str = "",
+        version: int = 0,
+    ) -> tuple[int, list[Any]]:
+        """``fanout`` with ``extra`` commands in the same pipelines; (entries written, the extras' replies,
+        an error among them as its reply). Without ``user_id`` (friendship events) no version ordering."""
         base = self.keys.base
-        triples = [(b + "sessions", b + "inbox", b + "pushed") for b in (base(app_id, r) for r in recipients)]
-        ring = not self._cluster
-        groups = self.store.group([t[0] for t in triples])
+        suffixes = ("sessions", "inbox", "pushed") if user_id else ("sessions", "inbox")
+        groups_of_keys = [tuple(b + x for x in suffixes) for b in (base(app_id, r) for r in recipients)]
+        size = self.limits.fanout_chunk
+        # One call per chunk of a slot group, all in the same pipeline: no single call holds Redis for the
+        # whole list (1000 friends in one call was ~20 ms). Calls ring the gateways themselves only when
+        # there is one call; else, as on a cluster, they name the nodes and each gateway gets one doorbell.
+        chunks = [
+            group[start : start + size]
+            for group in self.store.group([t[0] for t in groups_of_keys])
+            for start in range(0, len(group), size)
+        ]
+        ring = not self._cluster and len(chunks) == 1
         commands: list[Command] = []
-        for group in groups:
-            chunk = [triples[i] for i in group]
+        for indexes in chunks:
+            chunk = [groups_of_keys[i] for i in indexes]
             commands.append((chunk[0][0], self.fn.fanout_command(chunk, command, data, user_id, version, ring=ring)))
+        fans = len(commands)
+        replies = await self._run([*commands, *extra], raise_errors=False)
         written = 0
         bells: dict[str, list[str]] = {}
-        for reply in await self._run(commands):
+        for reply in replies[:fans]:
+            if isinstance(reply, ResponseError):
+                raise_mapped(reply)
+            if isinstance(reply, BaseException):
+                raise reply
             count, nodes = self.fn.parse_fanout(reply)
             written += count
             for node, inboxes in nodes.items():
@@ -299,7 +507,7 @@ class Presence:
             await self._run(
                 [(None, ["PUBLISH", channel(node), doorbell_message(inboxes)]) for node, inboxes in bells.items()]
             )
-        return written
+        return written, replies[fans:]
 
     # --- subscriptions and friends ---
 
@@ -322,11 +530,35 @@ class Presence:
         expire_at, live = await self.fn.subscribe(
             self.user(app_id, subscriber).subscriptions, subscriber, users, sub_time_ms, self.limits.live_subscriptions
         )
-        await self._per_slot(
-            [self.user(app_id, u).subscribers for u in users],
-            lambda keys, _: self.fn.subscribers_add_command(keys, subscriber, expire_at),
+        # The targets' sides, then their status, in the same pipelines (per slot: the add runs first), so
+        # any change after the snapshot is pushed: no gap between the pull and the subscription.
+        subs = [self.user(app_id, u).subscribers for u in users]
+        commands: list[Command] = []
+        for group in self.store.group(subs):
+            chunk = [subs[i] for i in group]
+            commands.append((chunk[0], self.fn.subscribers_add_command(chunk, subscriber, expire_at)))
+        base = self.keys.base
+        pairs = [(b + "sessions", b + "status") for b in (base(app_id, u) for u in users)]
+        adds = len(commands)
+        queried: list[list[str]] = []
+        for group in self.store.group([p[0] for p in pairs]):
+            chunk = [pairs[i] for i in group]
+            queried.append([users[i] for i in group])
+            commands.append((chunk[0][0], self.fn.query_command(chunk, queried[-1])))
+        snapshot: dict[str, UserOnlineStatus] = {}
+        for raw, names in zip((await self._run(commands))[adds:], queried, strict=True):
+            snapshot.update(self.fn.parse_query(raw, names))
+        return SubscribeResult(expireAt=expire_at, liveSubscriptions=live, users=snapshot)
+
+    async def subscriptions(self, app_id: int, subscriber: str) -> SubscriptionList:
+        """The subscriber's live subscriptions with their expiry (ms, Redis clock), the soonest first."""
+        check_user_id("identifier", subscriber)
+        key = self.user(app_id, subscriber).subscriptions
+        reply = await self._one(
+            key, *fcall("presence_subscriptions", [key], [self.limits.live_subscriptions], read_only=True)
         )
-        return SubscribeResult(expireAt=expire_at, liveSubscriptions=live)
+        subs = [Subscription(userId=_text(reply[i]), expireAt=int(reply[i + 1])) for i in range(1, len(reply), 2)]
+        return SubscriptionList(subscriptions=subs, serverTime=int(reply[0]))
 
     async def unsubscribe(self, app_id: int, subscriber: str, targets: Sequence[str]) -> int:
         check_user_id("identifier", subscriber)
@@ -363,7 +595,22 @@ class Presence:
             [self.user(app_id, u).friends for u in users],
             lambda keys, idx: self.fn.friends_command(add, keys, [(users[i], from_id) for i in idx]),
         )
+        await self._friendship_notify(add, app_id, from_id, users)
         return changed
+
+    async def _friendship_notify(self, add: bool, app_id: int, from_id: str, users: list[str]) -> None:
+        """4010 to both sides' online sessions, with the other side's status now (read after the sets changed,
+        so any later change of a new friend is pushed too): ``from_id`` gets one entry naming all ``users``,
+        each of them one naming ``from_id``. Offline users pull their friends on connect."""
+        status = await self._query(app_id, [from_id, *users])
+        action = "add" if add else "delete"
+        offline = UserOnlineStatus(session=[])
+        to_owner = FriendshipPack(appId=app_id, action=action, friends={u: status.get(u, offline) for u in users})
+        to_friends = FriendshipPack(appId=app_id, action=action, friends={from_id: status.get(from_id, offline)})
+        await asyncio.gather(
+            self.fanout(app_id, [from_id], NOTIFY_FRIENDSHIP, _pack_json.encode(to_owner)),
+            self.fanout(app_id, users, NOTIFY_FRIENDSHIP, _pack_json.encode(to_friends)),
+        )
 
     async def _per_slot(self, keys: list[str], build: Callable[[list[str], list[int]], list[Any]]) -> list[Any]:
         """One call per slot group of ``keys``: ``build(keys of the group, their indexes)`` makes it."""
@@ -402,12 +649,14 @@ class Presence:
         base = self.keys.base
         pairs = [(b + "sessions", b + "status") for b in (base(app_id, u) for u in users)]
         commands: list[Command] = []
+        names: list[list[str]] = []
         for group in self.store.group([p[0] for p in pairs]):
             chunk = [pairs[i] for i in group]
-            commands.append((chunk[0][0], self.fn.query_command(chunk, [users[i] for i in group])))
+            names.append([users[i] for i in group])
+            commands.append((chunk[0][0], self.fn.query_command(chunk, names[-1])))
         result: dict[str, UserOnlineStatus] = {}
-        for raw in await self._run(commands):
-            result.update(self.fn.parse_query(raw))
+        for raw, group_users in zip(await self._run(commands), names, strict=True):
+            result.update(self.fn.parse_query(raw, group_users))
         return result
 
     # --- gateway nodes ---
@@ -449,7 +698,14 @@ class Presence:
             for member in members:
                 app_id, user_id, client_type, imei, conn_id = parse_node_member(member)
                 result = await self.logout(
-                    app_id, user_id, client_type, imei, conn_id=conn_id, node_id=node_id, seen_at_ms=seen_at
+                    app_id,
+                    user_id,
+                    client_type,
+                    imei,
+                    conn_id=conn_id,
+                    node_id=node_id,
+                    seen_at_ms=seen_at,
+                    reason="reaped",
                 )
                 reaped += int(result.changed)
         await self._one(self.keys.nodes, "ZREM", self.keys.nodes, node_id)
@@ -519,6 +775,17 @@ class Presence:
                 out.append((name, [(i, [x for kv in fields.items() for x in kv]) for i, fields in entries]))
         return out
 
+    async def trim_inboxes(self, cursors: dict[str, str], window_ms: int, batch: int = 500) -> None:
+        """presence_inbox_trim for each inbox up to its cursor (entries older than ``window_ms`` only),
+        one pipeline per primary per ``batch`` inboxes."""
+        items = list(cursors.items())
+        for start in range(0, len(items), batch):
+            commands: list[Command] = [
+                (inbox, fcall("presence_inbox_trim", [inbox], [window_ms, cursor]))
+                for inbox, cursor in items[start : start + batch]
+            ]
+            await self._run(commands, raise_errors=False)
+
     async def inbox_resume(self, inbox: str, last_id: str) -> bool:
         """Whether an inbox still holds every entry after ``last_id`` (else the client must re-pull).
 
@@ -534,16 +801,19 @@ class Presence:
             return True
         if isinstance(info, BaseException):
             raise info
+        deleted = info.get("max-deleted-entry-id")
+        if deleted is not None:  # Redis 7: the newest entry trimmed or deleted, whatever trimmed it
+            return _id_tuple(_text(deleted)) <= after
         trimmed = int(info["entries-added"]) - int(info["length"])
         first = info.get("first-entry")
         return trimmed == 0 or (first is not None and _id_tuple(first[0].decode()) <= after)
 
     # --- helpers ---
 
-    async def _run(self, commands: Sequence[Command]) -> list[Any]:
+    async def _run(self, commands: Sequence[Command], *, raise_errors: bool = True) -> list[Any]:
         """``Store.run`` with our error mapping: a library error as ParamError/PresenceError, 503 when away."""
         try:
-            return await self.store.run(commands, raise_errors=True)
+            return await self.store.run(commands, raise_errors=raise_errors)
         except ResponseError as exc:
             raise_mapped(exc)
         except RedisUnavailable as exc:
@@ -560,6 +830,19 @@ class Presence:
 
 RawEntry = tuple[bytes, list[bytes]]
 _CONN_ID = re.compile(rb'"connId":"([^"]*)"')
+
+
+def _outbox_user(prefix: str, key: str) -> tuple[int, str] | None:
+    """(appId, userId) of ``<prefix>:{appId:userId}:outbox``, or None for another key."""
+    head, tail = f"{prefix}:{{", "}:outbox"
+    if not (key.startswith(head) and key.endswith(tail)):
+        return None
+    app, sep, user = key[len(head) : -len(tail)].partition(":")
+    return (int(app), user) if sep and app.isdigit() and user else None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _flat_streams(reply: Any) -> list[tuple[str, list[RawEntry]]]:

@@ -43,6 +43,7 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 
 from presence.errors import ParamError
+from presence.wire import HiredisPackingConnection
 
 log = logging.getLogger("presence.store")
 
@@ -482,6 +483,9 @@ def open_redis(
     logouts waits its turn rather than losing sessions to "Too many connections".
     """
     if url:
+        options: dict[str, Any] = {}
+        if url.startswith("redis://"):  # TLS and Unix sockets keep redis-py's own classes
+            options["connection_class"] = HiredisPackingConnection
         pool = BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
@@ -491,6 +495,7 @@ def open_redis(
             # Store.run and Store.retrying retry (bounded by retry_for, resolving unknown outcomes with the
             # library's operation ids); redis-py's own retries would stretch a stall far past retry_for.
             retry=Retry(NoBackoff(), 0),
+            **options,
         )
         return Redis(connection_pool=pool), False
     import fakeredis

@@ -407,6 +407,9 @@ async def test_client_requests_kick_and_refused_login(server: Server, browser: B
     # Requests over the socket: resolved with the envelope's data or rejected with {code, msg}.
     result = await page.evaluate("() => phone1.subscribe(['ivy'], 60000)")
     assert result["liveSubscriptions"] == 1 and result["expireAt"] > 0
+    assert result["users"]["ivy"]["status"] == 2  # the snapshot of the target
+    listed = await page.evaluate("() => phone1.querySubscriptions()")
+    assert listed["subscriptions"] == [{"userId": "ivy", "expireAt": result["expireAt"]}]
     assert await page.evaluate("() => phone1.pull()") == {}
     pulled = await page.evaluate("() => phone1.pull(['ivy', 'hank'])")
     assert pulled["ivy"]["status"] == 2 and pulled["hank"]["status"] == 1
@@ -471,3 +474,146 @@ def test_client_module_has_no_dependencies() -> None:
     imports = re.findall(r"^\s*import\s.*?from\s+['\"]([^'\"]+)['\"]", source, re.MULTILINE)
     assert imports == [], f"presence-client.js must stay dependency-free, imports {imports}"
     assert "export class PresenceClient" in source
+
+
+# --- friendship events, and what a new user of the demo ran into ---
+
+
+async def rest_as_admin(server: Server, path: str, body: dict[str, Any]) -> Any:
+    params = {"appId": str(server.app_id), "identifier": "admin", "userSign": await user_sign(server, "admin")}
+    async with aiohttp.ClientSession() as http, http.post(f"{server.base}{path}", params=params, json=body) as resp:
+        envelope = await resp.json()
+    assert envelope["code"] == 200, envelope
+    return envelope["data"]
+
+
+async def test_demo_new_friend_appears_on_the_other_page_without_reload(server: Server, browser: Browser) -> None:
+    errors = PageErrors()
+    lena = await open_demo(browser, server, "lena", errors)
+    mike = await open_demo(browser, server, "mike", errors, phone=True)
+    await expect(mike.get_by_test_id("friends-empty")).to_be_visible()
+    await lena.get_by_test_id("add-friend-input").fill("mike")
+    await lena.get_by_test_id("add-friend").click()
+    # mike's page hears 4010 (FRIENDSHIP_NOTIFY) and shows lena, online, with her device: no reload, no pull
+    await expect(mike.get_by_test_id("friend-lena")).to_have_attribute("data-status", "online", timeout=PUSH_MS)
+    await expect(mike.get_by_test_id("devices-lena")).to_have_text("Web")
+    await expect(mike.get_by_test_id("friends-empty")).to_be_hidden()
+    await expect(lena.get_by_test_id("friend-mike")).to_have_attribute("data-status", "online")
+    # an admin adds one over REST: both pages show it; deletes one: both pages drop it
+    await rest_as_admin(server, "/v1/friendship/addFriend", {"fromId": "nina", "toItem": {"toId": "mike"}})
+    await expect(mike.get_by_test_id("friend-nina")).to_have_attribute("data-status", "offline", timeout=PUSH_MS)
+    await rest_as_admin(server, "/v1/friendship/deleteFriend", {"fromId": "lena", "toId": "mike"})
+    await expect(mike.get_by_test_id("friend-lena")).to_have_count(0, timeout=PUSH_MS)
+    await expect(lena.get_by_test_id("friend-mike")).to_have_count(0, timeout=PUSH_MS)
+    await expect(lena.get_by_test_id("friends-empty")).to_be_visible()
+    errors.check()
+
+
+async def test_demo_friend_whose_custom_status_arrives_first_shows_online(
+    server: Server, browser: Browser, redis_url: str
+) -> None:
+    errors = PageErrors()
+    olga = await open_demo(browser, server, "olga", errors)
+    # Friends made behind the page's back (no 4010): the first push olga gets from pete is his 4006.
+    client = redis.Redis.from_url(redis_url)
+    client.sadd(f"presence:{{{server.app_id}:olga}}:friends", "pete")
+    client.sadd(f"presence:{{{server.app_id}:pete}}:friends", "olga")
+    client.close()
+    pete = await WsClient.connect(server.ws_port, imei="pete-phone", client_type=3)
+    try:
+        await pete.login("pete", app=server.app_id, key=server.key)  # pete's 4004 reached nobody: not friends yet?
+        await rest_as_admin(server, "/v1/user/setUserCustomerStatus", {"userId": "pete", "customStatus": 1})
+        await expect(olga.get_by_test_id("friend-pete")).to_have_attribute("data-status", "online", timeout=PUSH_MS)
+        await expect(olga.get_by_test_id("lastseen-pete")).to_have_text("online now")
+        await expect(olga.get_by_test_id("mood-pete")).to_have_text("Busy")
+    finally:
+        await pete.close()
+    errors.check()
+
+
+async def test_demo_status_form_shows_and_keeps_the_mood(server: Server, browser: Browser) -> None:
+    errors = PageErrors()
+    page = await open_demo(browser, server, "quinn", errors)
+    select = page.get_by_test_id("custom-status-input")
+    await select.select_option("4")
+    await page.get_by_test_id("custom-text-input").fill("standup")
+    await page.get_by_test_id("custom-save").click()
+    await expect(page.get_by_test_id("me-mood")).to_have_text("In a meeting")
+    await expect(select).to_have_value("4")  # kept after saving
+    await page.reload()
+    await expect(page.get_by_test_id("conn-state")).to_have_attribute("data-state", "open")
+    await expect(page.get_by_test_id("me-custom")).to_have_text("standup")
+    await expect(select).to_have_value("4")  # shown from the stored status after a reload
+    await expect(page.get_by_test_id("custom-text-input")).to_have_value("standup")
+    errors.check()
+
+
+async def test_demo_reconnecting_greys_own_dot_and_counts_down(server: Server, browser: Browser) -> None:
+    errors = PageErrors()
+    page = await open_demo(browser, server, "rosa", errors)
+    await expect(page.get_by_test_id("me-dot")).to_have_attribute("data-status", "online")
+    # A slow, exact retry (no jitter) so the countdown can be read; then the socket drops.
+    await page.evaluate(
+        "() => { const c = presenceDemo.client; c._minDelay = 3000; c._maxDelay = 3000; c._jitter = 0;"
+        " c._ws.close(4000, 'test drop'); }"
+    )
+    conn = page.get_by_test_id("conn-state")
+    await expect(conn).to_have_text("reconnecting in 3 s")
+    await expect(page.get_by_test_id("me-dot")).to_have_attribute("data-status", "offline")
+    await expect(conn).to_have_text("reconnecting in 2 s", timeout=2000)
+    await expect(conn).to_have_text("reconnecting in 1 s", timeout=2000)
+    await expect(conn).to_have_attribute("data-state", "open", timeout=4000)
+    await expect(page.get_by_test_id("me-dot")).to_have_attribute("data-status", "online")
+    errors.check()
+
+
+async def test_demo_blank_user_id_gets_a_message(server: Server, browser: Browser) -> None:
+    errors = PageErrors()
+    page = errors.watch(await (await browser.new_context()).new_page(), "blank")
+    await page.goto(f"{server.base}/")
+    await page.get_by_test_id("user-input").fill("   ")
+    await page.get_by_test_id("connect").click()
+    await expect(page.get_by_test_id("banner")).to_contain_text("Enter a user id")
+    await expect(page.get_by_test_id("app")).to_be_hidden()
+    errors.check()
+
+
+@pytest.mark.parametrize("phone", [True, False], ids=["phone", "desktop"])
+async def test_demo_long_ids_and_texts_do_not_overflow(server: Server, browser: Browser, phone: bool) -> None:
+    errors = PageErrors()
+    long_me = ("s" * 63) + ("p" if phone else "d")
+    long_friend = "f" * 64
+    page = await open_demo(browser, server, long_me, errors, phone=phone, imei="i" * 100)
+    await page.get_by_test_id("add-friend-input").fill(long_friend)
+    await page.get_by_test_id("add-friend").click()
+    await expect(page.get_by_test_id(f"friend-{long_friend}")).to_be_visible()
+    text = "W" * 100  # 100 bytes, no break opportunity
+    await page.get_by_test_id("custom-text-input").fill(text)
+    await page.get_by_test_id("custom-save").click()
+    await expect(page.get_by_test_id("me-custom")).to_have_text(text)
+    await rest_as_admin(
+        server, "/v1/user/setUserCustomerStatus", {"userId": long_friend, "customStatus": 9, "customText": text}
+    )
+    await expect(page.get_by_test_id(f"custom-{long_friend}")).to_have_text(text, timeout=PUSH_MS)
+    await page.get_by_test_id("subscribe-input").fill("w" * 64)
+    await page.get_by_test_id("subscribe").click()
+    await expect(page.get_by_test_id("sub-" + "w" * 64)).to_be_visible()
+    OUT.mkdir(exist_ok=True)
+    await page.screenshot(path=OUT / f"demo-long-{'phone' if phone else 'desktop'}.png", full_page=True)
+    overflow = await page.evaluate(
+        """() => {
+          const root = document.documentElement;
+          const out = [];
+          if (root.scrollWidth > root.clientWidth) out.push(`page ${root.scrollWidth} > ${root.clientWidth}`);
+          for (const node of document.querySelectorAll('.card, .card *')) {
+            const r = node.getBoundingClientRect();
+            const card = node.closest('.card').getBoundingClientRect();
+            if (r.width && (r.right > card.right + 1 || r.left < card.left - 1)) {
+              out.push(`${node.tagName}.${node.className} [${node.dataset.testid ?? ''}] sticks out`);
+            }
+          }
+          return out;
+        }"""
+    )
+    assert overflow == [], overflow
+    errors.check()

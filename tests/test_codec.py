@@ -103,7 +103,14 @@ def test_constants() -> None:
     assert HEADER.size == 28
     assert SERVER_HEADER.size == 8
     assert (MAX_IMEI, MAX_BODY) == (128, 65536)
-    assert {Command.LOGIN, Command.LOGOUT, Command.PING, Command.SUBSCRIBE, Command.PULL} == CLIENT_COMMANDS
+    assert {
+        Command.LOGIN,
+        Command.LOGOUT,
+        Command.PING,
+        Command.SUBSCRIBE,
+        Command.PULL,
+        Command.QUERY_SUBSCRIPTIONS,
+    } == CLIENT_COMMANDS
 
 
 def test_login_frame_bytes() -> None:
@@ -226,7 +233,7 @@ def test_bad_frame_stream(raw: bytes, message: str) -> None:
 @pytest.mark.parametrize(
     ("command", "reason"),
     [
-        (1103, "command 1103 is not served by this gateway (it serves 9000, 9003, 9999, 4002, 4003)"),
+        (1103, "command 1103 is not served by this gateway (it serves 9000, 9003, 9999, 4002, 4003, 4011)"),
         (-5, "command -5 is not served"),
         (Command.LOGINACK, "command 9001 (LOGINACK) is server-to-client only, not accepted from clients"),
         (Command.ERROR, "command 9100 (ERROR) is server-to-client only"),

@@ -250,7 +250,7 @@ async def test_unserved_commands_get_an_error_and_the_connection_stays(make_node
     err = await expect(client, Command.ERROR)
     assert err.data == {
         "code": 90001,
-        "msg": "command 1103 is not served by this gateway (it serves 9000, 9003, 9999, 4002, 4003)",
+        "msg": "command 1103 is not served by this gateway (it serves 9000, 9003, 9999, 4002, 4003, 4011)",
         "command": 1103,
     }
     await client.login("alice")

@@ -16,6 +16,7 @@ def test_defaults_match_the_design() -> None:
     assert (s.tcp_port, s.ws_port, s.http_port) == (9000, 19000, 8000)
     assert (s.heartbeat_timeout, s.node_ttl, s.offline_grace) == (30, 10, 3)
     assert s.redis_url is None and s.apps == {}
+    assert (s.resume_window, s.workers) == (60, 1)
 
 
 def test_precedence_toml_env_flags(tmp_path: Path) -> None:
@@ -42,6 +43,11 @@ def test_precedence_toml_env_flags(tmp_path: Path) -> None:
         ({"PRESENCE_APPS": "10000"}, "PRESENCE_APPS entries look like"),
         ({"PRESENCE_TCP_PORT": "nine"}, "PRESENCE_TCP_PORT: Expected `int`, got `str` - at `tcp_port`"),
         ({"PRESENCE_OFFLINE_GRACE": "-1"}, "PRESENCE_OFFLINE_GRACE: Expected `float` >= 0.0 - at `offline_grace`"),
+        ({"PRESENCE_WORKERS": "0"}, "PRESENCE_WORKERS: Expected `int` >= 1 - at `workers`"),
+        (
+            {"PRESENCE_RESUME_WINDOW": "5", "PRESENCE_OFFLINE_GRACE": "10"},
+            r"resume_window must be at least offline_grace and node_ttl plus 1 s \(11 s here\), got 5",
+        ),
     ],
 )
 def test_bad_settings_say_what_is_wrong(env: dict[str, str], message: str) -> None:
@@ -146,4 +152,111 @@ def test_bad_app_heartbeat_timeout(tmp_path: Path, value: str, message: str) -> 
     conf = tmp_path / "p.toml"
     conf.write_text(f'[apps.1]\nprivate_key = "k"\nheartbeat_timeout = {value}\n')
     with pytest.raises(ParamError, match=re.escape(message)):
+        load_settings(conf, env={})
+
+
+# --- issue 12 follow-ups C and D: app ids, admins and numbers that used to crash or mean something else ---
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('[apps."²"]\nprivate_key = "k"\n', "app id must be an integer 1..2147483647 in ASCII digits, got '²'"),
+        ('[apps."٣"]\nprivate_key = "k"\n', "app id must be an integer 1..2147483647 in ASCII digits, got '٣'"),
+        ('[apps.99999999999999999999]\nprivate_key = "k"\n', "app id must be an integer 1..2147483647"),
+        ('[apps.2147483648]\nprivate_key = "k"\n', "app id must be an integer 1..2147483647"),
+        ('[apps.0]\nprivate_key = "k"\n', "app id must be an integer 1..2147483647"),
+        ('[apps.7]\nprivate_key = "k"\n[apps.007]\nprivate_key = "j"\n', "app 7 is given twice"),
+        ('[apps.7]\nprivate_key = "k"\nadmins = ["a|b"]\n', "admins[0] must not contain '|'"),
+        ('[apps.7]\nprivate_key = "k"\nadmins = ["ok", "\\n"]\n', "admins[1] must not contain '\\n'"),
+        ("inbox_ttl = inf\n", "`float` <= 31536000.0 - at `inbox_ttl`"),
+        ("node_ttl = 1e20\n", "`float` <= 86400.0 - at `node_ttl`"),
+        (
+            '[apps.7]\nprivate_key = "k"\nheartbeat_timeout = inf\n',
+            "`float` <= 86400.0 - at `apps.7.heartbeat_timeout`",
+        ),
+    ],
+    ids=[
+        "superscript",
+        "arabic-digit",
+        "20-digits",
+        "int32+1",
+        "zero",
+        "duplicate",
+        "admin-pipe",
+        "admin-newline",
+        "inbox-ttl-inf",
+        "node-ttl-1e20",
+        "app-heartbeat-inf",
+    ],
+)
+def test_followup_bad_app_ids_admins_and_numbers_in_toml(tmp_path: Path, toml: str, message: str) -> None:
+    conf = tmp_path / "presence.toml"
+    conf.write_text(toml)
+    with pytest.raises(ParamError) as info:
+        load_settings(conf, env={})
+    assert str(conf) in info.value.message and message in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"PRESENCE_APPS": "²:key"}, "PRESENCE_APPS: the app id must be an integer 1..2147483647 in ASCII digits"),
+        ({"PRESENCE_APPS": "99999999999999999999:key"}, "the app id must be an integer 1..2147483647"),
+        ({"PRESENCE_APPS": "10000:a,10000:b"}, "PRESENCE_APPS: app 10000 is given twice"),
+        ({"PRESENCE_APPS": "10000:a:admins=x{y"}, "PRESENCE_APPS entry 10000: admins[0] must not contain '{'"),
+        ({"PRESENCE_INBOX_TTL": "inf"}, "PRESENCE_INBOX_TTL: Expected `float` <= 31536000.0 - at `inbox_ttl`"),
+        ({"PRESENCE_INBOX_TTL": "1e20"}, "PRESENCE_INBOX_TTL: Expected `float` <= 31536000.0 - at `inbox_ttl`"),
+        ({"PRESENCE_NODE_TTL": "inf"}, "PRESENCE_NODE_TTL: Expected `float` <= 86400.0 - at `node_ttl`"),
+        (
+            {"PRESENCE_INBOX_MAXLEN": "99999999999999999999999"},
+            "PRESENCE_INBOX_MAXLEN: Expected `int` <= 1000000 - at `inbox_maxlen`",
+        ),
+        ({"PRESENCE_MAX_CONNECTIONS": "99999999999"}, "Expected `int` <= 10000000 - at `max_connections`"),
+        ({"PRESENCE_FD_RESERVE": "99999999999"}, "Expected `int` <= 1000000 - at `fd_reserve`"),
+    ],
+)
+def test_followup_bad_environment_values_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ParamError) as info:
+        load_settings(env=env)
+    assert message in info.value.message
+
+
+def test_followup_presence_apps_admins_are_stripped() -> None:
+    apps = load_settings(env={"PRESENCE_APPS": "10000:k:admins= alice | bob "}).apps
+    assert apps[10000].admins == ("alice", "bob")
+
+
+@pytest.mark.parametrize("env", [{"PRESENCE_INBOX_TTL": "inf"}, {"PRESENCE_APPS": "²:key"}])
+def test_followup_serve_refuses_bad_numbers_and_app_ids_without_a_traceback(env: dict[str, str]) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "presence", "serve", "--tcp-port", "0", "--ws-port", "0", "--http-port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", **env},
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert next(iter(env)) in proc.stderr
+
+
+def test_dev_mode_keeps_its_key_across_restarts_with_presence_dev_key() -> None:
+    kept = [with_dev_app(load_settings(env={"PRESENCE_DEV_KEY": "stay"})).apps[10000].private_key for _ in range(2)]
+    assert kept == ["stay", "stay"]
+    fresh = {with_dev_app(load_settings(env={})).apps[10000].private_key for _ in range(2)}
+    assert len(fresh) == 2  # without it, a new key at each start
+
+
+def test_feed_and_webhook_settings_from_environment_and_toml(tmp_path: Path) -> None:
+    env = {"PRESENCE_FEED_SHARDS": "8", "PRESENCE_FEED_MAXLEN": "500", "PRESENCE_WEBHOOK_ATTEMPTS": "3"}
+    s = load_settings(env=env)
+    assert (s.feed_shards, s.feed_maxlen, s.webhook_attempts) == (8, 500, 3)
+    conf = tmp_path / "p.toml"
+    conf.write_text('[apps.1]\nprivate_key = "k"\nwebhook_urls = ["http://127.0.0.1:9/hook"]\n')
+    assert load_settings(conf, env={}).apps[1].webhook_urls == ("http://127.0.0.1:9/hook",)
+    conf.write_text('[apps.1]\nprivate_key = "k"\nwebhook_urls = ["ftp://x"]\n')
+    with pytest.raises(ParamError, match="webhook_urls"):
         load_settings(conf, env={})

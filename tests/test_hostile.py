@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import logging
+import re
 import resource
 import subprocess
 import sys
@@ -36,7 +37,7 @@ from presence.gateway.codec import (
     encode_client_frame,
 )
 from presence.gateway.hub import doorbell_inboxes
-from presence.http.app import create_app
+from presence.http.app import MALFORMED_LOG_INTERVAL, EnvelopeRequestHandler, create_app
 from presence.ids import check_imei, check_user_id
 from presence.metrics import REGISTRY
 from presence.service import Presence
@@ -547,3 +548,239 @@ def test_fuzz_codec_and_sign_verifier_briefly(tmp_path: Path) -> None:
 def test_generate_still_verifies() -> None:  # the bounds must not refuse a real sign with a long identifier
     user = "é" * 32
     verify_user_sign(generate_user_sign(APP, KEY, user), APP, KEY, user)
+
+
+# --- follow-ups (found by attacking the landed work) ----------------------------------------------------
+
+# A. lastEventId must be a stream id Redis accepts, and one user's inbox must never block another's pushes.
+BAD_EVENT_IDS = ["0-99999999999999999999", "18446744073709551616-0", "1-1\n", "\u0661-\u0661", "1-", "-1"]
+
+
+@pytest.mark.parametrize("last", BAD_EVENT_IDS, ids=["seq>uint64", "ms>uint64", "newline", "arabic-digits", "1-", "-1"])
+async def test_followup_a_last_event_id_out_of_range_is_refused(make_node: MakeNode, last: str) -> None:
+    node = await make_node(offline_grace=30)
+    client = await WsClient.connect(node.ws_port, imei="tab")
+    await client.login("alice", lastEventId=None)
+    await client.close()  # dropped: the session lives on for the grace
+    client = await WsClient.connect(node.ws_port, imei="tab")
+    error = await client.login("alice", lastEventId=last)
+    assert error.command == Command.ERROR and error.data["code"] == Code.PARAMETER_ERROR
+    assert "lastEventId must be a stream id" in error.data["msg"]
+    assert await client.closed()
+
+
+async def test_followup_a_last_event_id_beyond_the_inbox_does_not_resume(make_node: MakeNode, facade: Presence) -> None:
+    node = await make_node(offline_grace=30)
+    await facade.add_friend(APP, "carol", "alice")
+    client = await WsClient.connect(node.ws_port, imei="tab")
+    await client.login("alice", lastEventId=None)
+    await facade.set_custom_status(APP, "carol", 1, "one")
+    seen = await expect(client, Command.CUSTOM_NOTIFY)
+    await client.close()
+    client = await WsClient.connect(node.ws_port, imei="tab")
+    ms = int(seen.pack["eventId"].split("-")[0])
+    future = f"{ms + 10**9}-0"  # an id the inbox never held
+    ack = await client.login("alice", lastEventId=future)
+    assert ack.command == Command.LOGINACK and ack.data["resumed"] is False
+    assert ack.data["lastEventId"] != future
+    await facade.set_custom_status(APP, "carol", 1, "two")  # pushes still flow from the real cursor
+    assert (await expect(client, Command.CUSTOM_NOTIFY)).data["customText"] == "two"
+    await client.close()
+
+
+async def test_followup_a_an_unreadable_inbox_does_not_block_other_users_pushes(
+    make_node: MakeNode, facade: Presence, store_redis: Any
+) -> None:
+    node = await make_node()
+    await facade.add_friend(APP, "carol", "bob")
+    alice = await WsClient.connect(node.ws_port, imei="alice-tab")
+    await alice.login("alice")
+    bob = await WsClient.connect(node.ws_port, imei="bob-tab")
+    await bob.login("bob")
+    # Alice's inbox turns into something XREAD refuses (WRONGTYPE, like an id Redis calls invalid), and a
+    # doorbell makes the delivery loop read it: every batch holding it used to fail, bob's pushes too.
+    inbox = node.presence.inbox_key(APP, "alice")
+    await store_redis.delete(inbox)
+    await store_redis.set(inbox, "not a stream")
+    await store_redis.publish(node.presence.doorbell_channel(node.hub.node_id), json.dumps([inbox]))
+    error = await expect(alice, Command.ERROR)
+    assert error.data == {"code": Code.SYSTEM_ERROR, "msg": "system error", "requestId": error.data["requestId"]}
+    await facade.set_custom_status(APP, "carol", 1, "still here")
+    assert (await expect(bob, Command.CUSTOM_NOTIFY, timeout=3)).data["customText"] == "still here"
+    await alice.close()
+    await bob.close()
+
+
+# B. Every socket of every port counts against the capacity; idle HTTP sockets are closed at a deadline.
+
+
+async def _healthz(port: int) -> int | None:
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/healthz", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                return resp.status
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+
+
+@pytest.mark.parametrize("port", ["http", "ws"])
+async def test_followup_b_idle_sockets_to_http_ports_are_counted_refused_and_closed(port: str) -> None:
+    # capacity 200 - 128 = 72 sockets, plus 32 only the HTTP listeners may use; idle deadline 1 s.
+    proc = ServeProcess(
+        [], env={"PRESENCE_APPS": f"{APP}:{KEY}", "PRESENCE_LOGIN_TIMEOUT": "1"}, preexec_fn=_low_nofile(200, 200)
+    )
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        proc.wait_for_line(r"up to 72 client connections")
+        target = proc.http_port if port == "http" else proc.ws_port
+        for _ in range(185):  # the tester's flood: connect, send nothing
+            idle.append(await asyncio.open_connection("127.0.0.1", target))
+        # Over capacity + spare the server closes a socket at once; the rest at the idle deadline.
+        ends = await asyncio.gather(*(asyncio.wait_for(r.read(), 5) for r, _ in idle), return_exceptions=True)
+        assert all(end == b"" or isinstance(end, ConnectionError) for end in ends), ends
+        proc.wait_for_line(r"at capacity \(72 connections\): refused \d+ new connection")
+        assert await _healthz(proc.http_port) == 200
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{proc.http_port}/metrics") as resp:
+                metrics = await resp.text()
+        refused = re.search(rf'presence_connections_refused_total{{transport="{port}"}} (\S+)', metrics)
+        assert refused and float(refused.group(1)) >= 185 - 72 - 32, metrics
+        gateway = await TcpClient.connect(proc.tcp_port)
+        assert (await gateway.login("dave")).command == Command.LOGINACK
+        await gateway.close()
+        assert "Traceback" not in proc.output()
+    finally:
+        for _, writer in idle:
+            writer.close()
+        proc.kill()
+
+
+async def test_followup_b_rest_sockets_count_against_gateway_capacity(make_node: MakeNode) -> None:
+    node = await make_node(max_connections=3, http_port=free_port())
+    held = [await asyncio.open_connection("127.0.0.1", node.http_port) for _ in range(3)]
+    assert await _healthz(node.http_port) == 200  # the spare keeps REST answering at capacity
+    client = await TcpClient.connect(node.tcp_port)
+    assert await client.closed(), "a gateway socket beyond the capacity was kept"
+    for _, writer in held:
+        writer.close()
+
+
+# H. A sign with bytes after its zlib stream; query values that are not UTF-8; a refusal burst's total.
+
+
+def test_followup_h_sign_with_bytes_after_the_zlib_stream_is_invalid() -> None:
+    good = generate_user_sign(APP, KEY, "alice")
+    packed = base64.b64decode(good.translate(str.maketrans("*-_", "+/=")))
+    for tail in (b"\x00", b"junk", zlib.compress(b"{}")):
+        forged = base64.b64encode(packed + tail).decode().translate(_TO_URL)
+        with pytest.raises(AuthError) as info:
+            verify_user_sign(forged, APP, KEY, "alice")
+        assert info.value.code == Code.USER_SIGN_INVALID
+    verify_user_sign(good, APP, KEY, "alice")
+
+
+@pytest.mark.parametrize("query", ["identifier=%FF", "identifier=%FE", "appId=10000&userSign=%C3", "x%FF=1"])
+async def test_followup_h_query_not_utf8_is_400_naming_the_parameter(rest: TestClient, query: str) -> None:
+    resp = await rest.post(f"{QUERY_USERS}?{query}", data=b"{}")
+    env = await resp.json()
+    assert (resp.status, env["code"]) == (400, Code.PARAMETER_ERROR), env
+    name = query.rsplit("&", 1)[-1].split("=")[0]
+    assert f"query parameter {name} is not valid UTF-8" in env["msg"]
+
+
+async def test_followup_h_a_refusal_burst_is_reported_without_a_later_refusal(
+    make_node: MakeNode, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("presence.sockets.REFUSED_LOG_INTERVAL", 0.5)
+    node = await make_node(max_connections=1)
+    held = await TcpClient.connect(node.tcp_port)
+    assert (await held.login("carol")).command == Command.LOGINACK
+    with caplog.at_level(logging.WARNING, logger="presence.gateway"):
+        for _ in range(4):
+            assert await (await TcpClient.connect(node.tcp_port)).closed()
+        reports: list[str] = []
+        for _ in range(100):  # the timer's report, at most one interval after the first
+            reports = [r.getMessage() for r in caplog.records if "at capacity" in r.getMessage()]
+            if len(reports) == 2:
+                break
+            await asyncio.sleep(0.05)
+    assert [re.search(r"refused (\d+)", r).group(1) for r in reports] == ["1", "3"], reports  # type: ignore[union-attr]
+    await held.close()
+
+
+# G. Malformed HTTP: an envelope that does not echo the input, one log line without traceback.
+
+MALFORMED_HTTP = {
+    "long URL": b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    "long header": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long: " + b"b" * 9000 + b"\r\n\r\n",
+    "bad method": b"G<script>T /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+    "bad chunk size": b"POST " + QUERY_USERS.encode() + b" HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+    b"Content-Type: application/json\r\n\r\nzz<script>\r\n{}\r\n0\r\n\r\n",
+    "CL with TE": b"POST " + QUERY_USERS.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    "bad header": b"GET /healthz HTTP/1.1\r\nHost: x\r\nno colon <script>\r\n\r\n",
+}
+
+
+async def _raw_http(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+        body = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", "0"))), 5)
+        return int(lines[0].split()[1]), headers, body
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("port", ["http", "ws"])
+async def test_followup_g_malformed_http_gets_an_envelope_without_echo_and_one_log_line(
+    make_node: MakeNode, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, port: str
+) -> None:
+    # The report is rate-limited per process: start this test with no report in the interval.
+    monkeypatch.setattr(EnvelopeRequestHandler, "_logged_at", -MALFORMED_LOG_INTERVAL)
+    node = await make_node(http_port=free_port())
+    target = node.http_port if port == "http" else node.ws_port
+    with caplog.at_level(logging.DEBUG):
+        for name, request in MALFORMED_HTTP.items():
+            status, headers, body = await _raw_http(target, request)
+            assert status == 400, (name, status, body)
+            assert headers["content-type"].startswith("application/json"), (name, headers)
+            env = json.loads(body)
+            assert env["code"] == Code.PARAMETER_ERROR and env["requestId"] == headers["x-request-id"], env
+            for echoed in (b"aaaa", b"bbbb", b"<script>", b"zz"):
+                assert echoed not in body, (name, body)
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], [
+        r.getMessage() for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR
+    ]
+    malformed = [r.getMessage() for r in caplog.records if "malformed HTTP request from" in r.getMessage()]
+    assert len(malformed) == 1 and "<script>" not in malformed[0], malformed
+
+
+# F. Invalid UTF-8 in a WebSocket text message: close code 1007, documented.
+
+PROTOCOL_MD = Path(__file__).resolve().parent.parent / "gateway" / "PROTOCOL.md"
+
+
+async def test_followup_f_invalid_utf8_text_message_closes_1007_as_documented(make_node: MakeNode) -> None:
+    node = await make_node()
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.ws_port)
+    key = base64.b64encode(b"0123456789abcdef").decode()
+    writer.write(
+        f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    assert b" 101 " in await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    payload, mask = b'{"command":9999,"x":"\xff"}', b"\x01\x02\x03\x04"
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    writer.write(bytes([0x81, 0x80 | len(payload)]) + mask + masked)  # a client text frame, masked
+    first, size = await asyncio.wait_for(reader.readexactly(2), 5)
+    body = await reader.readexactly(size)
+    writer.close()
+    assert first == 0x88, "expected a close frame"
+    code = int.from_bytes(body[:2], "big")
+    assert code == 1007
+    close_codes = next(p for p in PROTOCOL_MD.read_text().split("\n\n") if p.startswith("WebSocket close codes"))
+    assert f"{code} a text message that is not valid UTF-8" in close_codes.replace("\n", " ")

@@ -1,7 +1,8 @@
 """Client round trips, counted on the wire (every request a connection sends), on one server and a cluster.
 
 A status change is the user's own function, then the fan-out: one pipeline per primary, the primaries in
-parallel (on a cluster also one PUBLISH pipeline for the doorbells, one per gateway). A query of 500
+parallel (on a cluster also one PUBLISH pipeline for the doorbells, one per gateway, and the trim of the
+user's feed outbox, which lives in another slot than the feed shard). A query of 500
 users is one pipeline per primary. None of it grows with the number of friends, and no request asks the
 server for a command's keys (COMMAND GETKEYS): the client knows every key's slot.
 """
@@ -94,11 +95,19 @@ async def test_round_trips_per_status_change_and_query_do_not_grow(store_redis: 
     function_requests = wire.with_(b"FCALL")
     if presence.store.cluster:
         assert primaries == 3
-        assert len(function_requests) <= 1 + primaries  # the own call, then at most one pipeline per primary
+        # the own call, at most one pipeline per primary (fan-out and feed relay), the feed outbox trim
+        assert len(function_requests) <= 2 + primaries
+        assert len(wire.with_(b"presence_outbox_trim")) == 1
         assert len(wire.with_(b"PUBLISH")) == 1  # the doorbells, one per gateway, in one request
-        assert len(wire.requests) <= 2 + primaries
+        assert len(wire.requests) <= 3 + primaries
     else:
-        assert len(wire.requests) == len(function_requests) == 2  # as before: own call, one fan-out
+        # own call, then one pipeline: the fan-out calls (one per chunk of recipients) and the feed relay
+        # (which trims the outbox in the same call); past one chunk the doorbells follow in one request.
+        chunked = friends > presence.limits.fanout_chunk
+        assert len(function_requests) == 2
+        assert len(wire.requests) == 2 + chunked
+        assert len(wire.with_(b"PUBLISH")) == chunked
+        assert len(wire.with_(b"presence_feed_append")) == 1
     assert not wire.with_(b"GETKEYS")
     assert await _bells(pubsub, 2) == 2, "one doorbell per gateway node per change"
     await pubsub.aclose()

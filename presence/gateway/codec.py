@@ -34,11 +34,15 @@ class Command(IntEnum):
     NOTIFY_SYNC = 4005
     CUSTOM_NOTIFY = 4006
     CUSTOM_NOTIFY_SYNC = 4007
+    FRIENDSHIP_NOTIFY = 4010  # ours: a friendship was added or deleted; data carries the friend's status
+    QUERY_SUBSCRIPTIONS = 4011  # ours: the caller's live subscriptions with their expiry
     ERROR = 9100  # ours: the server's last word (code + message) before it closes a bad connection
 
 
 # The commands the server serves; any other command in a well-formed frame gets a (non-fatal) ERROR.
-CLIENT_COMMANDS = frozenset({Command.LOGIN, Command.LOGOUT, Command.PING, Command.SUBSCRIBE, Command.PULL})
+CLIENT_COMMANDS = frozenset(
+    {Command.LOGIN, Command.LOGOUT, Command.PING, Command.SUBSCRIBE, Command.PULL, Command.QUERY_SUBSCRIPTIONS}
+)
 
 HEADER = struct.Struct(">7i")  # command, version, clientType, messageType, appId, imeiLength, bodyLength
 SERVER_HEADER = struct.Struct(">2i")  # command, length
@@ -105,7 +109,7 @@ def unserved_reason(command: int) -> str | None:
     try:
         name = Command(command).name
     except ValueError:
-        return f"command {command} is not served by this gateway (it serves 9000, 9003, 9999, 4002, 4003)"
+        return f"command {command} is not served by this gateway (it serves 9000, 9003, 9999, 4002, 4003, 4011)"
     return f"command {command} ({name}) is server-to-client only, not accepted from clients"
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import struct
 import time
 from collections.abc import Awaitable
@@ -25,12 +26,13 @@ from typing import Protocol
 import msgspec
 
 from presence.config import Settings
-from presence.errors import Code, PresenceError
+from presence.errors import Code, PresenceError, UnavailableError
 from presence.gateway.codec import SERVER_HEADER, Command, encode_tcp, pack_head
-from presence.metrics import CONNECTIONS, CONNECTIONS_REFUSED, DELIVERIES, DOORBELLS, LOGIN_TIMEOUTS, LOGINS, LOGOUTS
+from presence.metrics import CONNECTIONS, DELIVERIES, DOORBELLS, LOGIN_TIMEOUTS, LOGINS, LOGOUTS
 from presence.models import ChangeResult
 from presence.nodes import NodeKeeper
 from presence.service import Presence, new_conn_id, node_member, parse_node_member
+from presence.sockets import SocketGate
 
 log = logging.getLogger("presence.gateway")
 
@@ -41,7 +43,6 @@ LOGOUT_ATTEMPTS = 5
 # WebSocket close of a deploy (RFC 6455 1012 "service restart"): reconnect, to any gateway, and resume.
 HANDOVER_CODE = 1012
 HANDOVER_REASON = "server restart: reconnect"
-REFUSED_LOG_INTERVAL = 10.0  # seconds between "at capacity" log lines
 STOP_STEP_S = 5.0  # most seconds each step of a shutdown waits for Redis
 PUBSUB_PING_AFTER = 0.5  # seconds without a doorbell before the subscription is PINGed
 PUBSUB_PONG_WITHIN = 1.0  # seconds for its PONG before it is made again
@@ -191,15 +192,15 @@ class Hub:
         self._pending: set[asyncio.Task[object]] = set()
         self.sweep_interval = 5.0
         self.reconcile_interval = 30.0
+        self.outbox_sweep_interval = 2.0  # one SCAN step (COUNT 500) per primary each time
         self._suspects: set[str] = set()
+        self._trimmed: dict[str, EventId] = {}  # inbox -> the cursor it was last trimmed to
         self.keeper = NodeKeeper(
             presence, node_id, settings.node_ttl, on_reaped=self._reaped_meanwhile, stall=settings.redis_timeout
         )
         self.closing = False
-        # Most client connections at once; the server sets it from the file descriptor limit at start.
-        self.capacity: int | None = settings.max_connections or None
-        self._refused_since_log = 0
-        self._refused_logged_at = -REFUSED_LOG_INTERVAL
+        # Client sockets of every listener; the server sizes it from the file descriptor limit at start.
+        self.gate = SocketGate(settings.max_connections or None)
         # conn id -> (version, loginModel, max sessions) of its LOGIN: what re-asserting a lost session repeats
         self._login_params: dict[str, tuple[int, int, int]] = {}
         self._reasserting: asyncio.Task[int] | None = None
@@ -226,6 +227,8 @@ class Hub:
             self._sweep(),
             self._idle_check(),
             self._reconcile_loop(),
+            self._outbox_sweep(),
+            self._trim_inboxes(),
             self.keeper.run(),
         )
         for coro in loops:
@@ -292,6 +295,7 @@ class Hub:
         self._wake.set()
         for task in self._tasks:
             task.cancel()
+        self.gate.close()
         # redis-py can swallow a cancel that lands mid-command; never let that hang the shutdown.
         await asyncio.wait(self._tasks, timeout=2)
         self._tasks.clear()
@@ -306,25 +310,22 @@ class Hub:
 
     # --- sessions ---
 
+    @property
+    def capacity(self) -> int | None:
+        """Most client sockets at once (all listeners), None = no limit."""
+        return self.gate.capacity
+
+    @capacity.setter
+    def capacity(self, value: int | None) -> None:
+        self.gate.capacity = value
+
     def has_room(self, transport: str) -> bool:
         """False (counted, and logged at most every 10 s) when a new connection would exceed the capacity.
 
         The capacity leaves a reserve of file descriptors, so Redis, /healthz and REST keep working
-        while the gateway is full.
+        while the gateway is full (presence/sockets.py). A WebSocket's own socket is already counted.
         """
-        if self.capacity is None or len(self.connections) < self.capacity:
-            return True
-        CONNECTIONS_REFUSED.labels(transport).inc()
-        self._refused_since_log += 1
-        now = time.monotonic()
-        if now - self._refused_logged_at >= REFUSED_LOG_INTERVAL:
-            log.warning(
-                "at capacity (%d connections): refused %d new connection(s) since the last report",
-                self.capacity,
-                self._refused_since_log,
-            )
-            self._refused_logged_at, self._refused_since_log = now, 0
-        return False
+        return self.gate.admit(transport, held=1 if transport == "ws" else 0)
 
     def opened(self, conn: Connection) -> None:
         self.connections.add(conn)
@@ -385,9 +386,13 @@ class Hub:
         resumed: bool | None = None
         if last_event_id is not None:
             # Only a device whose session survived (a reconnect within the grace) can have missed nothing.
-            resumed = not result.changed and await self.presence.inbox_resume(inbox, last_event_id)
+            # An id beyond the inbox's last entry was never delivered: no resume from the future.
+            asked = parse_event_id(last_event_id)
+            resumed = (
+                not result.changed and asked <= conn.cursor and await self.presence.inbox_resume(inbox, last_event_id)
+            )
             if resumed:
-                conn.cursor = min(conn.cursor, parse_event_id(last_event_id))
+                conn.cursor = asked
         if conn.ended:  # the socket went away while we were logging in
             await self._logout(conn, "close")
             return format_event_id(conn.cursor), resumed
@@ -484,6 +489,7 @@ class Hub:
                     op_id=op_id,
                     seen_age_ms=age_ms,
                     seen_at_ms=seen_at_ms,
+                    reason=reason,
                 )
             except Exception as exc:
                 if attempt == LOGOUT_ATTEMPTS - 1 or self.closing:
@@ -510,6 +516,19 @@ class Hub:
         for member in confirmed:
             await self._logout_member(member, "reconciled")
         return len(confirmed)
+
+    async def _outbox_sweep(self) -> None:
+        """Relay feed entries left in users' outboxes by a caller that died between the two steps."""
+        cursors: dict[object, int] = {}
+        while not self.closing:
+            await asyncio.sleep(self.outbox_sweep_interval)
+            try:
+                if await self.presence.relay_outboxes(cursors):
+                    log.info("relayed change feed entries left in outboxes")
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("outbox sweep failed; retrying next round")
 
     async def _reconcile_loop(self) -> None:
         while not self.closing:
@@ -620,7 +639,7 @@ class Hub:
                 if not batch:
                     break
                 try:
-                    replies = await self.presence.read_inboxes(batch, count=READ_COUNT)
+                    replies = await self._read(batch)
                 except asyncio.CancelledError:
                     raise
                 except Exception:
@@ -632,6 +651,30 @@ class Hub:
                     if self.dispatch(inbox, entries, read_from.get(inbox)) or len(entries) >= READ_COUNT:
                         self._dirty.add(inbox)
                         self._wake.set()
+
+    async def _read(self, batch: dict[str, str]) -> list[tuple[str, list[tuple[bytes, list[bytes]]]]]:
+        """``read_inboxes``, but an inbox Redis refuses to read (a bad cursor, a key of another type) does
+        not block the others: a refused batch is split in halves until the culprit reads alone, and its
+        connections are closed with a system error (they reconnect and resume or re-pull).
+        Redis being unreachable is raised as is (the caller retries the whole batch)."""
+        try:
+            return await self.presence.read_inboxes(batch, count=READ_COUNT)
+        except UnavailableError:
+            raise
+        except Exception as exc:
+            if len(batch) > 1:
+                items = list(batch.items())
+                half = len(items) // 2
+                return await self._read(dict(items[:half])) + await self._read(dict(items[half:]))
+            ((inbox, cursor),) = batch.items()
+            self._unreadable(inbox, cursor, exc)
+            return []
+
+    def _unreadable(self, inbox: str, cursor: str, exc: Exception) -> None:
+        rid = secrets.token_hex(8)
+        log.error("request %s: reading inbox %s from %s failed (%r); closing its connections", rid, inbox, cursor, exc)
+        for conn in list(self.by_inbox.pop(inbox, {}).values()):
+            self._spawn(conn.fail(Code.SYSTEM_ERROR, "system error", rid))
 
     def dispatch(self, inbox: str, entries: list[tuple[bytes, list[bytes]]], read_from: EventId | None = None) -> bool:
         """Write the entries (read after ``read_from``) to the inbox's local connections.
@@ -685,6 +728,46 @@ class Hub:
             self._spawn(self.end(conn, "kicked"))
         DELIVERIES.inc(delivered)
         return behind
+
+    # --- inbox memory ---
+
+    def trim_candidates(self, now_ms: int) -> dict[str, str]:
+        """Local inboxes whose local sessions all received an entry older than the resume window: the
+        entries up to it can go (``presence_inbox_trim`` checks the age again on the Redis clock)."""
+        horizon = now_ms - int(self.settings.resume_window * 1000)
+        out: dict[str, str] = {}
+        for inbox, local in self.by_inbox.items():
+            cursor = min(c.cursor for c in local.values())
+            if 0 < cursor[0] <= horizon and self._trimmed.get(inbox) != cursor:
+                out[inbox] = format_event_id(cursor)
+        return out
+
+    async def trim_inboxes(self) -> int:
+        """One round of ``_trim_inboxes``; returns the inboxes trimmed."""
+        self._trimmed = {k: v for k, v in self._trimmed.items() if k in self.by_inbox}
+        batch = self.trim_candidates(int(time.time() * 1000))
+        if not batch:
+            return 0
+        await self.presence.trim_inboxes(batch, int(self.settings.resume_window * 1000))
+        for inbox, cursor in batch.items():
+            self._trimmed[inbox] = parse_event_id(cursor)
+        return len(batch)
+
+    async def _trim_inboxes(self) -> None:
+        """Delivered entries stay resumable for ``resume_window``, then go; an emptied inbox is deleted.
+
+        Without it an inbox kept its delivered entries until MAXLEN or its TTL (24 h): ~4.7 KB of
+        Redis per online user who received anything (BENCHMARKS.md, memory).
+        """
+        interval = min(30.0, max(0.5, self.settings.resume_window / 4))
+        while not self.closing:
+            await asyncio.sleep(interval)
+            try:
+                await self.trim_inboxes()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # next round
+                log.warning("trimming delivered inbox entries failed (%r); retrying next round", exc)
 
     # --- liveness ---
 

@@ -26,8 +26,16 @@ from presence.models import PullUserOnlineStatusReq, ResponseVO, SubscribeUserOn
 log = logging.getLogger("presence.gateway")
 
 MAX_WRITE_BUFFER = 1 << 20
-_EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+# ASCII digits only (\d also takes other scripts' digits), the whole string (``$`` allows a trailing "\n").
+_EVENT_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+_UINT64_MAX = (1 << 64) - 1
 _json = msgspec.json.Encoder()
+
+
+def is_event_id(value: object) -> bool:
+    """Whether ``value`` is a Redis stream id ``ms-seq``: both parts unsigned 64-bit integers."""
+    found = _EVENT_ID.fullmatch(value) if isinstance(value, str) else None
+    return found is not None and int(found[1]) <= _UINT64_MAX and int(found[2]) <= _UINT64_MAX
 
 
 class ClientConnection:
@@ -131,11 +139,13 @@ class ClientConnection:
             # Logged out before the close: a client that reconnects at once finds the session gone.
             await self.hub.end(self, "logout")
             self.close(1000, "logged out")
-        elif command in (Command.SUBSCRIBE, Command.PULL):
+        elif command in (Command.SUBSCRIBE, Command.PULL, Command.QUERY_SUBSCRIPTIONS):
             # A bad request is answered like REST answers it; the connection stays up.
             try:
                 if command == Command.SUBSCRIBE:
                     result = await self._subscribe(msgspec.convert(frame.data, SubscribeUserOnlineStatusReq))
+                elif command == Command.QUERY_SUBSCRIPTIONS:
+                    result = await self.hub.presence.subscriptions(self.app_id, self.user_id)
                 else:
                     result = await self._pull(frame.data)
             except msgspec.ValidationError as exc:
@@ -161,8 +171,8 @@ class ClientConnection:
         check_imei("imei", frame.imei)
         if not (user_sign is None and app.unsigned_login):
             verify_user_sign(user_sign if isinstance(user_sign, str) else "", frame.appId, app.private_key, user_id)
-        if last is not None and not (isinstance(last, str) and _EVENT_ID.match(last)):
-            raise ParamError("lastEventId must be a stream id like 1700000000000-0")
+        if last is not None and not is_event_id(last):
+            raise ParamError("lastEventId must be a stream id like 1700000000000-0 (both parts 0..2^64-1)")
         pong = data.get("pong", False)
         if not isinstance(pong, bool):
             raise ParamError("data.pong must be true or false")

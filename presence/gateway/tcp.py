@@ -16,6 +16,7 @@ class TcpConnection(ClientConnection, asyncio.Protocol):
     def __init__(self, hub: Hub) -> None:
         super().__init__(hub)
         self.decoder = FrameDecoder()
+        self._counted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
@@ -26,6 +27,8 @@ class TcpConnection(ClientConnection, asyncio.Protocol):
             transport.abort()  # frees the descriptor now; no LOGIN could be served anyway
             self.ended = True
             return
+        self._counted = True
+        self.hub.gate.tcp_open += 1
         self.hub.opened(self)
 
     def data_received(self, data: bytes) -> None:
@@ -37,6 +40,9 @@ class TcpConnection(ClientConnection, asyncio.Protocol):
         self.feed(frames)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._counted:
+            self._counted = False
+            self.hub.gate.tcp_open -= 1
         self.hub._spawn(self.hub.end(self, "close"))
 
     def frame(self, message: Encoded) -> bytes:
@@ -47,6 +53,9 @@ class TcpConnection(ClientConnection, asyncio.Protocol):
             self.transport.close()  # flushes what was written first
 
 
-async def start_tcp_server(hub: Hub, host: str, port: int) -> asyncio.Server:
+async def start_tcp_server(hub: Hub, host: str, port: int, *, reuse_port: bool = False) -> asyncio.Server:
+    """``reuse_port``: SO_REUSEPORT, so several worker processes share the port (``--workers``)."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: TcpConnection(hub), host, port, reuse_address=True)
+    return await loop.create_server(
+        lambda: TcpConnection(hub), host, port, reuse_address=True, reuse_port=reuse_port or None
+    )

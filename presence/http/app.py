@@ -12,8 +12,10 @@ import asyncio
 import logging
 import re
 import secrets
-from collections.abc import Awaitable, Callable
-from typing import NamedTuple, TypeVar
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, NamedTuple, TypeVar
+from urllib.parse import unquote_to_bytes
 
 import msgspec
 from aiohttp import web
@@ -27,12 +29,13 @@ from presence.errors import AuthError, Code, ForbiddenError, ParamError, Presenc
 from presence.functions import library_health, library_version
 from presence.http.demo import add_demo_routes, ws_url_on_port
 from presence.ids import check_user_id
-from presence.metrics import REGISTRY, REST_REQUESTS
+from presence.metrics import ONLINE_SESSIONS, ONLINE_USERS, REGISTRY, REST_REQUESTS
 from presence.models import (
     AddFriendReq,
     DeleteFriendReq,
     ErrorVO,
     ImportFriendReq,
+    OnlineCount,
     PullFriendOnlineStatusReq,
     PullUserOnlineStatusReq,
     ResponseVO,
@@ -50,6 +53,8 @@ HEALTH_TIMEOUT_S = 2.0
 # Pinned to the text-format version every scraper accepts (prometheus_client's CONTENT_TYPE_LATEST now says 1.0.0).
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _APP_ID = re.compile(r"[0-9]{1,18}")
+GAUGE_REFRESH_S = 5.0
+GAUGES_READ_AT = web.AppKey("gauges_read_at", list[float])
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 T = TypeVar("T")
@@ -239,10 +244,29 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         REST_REQUESTS.labels(route, status).inc()
 
 
+def check_query(request: web.Request) -> None:
+    """ParamError naming the parameter when a query name or value is not UTF-8 once percent-decoded.
+
+    aiohttp (yarl) would decode such bytes to U+FFFD, so ``identifier=%FF`` and ``%FE`` would be the same.
+    """
+    raw = request.rel_url.raw_query_string
+    if "%" not in raw:  # only percent-escapes can carry bytes that are not UTF-8
+        return
+    for pair in raw.split("&"):
+        name, _, value = pair.partition("=")
+        for part in (name, value):
+            try:
+                unquote_to_bytes(part.replace("+", " ")).decode("utf-8")
+            except UnicodeDecodeError:
+                shown = name if name.isascii() and name.isprintable() else repr(name)
+                raise ParamError(f"query parameter {shown[:64]} is not valid UTF-8 once percent-decoded") from None
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error becomes an envelope with a seed code and a real HTTP status; never a stack trace."""
     try:
+        check_query(request)
         return await handler(request)
     except PresenceError as exc:
         if exc.http_status >= 500:  # its message may quote Redis: only the log gets it
@@ -273,6 +297,61 @@ def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
     return error_envelope(request, Code.PARAMETER_ERROR, exc.reason, exc.status)
 
 
+# --- malformed HTTP: answered by aiohttp's parser before any middleware runs ---
+
+MALFORMED_LOG_INTERVAL = 10.0  # seconds between "malformed HTTP" log lines
+
+
+class EnvelopeRequestHandler(web.RequestHandler):
+    """aiohttp's connection handler, with its answer to a request its parser refuses (a request line or
+    header over 8190 bytes, a bad method, a bad chunk size, Content-Length with Transfer-Encoding) made
+    an error envelope that does not echo the input, logged as one rate-limited line without traceback.
+
+    aiohttp answers these in ``RequestHandler.handle_error`` (plain text quoting the input, and a logged
+    traceback) before the app, its middlewares or its signals see the request, and offers no public
+    hook for it: overriding that method of the exported ``web.RequestHandler`` is the narrowest way.
+    """
+
+    __slots__ = ()
+    _since_log = 0
+    _logged_at = -MALFORMED_LOG_INTERVAL
+
+    def handle_error(
+        self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        rid = new_request_id()
+        what = type(exc).__name__ if exc is not None else "error"
+        cls = EnvelopeRequestHandler
+        cls._since_log += 1
+        now = time.monotonic()
+        if now - cls._logged_at >= MALFORMED_LOG_INTERVAL:
+            # The class name and the peer only: the exception's text quotes what the client sent.
+            log.warning(
+                "request %s: malformed HTTP request from %s answered %d (%s); %d such since the last report",
+                rid,
+                request.remote,
+                status,
+                what,
+                cls._since_log,
+            )
+            cls._logged_at, cls._since_log = now, 0
+        if request.writer.output_size > 0:  # an answer has begun: the connection can only be dropped
+            raise ConnectionError("response already started")
+        if status >= 500:
+            code, msg = Code.SYSTEM_ERROR, "system error"
+        else:
+            code, msg = Code.PARAMETER_ERROR, f"malformed HTTP request ({what})"
+        response = web.Response(
+            body=_ENCODER.encode(ErrorVO(int(code), msg, None, rid)),
+            status=status,
+            content_type="application/json",
+            charset="utf-8",
+        )
+        response.headers["X-Request-Id"] = rid
+        response.force_close()
+        return response
+
+
 # --- API handlers ---
 
 routes = web.RouteTableDef()
@@ -284,6 +363,13 @@ async def subscribe_user_online_status(request: web.Request) -> web.Response:
     req = await decode_body(request, _SUBSCRIBE)
     result = await request.app[PRESENCE].subscribe(caller.app_id, caller.identifier, req.subUserId, req.subTime)
     return envelope(result)
+
+
+@routes.post("/v1/user/querySubscriptions")
+async def query_subscriptions(request: web.Request) -> web.Response:
+    caller = authenticate(request)
+    await decode_body(request, _QUERY_FRIENDS)  # no fields
+    return envelope(await request.app[PRESENCE].subscriptions(caller.app_id, caller.identifier))
 
 
 @routes.post("/v1/user/unsubscribeUserOnlineStatus")
@@ -318,6 +404,16 @@ async def query_user_online_status(request: web.Request) -> web.Response:
     caller = authenticate(request)
     req = await decode_body(request, _QUERY_USERS)
     return envelope(await request.app[PRESENCE].query_users(caller.app_id, req.userList))
+
+
+@routes.post("/v1/user/queryOnlineCount")
+async def query_online_count(request: web.Request) -> web.Response:
+    """The app's users online and sessions by clientType, exact (an app admin only: app-wide numbers)."""
+    caller = authenticate(request)
+    require_admin(caller, "queryOnlineCount")
+    await decode_body(request, _QUERY_FRIENDS)  # no fields
+    counts = await request.app[PRESENCE].online_counts()
+    return envelope(counts.get(caller.app_id, OnlineCount()))
 
 
 @routes.post("/v1/friendship/addFriend")
@@ -382,8 +478,26 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+async def refresh_online_gauges(presence: Presence, apps: Iterable[int]) -> None:
+    """``presence_online_users{app}`` and ``presence_online_sessions{app,client_type}`` from the counters."""
+    counts = await presence.online_counts()
+    for app_id in sorted(set(apps) | set(counts)):
+        count = counts.get(app_id, OnlineCount())
+        ONLINE_USERS.labels(str(app_id)).set(count.onlineUsers)
+        for ct in range(6):
+            ONLINE_SESSIONS.labels(str(app_id), str(ct)).set(count.sessionsByClientType.get(str(ct), 0))
+
+
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
+    # The online gauges are read from Redis at most every GAUGE_REFRESH_S (a cluster has a counter per slot).
+    now = time.monotonic()
+    if now - request.app[GAUGES_READ_AT][0] >= GAUGE_REFRESH_S:
+        request.app[GAUGES_READ_AT][0] = now
+        try:
+            await refresh_online_gauges(request.app[PRESENCE], request.app[SETTINGS].apps)
+        except PresenceError as exc:
+            log.warning("online gauges not refreshed: %s", exc.message)
     return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
@@ -425,6 +539,7 @@ def create_app(presence: Presence, settings: Settings) -> web.Application:
     app = web.Application(middlewares=[metrics_middleware, error_middleware], client_max_size=MAX_BODY_BYTES)
     app[PRESENCE] = presence
     app[SETTINGS] = settings
+    app[GAUGES_READ_AT] = [-GAUGE_REFRESH_S]
     # Read once at start: a missing contract fails the start, not the first request for it.
     app[OPENAPI_SPEC] = resource_path("http/openapi.yaml").read_bytes()
     app.add_routes(routes)
