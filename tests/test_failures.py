@@ -279,8 +279,8 @@ async def test_an_empty_redis_restart_heals_without_an_operator(own_redis: Serve
 
             await eventually(bob_online, 10, "bob's session logged in again by the gateway")
         await node.presence.add_friend(APP, "alice", "bob")
-        await bob.send(Command.PING)
-        await expect(bob, Command.PING)  # the same connection, still logged in
+        friendship = await expect(bob, Command.FRIENDSHIP_NOTIFY)  # the same connection, still logged in
+        assert friendship.data["action"] == "add" and set(friendship.data["friends"]) == {"alice"}
         alice = await TcpClient.connect(node.tcp_port)
         assert (await alice.login("alice")).command == Command.LOGINACK
         assert (await expect(bob, Command.NOTIFY)).data["userId"] == "alice"
