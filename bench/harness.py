@@ -30,10 +30,19 @@ def median_of(runs: list[dict[str, Any]], key: str) -> float | None:
 
 
 class Tracker:
-    """Changes in flight: a change is complete when every worker with recipients reported it."""
+    """Changes in flight: a change is complete when every worker with recipients reported it.
+
+    Our fan-out never pushes a user's older version after a newer one (issue 10): when concurrent changes
+    overtake each other in Redis, the older is skipped for every friend that already has the newer. So a
+    change still pending when a later one completes is *superseded*: its friends are on a newer state. It
+    counts as no delivery (nor latency) and frees its window slot. ``users``: changes go to that many users
+    in turn (seq % users), so only a pending change of the same user can be superseded.
+    """
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
+        self.users = 1
+        self.superseded = 0
         self.pending: dict[int, list[int]] = {}  # seq -> [call ns, workers left, last delivery ns]
         self.latency_ns: dict[int, int] = {}
         self.last_done_ns = 0
@@ -59,8 +68,13 @@ class Tracker:
             del self.pending[seq]
             self.latency_ns[seq] = entry[2] - entry[0]
             self.last_done_ns = max(self.last_done_ns, entry[2])
+            older = [s for s in self.pending if s < seq and (seq - s) % self.users == 0]
+            for s in older:
+                del self.pending[s]
+            self.superseded += len(older)
             if self.on_complete is not None:
-                self.on_complete()
+                for _ in range(1 + len(older)):
+                    self.on_complete()
             if not self.pending:
                 self.idle.set()
 
@@ -243,6 +257,7 @@ async def windowed(change: Change, tracker: Tracker, window: int, duration: floa
     errors: list[BaseException] = []
     tasks: set[asyncio.Task[Any]] = set()
     first = tracker.seq + 1
+    superseded = tracker.superseded
     t0 = time.monotonic_ns()
     end = t0 + int(duration * 1e9)
 
@@ -268,13 +283,15 @@ async def windowed(change: Change, tracker: Tracker, window: int, duration: floa
     if errors:
         raise errors[0]
     last = tracker.seq
-    changes = last - first + 1
+    skipped = tracker.superseded - superseded
+    changes = last - first + 1 - skipped  # delivered to every friend
     elapsed = (tracker.last_done_ns - t0) / 1e9
     return {
         "changes": changes,
+        "superseded": skipped,
         "elapsed_s": elapsed,
         "changes_per_s": changes / elapsed,
-        "latency_ms": [tracker.latency_ns[s] / 1e6 for s in range(first, last + 1)],
+        "latency_ms": [tracker.latency_ns[s] / 1e6 for s in range(first, last + 1) if s in tracker.latency_ns],
     }
 
 
@@ -290,6 +307,7 @@ async def paced(
     errors: list[BaseException] = []
     tasks: set[asyncio.Task[Any]] = set()
     first = tracker.seq + 1
+    superseded = tracker.superseded
     late = 0.0
 
     def finished(task: asyncio.Task[Any]) -> None:
@@ -320,8 +338,9 @@ async def paced(
     last = tracker.seq
     return {
         "changes": count,
+        "superseded": tracker.superseded - superseded,
         "rate_per_s": rate,
         "achieved_rate_per_s": count / sent_s if sent_s else rate,
         "max_driver_lag_ms": late * 1000,
-        "latency_ms": [tracker.latency_ns[s] / 1e6 for s in range(first, last + 1)],
+        "latency_ms": [tracker.latency_ns[s] / 1e6 for s in range(first, last + 1) if s in tracker.latency_ns],
     }

@@ -220,6 +220,7 @@ async def _ceiling_size(
         run = {
             "changes_per_s": round(tput["changes_per_s"], 1),
             "deliveries_per_s": round(tput["changes_per_s"] * friends, 1),
+            "superseded_changes": tput.get("superseded", 0),  # overtaken by a newer one: never pushed
             "deliveries_counted": got["received"],
             "deliveries_expected": tput["changes"] * friends,
             "cpu_pct": cpu,
@@ -275,16 +276,37 @@ async def fanout(ctx: Context, system: str) -> dict[str, Any]:
     return out
 
 
-def _change_fn(system: str, presence: Presence, seed: SeedLogic, user: str) -> Change:
+def changers(user: str, friends: int) -> list[str]:
+    """The users whose changes a fan-out run sends, in turn: one per window slot, all with the same friends.
+
+    Changes of one user that overlap overtake each other in Redis, and our fan-out never pushes the older
+    one after the newer (issue 10), so one user changing at full rate measures skipped pushes, not fan-out.
+    With a user per slot every change is pushed to every friend, as for the seed's design.
+    """
+    return [user] + [f"{user}-{k}" for k in range(1, window_for(friends))]
+
+
+async def import_friends(
+    system: str, presence: Presence, seed: SeedLogic, users: list[str], members: list[str]
+) -> None:
+    for user in users:
+        if system == "ours":
+            await presence.import_friends(APP, user, members)
+        else:
+            await seed.import_friends(APP, user, members)
+
+
+def _change_fn(system: str, presence: Presence, seed: SeedLogic, user: str | list[str]) -> Change:
+    users = [user] if isinstance(user, str) else user
     if system == "ours":
 
         async def ours(seq: int, at: int) -> None:
-            await presence.set_custom_status(APP, user, seq % 1000, f"b{seq}:{at}")
+            await presence.set_custom_status(APP, users[seq % len(users)], seq % 1000, f"b{seq}:{at}")
 
         return ours
 
     async def baseline(seq: int, at: int) -> None:
-        await seed.set_user_customer_status(APP, user, seq % 1000, f"b{seq}:{at}")
+        await seed.set_user_customer_status(APP, users[seq % len(users)], seq % 1000, f"b{seq}:{at}")
 
     return baseline
 
@@ -303,15 +325,14 @@ async def _fanout_size(
     label = f"fanout {system} friends={friends}"
     user = f"c{friends}"
     members = [f"f{friends}-{i}" for i in range(friends)]
-    if system == "ours":
-        await presence.import_friends(APP, user, members)
-    else:
-        await seed.import_friends(APP, user, members)
+    users = changers(user, friends)
+    await import_friends(system, presence, seed, users, members)
     res = await pool.connect(server.url, members, KEY if system == "ours" else None, label)
     if res["fail"]:
         raise RuntimeError(f"{label}: {res['fail']} logins failed: {res['errors']}")
-    change = _change_fn(system, presence, seed, user)
+    change = _change_fn(system, presence, seed, users)
     tracker = pool.expect()
+    tracker.users = len(users)
     window = window_for(friends)
 
     # Warm-up; on the first size, a MONITOR window beside a few changes spread over more than one node
@@ -351,6 +372,7 @@ async def _fanout_size(
         run = {
             "changes_per_s": round(tput["changes_per_s"], 1),
             "deliveries_per_s": round(tput["changes_per_s"] * friends, 1),
+            "superseded_changes": tput.get("superseded", 0),  # overtaken by a newer one: never pushed
             "deliveries_counted": got["received"],
             "deliveries_expected": n * friends,
             "saturated_p50_ms": round(pct(tput["latency_ms"], 50), 3),
@@ -443,10 +465,10 @@ async def _profile(ctx: Context, server: Server, pool: Pool, presence: Presence,
     """py-spy on the gateway while the fan-out runs flat out (an extra run, not one of the measured ones)."""
     from bench import profile
 
-    user = f"c{friends}"
-    change = _change_fn("ours", presence, SeedLogic(presence.redis), user)
+    change = _change_fn("ours", presence, SeedLogic(presence.redis), changers(f"c{friends}", friends))
     tracker = pool.tracker
     assert tracker is not None
+    tracker.users = window_for(friends)
     raw = ctx.results_dir / "profile-gateway.txt"
     log(f"profiling the gateway with py-spy for {ctx.mode.profile_s:.0f} s (fanout ours friends={friends})")
     spy = await profile.start(server.pid, ctx.mode.profile_s, raw)
@@ -673,10 +695,12 @@ async def workers(ctx: Context) -> dict[str, Any]:
             await pool.start()
             try:
                 user, members = f"wc{n}", [f"wf{n}-{i}" for i in range(friends)]
-                await presence.import_friends(APP, user, members)
+                users = changers(user, friends)
+                await import_friends("ours", presence, SeedLogic(client), users, members)
                 res = await pool.connect(server.url, members, KEY, f"{label} fan-out")
-                change = _change_fn("ours", presence, SeedLogic(client), user)
+                change = _change_fn("ours", presence, SeedLogic(client), users)
                 tracker = pool.expect()
+                tracker.users = len(users)
                 await windowed(change, tracker, window_for(friends), 0.3)
                 await pool.stats()
                 runs = []

@@ -569,6 +569,12 @@ export class PresenceClient extends EventTarget {
         this._emit("kicked", data, pack);
         break;
       case Command.ERROR:
+        // A request the server could not serve (90000 while Redis is away): it answers that request, and the
+        // connection stays open. Settle it now (the reply FIFO stays in step) instead of timing it out.
+        if ((data.command === Command.SUBSCRIBE || data.command === Command.PULL) && this._loggedIn) {
+          this._onReply(data.command, { code: data.code, msg: data.msg });
+          break;
+        }
         // Retrying the same LOGIN cannot succeed after a refused userSign (unless a provider makes a new
         // one) or a refused parameter (imei, appId, ...): stop. Other errors (system error) are retried.
         if (

@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser(
         "functions",
         help="load or print the Redis Functions library",
-        description="load: put the library on every primary that lacks it. show: print it; with --redis, also\n"
-        "which primaries have it.",
+        description="load: put the library on every primary that lacks it (needs --redis).\n"
+        "show: without --redis, print the library's code; with --redis, say for every primary whether it runs\n"
+        "this exact library (exit status 1 when one does not).",
         epilog=REDIS_URLS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -125,6 +126,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PresenceError as exc:
         print(f"presence: {exc.message}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        # A bad URL, an unreachable or refusing Redis, a port in use: one line naming it, not a traceback.
+        problem = startup_problem(exc, getattr(args, "redis_url", None))
+        if problem is None:
+            raise
+        print(f"presence: {problem}", file=sys.stderr)
+        return 2
+
+
+def startup_problem(exc: BaseException, url: str | None) -> str | None:
+    """The one-line reason a start failed, or None for an unexpected error (shown with its traceback)."""
+    from redis import exceptions as rex
+
+    where = _redacted(url) if url else "the configured URL"
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, rex.AuthenticationError) or (
+        isinstance(exc, rex.ResponseError) and text.startswith(("WRONGPASS", "NOAUTH", "invalid password"))
+    ):
+        return f"redis at {where} refused the credentials (wrong user or password): {text}"
+    if type(exc).__name__ in ("MasterNotFoundError", "SlaveNotFoundError"):
+        return f"the sentinels at {where} know no such master (or cannot be reached): {text}"
+    if isinstance(exc, rex.ConnectionError | rex.TimeoutError):
+        return f"cannot reach redis at {where}: {text}"
+    if isinstance(exc, rex.RedisClusterException):
+        return f"redis cluster at {where}: {text}"
+    if isinstance(exc, rex.ResponseError):
+        return f"redis at {where} answered an error (is it a Redis 7 server, not a sentinel?): {text}"
+    if isinstance(exc, ValueError):
+        return f"bad redis URL {where}: {text}"
+    if isinstance(exc, OSError):
+        return f"cannot listen: {text}"
+    return None
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
 
 
 def _functions(action: str, redis_url: str | None) -> int:
@@ -144,9 +188,10 @@ def _functions(action: str, redis_url: str | None) -> int:
         store = await open_store(url, max_connections=4, retry_for=5)
         try:
             if action == "show":
-                for node, ok in await library_status(store):
+                status = await library_status(store)
+                for node, ok in status:
                     print(f"{node}: {'library presence is up to date' if ok else 'missing or outdated'}")
-                return 0
+                return 0 if all(ok for _, ok in status) else 1
             loaded = await ensure_library(store)
             print("loaded library presence" if loaded else "library presence is already up to date")
             return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Sequence
@@ -67,6 +68,38 @@ async def ensure_library_on(store: Store, node: Any) -> bool:
         return False
     await store.on_node(node, "FUNCTION", "LOAD", "REPLACE", library_source())
     return True
+
+
+async def library_health(store: Store, timeout: float) -> list[tuple[str, str | BaseException]]:
+    """(node, the library version it runs, or the error) for every primary, asked in parallel; a primary
+    that does not answer within ``timeout`` seconds gets a TimeoutError.
+
+    A primary without the library gets it loaded (an empty restart, FUNCTION FLUSH) and is asked again.
+    """
+
+    async def ask(node: Any) -> str | BaseException:
+        try:
+            try:
+                reply = await store.on_node(node, "FCALL_RO", "presence_version", 0)
+            except ResponseError as exc:
+                if "Function not found" not in str(exc):
+                    raise
+                await ensure_library_on(store, node)
+                reply = await store.on_node(node, "FCALL_RO", "presence_version", 0)
+            return _text(reply)
+        except Exception as exc:
+            return exc
+
+    nodes = store.primaries()
+    tasks = [asyncio.ensure_future(ask(node)) for node in nodes]
+    await asyncio.wait(tasks, timeout=timeout)
+    out: list[tuple[str, str | BaseException]] = []
+    for node, task in zip(nodes, tasks, strict=True):
+        if not task.done():
+            task.cancel()  # not awaited: a hung socket may hold the cancel until it times out
+        answer = task.result() if task.done() else TimeoutError(f"no answer within {timeout:g} s")
+        out.append((node.name if node is not None else "server", answer))
+    return out
 
 
 async def library_status(store: Store) -> list[tuple[str, bool]]:

@@ -5,7 +5,8 @@ every session still recorded for a node whose last heartbeat is older than ``nod
 
 Liveness lives in Redis, so a node that could not reach Redis cannot tell a dead peer from a dead
 backplane: after a failover every peer's last beat is old. A node therefore judges peers only once its
-own rounds have succeeded for a full ``node_ttl`` in a row; by then every live peer has beaten again.
+own rounds have succeeded for a full ``node_ttl`` in a row (plus the socket timeout a peer's beat may have
+hung on a frozen node); by then every live peer has beaten again.
 """
 
 from __future__ import annotations
@@ -31,23 +32,31 @@ class NodeKeeper:
         node_ttl: float,
         on_reaped: Callable[[], Awaitable[None]] | None = None,
         interval: float = 1.0,
+        stall: float = 0.0,
     ) -> None:
         self.presence = presence
         self.node_id = node_id
         self.node_ttl = node_ttl
+        # A live peer's beat may hang up to the socket timeout on a node that froze before it failed over:
+        # judging waits that much longer, so such a peer has beaten again too.
+        self.stall = stall
         self.on_reaped = on_reaped
         self.interval = min(interval, max(node_ttl / 3, 0.05))
         self._beaten = False
         self._healthy_since: float | None = None  # monotonic start of the current run of good beats
         self._last_ok: float | None = None
+        self._after_gap = False  # the current run of good beats follows a failure (not the start)
+        self._failed = False  # a beat failed since the last good one
         self.stopped = False  # loops also check a flag: redis-py may swallow a cancel mid-command
 
     def may_judge(self) -> bool:
-        """Whether this node's own beats have succeeded for a full ``node_ttl``, the last one just now."""
+        """Whether this node's own beats have succeeded for a full ``node_ttl`` (plus ``stall`` after a
+        failure), the last one just now."""
         if self._healthy_since is None or self._last_ok is None:
             return False
         now = time.monotonic()
-        return now - self._healthy_since >= self.node_ttl and now - self._last_ok <= self.node_ttl / 2
+        need = self.node_ttl + (self.stall if self._after_gap else 0.0)
+        return now - self._healthy_since >= need and now - self._last_ok <= self.node_ttl / 2
 
     async def beat(self) -> None:
         if self.node_id is not None:
@@ -58,6 +67,10 @@ class NodeKeeper:
         # The first beat, or the first after a gap (a failure, or a beat that waited out a failover):
         # a new run of good beats starts.
         if self._last_ok is None or self._healthy_since is None or now - self._last_ok > self.node_ttl / 2:
+            # A failed beat, or one that waited a full node_ttl (a frozen node): peers' beats may have hung
+            # as long. Not a beat merely late under load.
+            self._after_gap = self._failed or (self._last_ok is not None and now - self._last_ok >= self.node_ttl)
+            self._failed = False
             self._healthy_since = now
         self._last_ok = now
 
@@ -89,6 +102,7 @@ class NodeKeeper:
                 raise
             except Exception:
                 self._healthy_since = None
+                self._failed = True
                 log.exception("node heartbeat failed; retrying (peers are not judged until Redis is back)")
                 continue
             try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -105,6 +106,9 @@ class Presence:
         self.limits = limits or Limits()
         self.store = redis if isinstance(redis, Store) else Store.wrap(redis)
         self.store.on_function_missing = self._load_library_on
+        # Called (no arguments) when a Redis node turned out to have lost its data (no library: an empty
+        # restart); a gateway re-asserts its sessions then.
+        self.on_data_lost: Callable[[], object] | None = None
         redis = self.redis = self.store.client
         self.keys = KeySchema(self.settings.prefix)
         self.fn = PresenceFunctions(
@@ -129,6 +133,8 @@ class Presence:
             await ensure_library(self.store)
         else:
             await ensure_library_on(self.store, node)
+        if self.on_data_lost is not None:
+            self.on_data_lost()
 
     def user(self, app_id: int, user_id: str) -> UserKeys:
         return self.keys.user(app_id, user_id)
@@ -710,6 +716,25 @@ class Presence:
         await self._one(self.keys.nodes, "ZREM", self.keys.nodes, node_id)
         return reaped
 
+    async def sessions_held(self, sessions: Sequence[tuple[int, str, int, str, str]]) -> list[bool | None]:
+        """For each ``(appId, userId, clientType, imei, connId)``: True when Redis holds that session for that
+        connection, None when the device's session is another connection's, False when there is none (a
+        primary that restarted empty lost it). One HGET each, one pipeline per primary."""
+        commands: list[Command] = []
+        for app_id, user_id, client_type, imei, _ in sessions:
+            key = self.user(app_id, user_id).sessions
+            commands.append((key, ["HGET", key, f"{client_type}:{imei}"]))
+        held: list[bool | None] = []
+        for (*_, conn_id), raw in zip(sessions, await self._run(commands), strict=True):
+            match = _CONN_ID.search(raw) if raw is not None else None
+            if raw is None:
+                held.append(False)
+            elif match is not None and match.group(1) == conn_id.encode():
+                held.append(True)
+            else:
+                held.append(None)
+        return held
+
     async def node_sessions(self, node_id: str) -> int:
         key = self.keys.node_sessions(node_id)
         return int(await self._one(key, "SCARD", key))
@@ -809,6 +834,7 @@ class Presence:
 
 
 RawEntry = tuple[bytes, list[bytes]]
+_CONN_ID = re.compile(rb'"connId":"([^"]*)"')
 
 
 def _outbox_user(prefix: str, key: str) -> tuple[int, str] | None:

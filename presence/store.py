@@ -12,17 +12,22 @@ Modes (logged at start with the topology seen):
   ``PRESENCE_SENTINEL_USERNAME``) to the sentinels.
 
 ``Store.run`` sends a batch of commands, each routed by its key: one pipeline per node, the nodes in
-parallel (one pipeline in all on standalone and Sentinel). Commands that fail because a node is away
-(connection lost, failover, ``MOVED``, ``CLUSTERDOWN``, ``READONLY``, ``LOADING``) are retried with backoff
-for at most ``retry_for`` seconds; a node that answers "Function not found" gets the library loaded and
-the call retried once.
+parallel (one pipeline in all on standalone and Sentinel). On a cluster each node's pipeline goes on that
+node's own client (from the slot map the cluster client keeps), so no path, retries included, ever asks a
+server which keys a command names (``COMMAND GETKEYS``). Commands that fail because a node is away
+(connection lost or reset, a hung socket, failover, ``MOVED``, ``CLUSTERDOWN``, ``READONLY``, ``LOADING``)
+are retried with backoff, the slot map re-read, for at most ``retry_for`` seconds in all: a hard bound,
+a hung attempt included. A node that answers "Function not found" gets the library loaded once and the
+call retried.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,7 +36,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from redis import exceptions as rex
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
@@ -64,11 +69,53 @@ RETRYABLE = (
     rex.SlotNotCoveredError,
     rex.ClusterError,
     rex.RedisClusterException,  # e.g. no startup node reachable while the cluster is re-read
+    OSError,  # a reset or refused socket that redis-py did not wrap
+    asyncio.TimeoutError,  # an attempt cut short by the retry window
 )
+HUNG_AFTER_S = 0.5  # a cluster node silent this long has its slot map re-read while the attempt waits
+MAX_BACKOFF_S = 0.5  # a failover is over within a retry or two of its end
+WARN_INTERVAL_S = 5.0  # at most one "retrying" warning per interval (a failover repeats it for every call)
 
 
 class RedisUnavailable(rex.RedisError):
     """Redis stayed unreachable (or mid-failover) for the whole retry window."""
+
+
+async def _captured(work: Awaitable[T]) -> tuple[bool, Any]:
+    """(True, result) or (False, the exception): an attempt given up never leaves an unretrieved error."""
+    try:
+        return True, await work
+    except BaseException as exc:  # a cancel included: whoever awaits the outcome re-raises it
+        return False, exc
+
+
+def _outcome(task: asyncio.Future[tuple[bool, Any]]) -> Any:
+    ok, value = task.result()
+    if not ok:
+        raise value
+    return value
+
+
+class _Warnings:
+    """The "retrying" warning, at most once per ``WARN_INTERVAL_S`` with the count of those held back."""
+
+    def __init__(self) -> None:
+        self.at = -WARN_INTERVAL_S
+        self.held = 0
+
+    def retrying(self, exc: BaseException, count: int, delay: float) -> None:
+        now = time.monotonic()
+        if now - self.at < WARN_INTERVAL_S:
+            self.held += 1
+            return
+        log.warning(
+            "redis call failed (%r); retrying %d commands in %.2f s (%d more such failures since the last report)",
+            exc,
+            count,
+            delay,
+            self.held,
+        )
+        self.at, self.held = now, 0
 
 
 def is_function_missing(exc: BaseException) -> bool:
@@ -99,6 +146,10 @@ class Store:
         self.sentinels: list[Redis] = []  # Sentinel mode: the clients of the sentinels, closed with the store
         # Called with a node's target (None off a cluster) when it says "Function not found".
         self.on_function_missing: Callable[[Any], Awaitable[object]] | None = None
+        self._node_clients: dict[str, Redis] = {}  # cluster: node name -> a client of that node alone
+        self._warnings = _Warnings()
+        self._abandoned: set[asyncio.Future[Any]] = set()
+        self._suspect: str | None = None  # cluster: the node that failed or hung last
 
     @classmethod
     def wrap(cls, client: Client, retry_for: float = RETRY_FOR_S) -> Store:
@@ -137,7 +188,56 @@ class Store:
         """One command on one node (a ``ClusterNode`` from ``primaries()``, or None off a cluster)."""
         if node is None:
             return await self.client.execute_command(*args)
-        return await self.client.execute_command(*args, target_nodes=node)
+        return await self.node_client(node).execute_command(*args)
+
+    def any_primary(self, avoid: str | None = None) -> ClusterNode | None:
+        """A cluster primary other than ``avoid`` (None off a cluster, or when there is no other)."""
+        if not isinstance(self.client, RedisCluster):
+            return None
+        others = [n for n in self.client.get_primaries() if n.name != avoid]
+        return random.choice(others) if others else None
+
+    def node_client(self, node: ClusterNode) -> Redis:
+        """A client of one cluster node (its own pool, the cluster's connection settings)."""
+        client = self._node_clients.get(node.name)
+        if client is None:
+            pool = BlockingConnectionPool(
+                connection_class=node.connection_class,
+                max_connections=node.max_connections,
+                timeout=None,  # bounded by Store.run's retry window
+                **node.connection_kwargs,
+            )
+            client = self._node_clients[node.name] = Redis(connection_pool=pool)
+        return client
+
+    async def _attempt(self, deadline: float, send: Callable[[], Awaitable[T]]) -> T:
+        """One attempt, cut off at the deadline (a hung node must not stretch the retry window)."""
+
+        async def gated() -> T:
+            if self._gate is None:
+                return await send()
+            async with self._gate:
+                return await send()
+
+        task = asyncio.ensure_future(_captured(gated()))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=max(deadline - time.monotonic(), 0.01))
+        except asyncio.CancelledError:
+            self._abandon(task)
+            raise
+        if not done:
+            self._abandon(task)
+            raise TimeoutError("the retry window ended during an attempt")
+        return _outcome(task)
+
+    def _abandon(self, task: asyncio.Future[Any]) -> None:
+        """Cancel an attempt without waiting for it: redis-py may hold a cancel until the socket times out."""
+        task.cancel()
+        self._abandoned.add(task)
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Future[Any]) -> None:
+        self._abandoned.discard(task)
 
     async def one(self, key: str | None, *args: Any) -> Any:
         (reply,) = await self.run([(key, args)], raise_errors=True)
@@ -152,40 +252,44 @@ class Store:
             return []
         results: list[Any] = [None] * len(commands)
         pending = list(range(len(commands)))
-        reloaded: set[int] = set()
+        reloaded: set[str | None] = set()  # nodes given the library in this call: once per node, not per command
+        again: set[int] = set()  # commands retried after their node's reload (once each)
         deadline = time.monotonic() + self.retry_for
         delay = 0.05
         last: BaseException | None = None
         while True:
+            batch = [commands[i] for i in pending]
             try:
-                if self._gate is None:
-                    replies = await self._send([commands[i] for i in pending])
-                else:
-                    async with self._gate:
-                        replies = await self._send([commands[i] for i in pending])
+                replies = await self._attempt(deadline, functools.partial(self._send, batch))
             except RETRYABLE as exc:
                 replies = [exc] * len(pending)
             retry: list[int] = []
+            failed = False
             for i, reply in zip(pending, replies, strict=True):
                 results[i] = reply
                 if not isinstance(reply, BaseException):
                     continue
-                if is_function_missing(reply) and i not in reloaded and self.on_function_missing is not None:
-                    reloaded.add(i)
-                    await self._reload(commands[i][0])
+                if is_function_missing(reply) and i not in again and self.on_function_missing is not None:
+                    node = self._node_name(commands[i][0])
+                    if node not in reloaded:
+                        reloaded.add(node)
+                        await self._reload(commands[i][0])
+                    again.add(i)
                     retry.append(i)
                 elif is_retryable(reply):
                     last = reply
+                    failed = True
                     retry.append(i)
             if not retry:
                 break
             if time.monotonic() + delay > deadline:
                 raise RedisUnavailable(f"redis unavailable for {self.retry_for:.0f} s: {last!r}") from last
-            if last is not None:
-                log.warning("redis call failed (%r); retrying %d commands in %.2f s", last, len(retry), delay)
+            if failed:
+                assert last is not None
+                self._warnings.retrying(last, len(retry), delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-                await self._refresh()
+                delay = min(delay * 2, MAX_BACKOFF_S)
+                await self.refresh(deadline)
             pending = retry
         if raise_errors:
             for reply in results:
@@ -200,10 +304,7 @@ class Store:
         reloaded = False
         while True:
             try:
-                if self._gate is None:
-                    return await attempt()
-                async with self._gate:
-                    return await attempt()
+                return await self._attempt(deadline, attempt)
             except Exception as exc:
                 if is_function_missing(exc) and not reloaded and self.on_function_missing is not None:
                     reloaded = True
@@ -213,10 +314,10 @@ class Store:
                     raise
                 if time.monotonic() + delay > deadline:
                     raise RedisUnavailable(f"redis unavailable for {self.retry_for:.0f} s: {exc!r}") from exc
-                log.warning("redis call failed (%r); retrying in %.2f s", exc, delay)
+                self._warnings.retrying(exc, 1, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-                await self._refresh()
+                delay = min(delay * 2, MAX_BACKOFF_S)
+                await self.refresh(deadline)
 
     async def _reload(self, key: str | None) -> None:
         assert self.on_function_missing is not None
@@ -226,26 +327,31 @@ class Store:
         log.warning("a Redis node had no presence library (restarted empty or promoted): loading it")
         await self.on_function_missing(node)
 
-    async def _refresh(self) -> None:
-        """After a failover: learn the new slot owners before retrying (a cluster only)."""
+    def _node_name(self, key: str | None) -> str | None:
+        if isinstance(self.client, RedisCluster) and key is not None:
+            return self.client.get_node_from_key(key).name
+        return None
+
+    async def refresh(self, deadline: float | None = None, avoid: str | None = None) -> None:
+        """After a failover: learn the new slot owners before retrying (a cluster only); the node ``avoid``
+        (one that failed or hangs) is asked last."""
         if isinstance(self.client, RedisCluster):
             try:
-                await self.client.nodes_manager.initialize()
+                # Short: it runs under redis-py's lock, which every other refresh waits for.
+                cap = 2 * HUNG_AFTER_S
+                timeout = cap if deadline is None else max(min(deadline - time.monotonic(), cap), 0.01)
+                async with asyncio.timeout(timeout):
+                    # The node that failed or hung last is asked last (the others are asked in random order).
+                    await self.client.nodes_manager.initialize(last_failed_node_name=avoid or self._suspect)
             except Exception as exc:  # the next attempt tries again
                 log.debug("cluster topology refresh failed: %r", exc)
 
     async def _send(self, commands: Sequence[Command]) -> list[Any]:
         client = self.client
         if isinstance(client, RedisCluster):
-            await client.initialize()
-            pipe = client.pipeline()
-            for key, args in commands:
-                node = client.get_node_from_key(key) if key is not None else client.get_default_node()
-                # target_nodes: the slot is known here; redis-py need not ask the server (COMMAND GETKEYS).
-                pipe.execute_command(*args, target_nodes=node)
-            return await pipe.execute(raise_on_error=False)
+            return await self._send_cluster(client, commands)
         if len(commands) == 1:
-            key, args = commands[0]
+            _, args = commands[0]
             try:
                 return [await client.execute_command(*args)]
             except rex.ResponseError as exc:
@@ -255,8 +361,72 @@ class Store:
                 pipe.execute_command(*args)
             return await pipe.execute(raise_on_error=False)
 
+    async def _send_cluster(self, cluster: RedisCluster, commands: Sequence[Command]) -> list[Any]:
+        """One pipeline per primary on that node's own client, the primaries in parallel.
+
+        The node of each key comes from the client's slot map (no server round trip); an error of one
+        node (a dead or hung primary) is the reply of its commands only, the other nodes' replies stand.
+        """
+        await cluster.initialize()
+        by_node: dict[str, tuple[ClusterNode, list[int]]] = {}
+        for i, (key, _) in enumerate(commands):
+            node = cluster.get_node_from_key(key) if key is not None else cluster.get_default_node()
+            by_node.setdefault(node.name, (node, []))[1].append(i)
+        results: list[Any] = [None] * len(commands)
+
+        async def pipeline(client: Redis, idx: list[int]) -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
+                for i in idx:
+                    pipe.execute_command(*commands[i][1])
+                return await pipe.execute(raise_on_error=False)
+
+        async def on(node: ClusterNode, idx: list[int]) -> None:
+            client = self.node_client(node)
+            try:
+                task = asyncio.ensure_future(_captured(pipeline(client, idx)))
+                try:
+                    while not (await asyncio.wait({task}, timeout=HUNG_AFTER_S))[0]:
+                        # A node that does not answer may be frozen and failed over already: re-read the
+                        # slot map (asking it last); if its slots moved, give up the attempt (the retry
+                        # goes to the new owner; a repeated change call is a replay: nothing twice).
+                        self._suspect = node.name
+                        await self.refresh(time.monotonic() + HUNG_AFTER_S, avoid=node.name)
+                        if any(self._node_name(commands[i][0]) != node.name for i in idx if commands[i][0]):
+                            raise rex.ConnectionError(f"node {node.name} hangs and its slots moved")
+                        if any(commands[i][0] is None for i in idx) and self._move_default(cluster, node):
+                            raise rex.ConnectionError(f"node {node.name} hangs; keyless commands go elsewhere")
+                finally:
+                    if not task.done():
+                        self._abandon(task)
+                replies = _outcome(task)
+            except rex.RedisError as exc:
+                replies = [exc] * len(idx)
+            except (OSError, RuntimeError, AttributeError) as exc:
+                # A connection torn down mid-write (redis-py raises these from a closed transport).
+                await client.connection_pool.disconnect(inuse_connections=False)
+                replies = [rex.ConnectionError(f"node {node.name}: {exc!r}")] * len(idx)
+            if any(isinstance(r, RETRYABLE) for r in replies):
+                self._suspect = node.name
+                if any(commands[i][0] is None for i in idx):
+                    self._move_default(cluster, node)
+            for i, reply in zip(idx, replies, strict=True):
+                results[i] = reply
+
+        await asyncio.gather(*(on(node, idx) for node, idx in by_node.values()))
+        return results
+
+    def _move_default(self, cluster: RedisCluster, node: ClusterNode) -> bool:
+        """Keyless commands (PUBLISH, TIME) leave a node that failed or hangs: True if another took over."""
+        other = self.any_primary(avoid=node.name)
+        if other is None or cluster.get_default_node().name != node.name:
+            return False
+        cluster.set_default_node(other)
+        return True
+
     async def aclose(self) -> None:
-        await self.client.aclose()
+        for node in self._node_clients.values():
+            await node.aclose()
+        self._node_clients.clear()
         for sentinel in self.sentinels:
             await sentinel.aclose()
 

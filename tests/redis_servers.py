@@ -182,12 +182,13 @@ class Cluster:
     def alive(self) -> list[Server]:
         return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
 
-    def wait_ok(self, timeout: float = 30) -> None:
-        """Every live node says cluster_state:ok, all slots are served, and no dead node serves any."""
-        dead = {n.port for n in self.nodes} - {n.port for n in self.alive()}
+    def wait_ok(self, timeout: float = 30, frozen: Server | None = None) -> None:
+        """Every live node says cluster_state:ok, all slots are served, and no dead (or ``frozen``) node serves any."""
+        live = [n for n in self.alive() if n is not frozen]
+        dead = {n.port for n in self.nodes} - {n.port for n in live}
 
         def ok() -> bool:
-            for node in self.alive():
+            for node in live:
                 with node.client() as c:
                     if any(int(r[2][1]) in dead for r in c.execute_command("CLUSTER", "SLOTS")):
                         return False

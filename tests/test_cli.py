@@ -67,10 +67,51 @@ def test_functions_load_and_show_on_every_cluster_primary(cluster) -> None:  # t
     with cluster.primaries()[1].client() as c:
         c.function_flush()  # a primary that restarted empty
     shown = run("functions", "show", "--redis", cluster.url)
-    assert shown.returncode == 0
+    assert shown.returncode == 1, "a primary without the library is a failed check"
     assert shown.stdout.count("up to date") == 2 and shown.stdout.count("missing or outdated") == 1
     assert "loaded library presence" in run("functions", "load", "--redis", cluster.url).stdout
-    assert run("functions", "show", "--redis", cluster.url).stdout.count("up to date") == 3
+    shown = run("functions", "show", "--redis", cluster.url)
+    assert shown.returncode == 0 and shown.stdout.count("up to date") == 3
+
+
+def test_functions_help_says_what_show_does() -> None:
+    out = run("functions", "--help").stdout
+    assert "without --redis, print the library's code" in out and "exit status 1" in out
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis://127.0.0.1:{closed}/0", "cannot reach redis at redis://127.0.0.1:"),
+        ("redis://nosuchuser:s3cr3t@127.0.0.1:{redis}/0", "refused the credentials"),
+        ("http://127.0.0.1:{redis}/0", "bad redis URL"),
+        ("redis+sentinel://127.0.0.1:{closed}/nosuchmaster", "know no such master"),
+    ],
+)
+def test_a_bad_redis_url_at_start_is_one_clear_line_and_exit_2(url: str, says: str, redis_url: str) -> None:
+    from tests.redis_servers import free_port
+
+    port = redis_url.rsplit(":", 1)[1].split("/")[0]
+    target = url.format(closed=free_port(), redis=port)
+    for args in (("functions", "load", "--redis", target), ("serve", "--redis", target, "--http-port", "0")):
+        out = run(*args)
+        assert out.returncode == 2, out.stderr
+        last = out.stderr.strip().splitlines()[-1]  # serve logs its settings first
+        assert last.startswith("presence: ") and says in last, out.stderr
+        assert "Traceback" not in out.stderr and "s3cr3t" not in out.stderr, "no traceback, no password"
+
+
+def test_a_port_in_use_at_start_is_one_clear_line_and_exit_2(redis_url: str) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = run("serve", "--redis", redis_url, "--tcp-port", str(port), "--ws-port", "0", "--http-port", "0")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and lines[-1].startswith("presence: cannot listen"), out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_serve_help_explains_the_redis_urls() -> None:

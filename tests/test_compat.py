@@ -304,10 +304,15 @@ async def test_heartbeat_timeout_per_app(make_node: MakeNode, facade: Presence) 
     # A never-timing-out connection still goes offline when it closes...
     await alice.close()
     assert (await expect(bob, Command.NOTIFY)).data["status"] == 2
-    # ... and when its node is reaped.
+    # A node reaped while alive (a long pause) keeps its connections and logs their sessions in again.
     await facade.reap_node("hb")
-    assert await bob.closed() == 1012
     assert (await facade.query_users(never, ["bob"]))["bob"].status == 2
+    deadline = asyncio.get_running_loop().time() + 5
+    while (await facade.query_users(never, ["bob"]))["bob"].status != 1:
+        assert asyncio.get_running_loop().time() < deadline, "bob's session was not logged in again"
+        await asyncio.sleep(0.05)
+    await bob.send(Command.PING)
+    await expect(bob, Command.PING)
     await bob.close()
 
 

@@ -236,7 +236,8 @@ async def own_redis() -> AsyncIterator[Server]:
 
 async def test_an_empty_redis_restart_heals_without_an_operator(own_redis: Server, make_node: MakeNode) -> None:
     """While Redis is down /healthz and REST answer 503 (system code); once it is back, empty: the library is
-    loaded again, the gateway (reaped meanwhile) tells its clients to reconnect, and they log in again."""
+    loaded again, and the gateway, finding its node record gone, keeps its clients and logs their sessions
+    in again (the same connections: no reconnect, friends see them online, pushes flow)."""
     from presence.config import AppConfig, Settings
     from presence.server import start
     from tests.clients import KEY
@@ -266,16 +267,20 @@ async def test_an_empty_redis_restart_heals_without_an_operator(own_redis: Serve
                 assert r.status == 503 and (await r.json())["code"] == 90000
 
             own_redis.start()  # same port, no data, no functions
-            assert await bob.closed(timeout=10) == 1012, "its session is gone: told to reconnect"
 
             async def healthy() -> bool:
                 async with http.get(f"{base}/healthz") as resp:
                     return resp.status == 200
 
             await eventually(healthy, 10, "/healthz 200 again")
+
+            async def bob_online() -> bool:
+                return (await node.presence.query_users(APP, ["bob"]))["bob"].status == 1
+
+            await eventually(bob_online, 10, "bob's session logged in again by the gateway")
         await node.presence.add_friend(APP, "alice", "bob")
-        bob = await WsClient.connect(node.ws_port, imei="bob-tab")
-        assert (await bob.login("bob")).command == Command.LOGINACK
+        friendship = await expect(bob, Command.FRIENDSHIP_NOTIFY)  # the same connection, still logged in
+        assert friendship.data["action"] == "add" and set(friendship.data["friends"]) == {"alice"}
         alice = await TcpClient.connect(node.tcp_port)
         assert (await alice.login("alice")).command == Command.LOGINACK
         assert (await expect(bob, Command.NOTIFY)).data["userId"] == "alice"

@@ -342,15 +342,24 @@ async def test_drop_without_reconnect_is_announced_after_the_grace(make_node: Ma
     await bob.close()
 
 
-async def test_node_reaped_while_alive_closes_its_clients(
+async def test_node_reaped_while_alive_keeps_its_clients_and_logs_them_in_again(
     make_node: MakeNode, facade: Presence, store_redis: Redis
 ) -> None:
+    """Its clients are still connected: the node, finding its record gone at its next beat, logs their
+    sessions in again under the same connections instead of closing them."""
     node = await make_node(node_ttl=0.5, node_id="sleepy")
     alice = await TcpClient.connect(node.tcp_port)
     await alice.login("alice")
     await facade.reap_node("sleepy")  # as a peer would after a long pause of this node
-    assert await alice.closed(timeout=5)
     assert (await facade.query_users(APP, ["alice"]))["alice"].status == 2
+    deadline = asyncio.get_running_loop().time() + 5
+    while (await facade.query_users(APP, ["alice"]))["alice"].status != 1:
+        assert asyncio.get_running_loop().time() < deadline, "alice's session was not logged in again"
+        await asyncio.sleep(0.05)
+    alice.send(Command.PING)
+    await expect(alice, Command.PING)  # the same connection
+    assert await facade.node_sessions("sleepy") == 1, "recorded for the node again: a reaper finds it"
+    await alice.close()
 
 
 async def test_reconcile_logs_out_sessions_no_connection_holds(make_node: MakeNode, facade: Presence) -> None:

@@ -122,6 +122,14 @@ def _decode_imei(raw: bytes | memoryview) -> str:
         raise FrameError("imei is not valid UTF-8") from None
 
 
+def _is_utf8(raw: bytes | memoryview) -> bool:
+    try:
+        bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _decode_body(raw: bytes | memoryview) -> dict[str, Any]:
     if not raw:
         return {}
@@ -132,8 +140,12 @@ def _decode_body(raw: bytes | memoryview) -> dict[str, Any]:
     except msgspec.ValidationError as e:
         raise FrameError(f"body must be a JSON object: {e}") from None
     except msgspec.DecodeError as e:
+        # msgspec checks UTF-8 inside strings (raised as DecodeError since 0.23); bytes outside them are
+        # malformed JSON. Tell the two apart only on this error path.
+        if not _is_utf8(raw):
+            raise FrameError("body is not valid UTF-8") from None
         raise FrameError(f"body is not valid JSON: {e}") from None
-    except UnicodeDecodeError:  # msgspec checks UTF-8 inside strings; bytes outside them are malformed JSON
+    except UnicodeDecodeError:  # msgspec before 0.23
         raise FrameError("body is not valid UTF-8") from None
     except RecursionError:  # unreachable after too_deep; kept so no parser error can escape as another type
         raise FrameError("body is JSON nested too deeply") from None

@@ -20,6 +20,7 @@ import logging
 import secrets
 import struct
 import time
+from collections.abc import Awaitable
 from typing import Protocol
 
 import msgspec
@@ -42,7 +43,21 @@ LOGOUT_ATTEMPTS = 5
 # WebSocket close of a deploy (RFC 6455 1012 "service restart"): reconnect, to any gateway, and resume.
 HANDOVER_CODE = 1012
 HANDOVER_REASON = "server restart: reconnect"
+STOP_STEP_S = 5.0  # most seconds each step of a shutdown waits for Redis
+PUBSUB_PING_AFTER = 0.5  # seconds without a doorbell before the subscription is PINGed
+PUBSUB_PONG_WITHIN = 1.0  # seconds for its PONG before it is made again
 _doorbell_decoder = msgspec.json.Decoder(list[str])
+
+
+async def _within(awaitable: Awaitable[object], seconds: float) -> bool:
+    """Await at most ``seconds``; False (the work cancelled, not awaited) when it took longer or failed."""
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its late error is no one's
+        return False
+    return not task.cancelled() and task.exception() is None
 
 
 def doorbell_inboxes(message: bytes) -> list[str]:
@@ -180,16 +195,25 @@ class Hub:
         self.outbox_sweep_interval = 2.0  # one SCAN step (COUNT 500) per primary each time
         self._suspects: set[str] = set()
         self._trimmed: dict[str, EventId] = {}  # inbox -> the cursor it was last trimmed to
-        self.keeper = NodeKeeper(presence, node_id, settings.node_ttl, on_reaped=self._reaped_meanwhile)
+        self.keeper = NodeKeeper(
+            presence, node_id, settings.node_ttl, on_reaped=self._reaped_meanwhile, stall=settings.redis_timeout
+        )
         self.closing = False
         # Client sockets of every listener; the server sizes it from the file descriptor limit at start.
         self.gate = SocketGate(settings.max_connections or None)
+        # conn id -> (version, loginModel, max sessions) of its LOGIN: what re-asserting a lost session repeats
+        self._login_params: dict[str, tuple[int, int, int]] = {}
+        self._reasserting: asyncio.Task[int] | None = None
+        self._logouts_failed = 0  # logouts given up (left in this node's set): a stop then keeps the node record
+        presence.on_data_lost = self.reassert_soon
 
     # --- lifecycle ---
 
     async def start(self) -> None:
         self.pubsub = self.presence.redis.pubsub()
         await self.pubsub.subscribe(self.presence.doorbell_channel(self.node_id))
+        node = getattr(self.pubsub, "get_pubsub_node", lambda: None)()
+        self._pubsub_node: str | None = node.name if node is not None else None
         # A new incarnation of this node id: whatever sessions the set still records are the predecessor's
         # (no connection of ours exists yet). Read before our first beat overwrites its last one.
         left = await self.presence.node_session_members(self.node_id)
@@ -246,7 +270,11 @@ class Hub:
             else:
                 conn.close(1001, "server is shutting down")
         reason = "handover" if handover > 0 else "shutdown"
-        await asyncio.gather(*(self.end(conn, reason) for conn in conns), return_exceptions=True)
+        # Each step is bounded: a Redis that is away or rejects this node must not hold the exit for the
+        # whole retry window. What is not logged out stays in this node's set, for a peer's reaper.
+        finished = await _within(
+            asyncio.gather(*(self.end(conn, reason) for conn in conns), return_exceptions=True), STOP_STEP_S
+        )
         if handover > 0 and self._grace:
             # Heartbeats go on meanwhile: no peer reaps these sessions before they had their chance.
             log.info("handing over %d sessions: %.1f s for their devices to reconnect", len(self._grace), handover)
@@ -256,10 +284,13 @@ class Hub:
                 handle.cancel()
         pending = list(self._grace)
         self._grace.clear()
-        if logout:
-            await asyncio.gather(*(self._logout_member(m, reason) for m in pending), return_exceptions=True)
+        if logout and pending:
+            finished &= await _within(
+                asyncio.gather(*(self._logout_member(m, reason) for m in pending), return_exceptions=True),
+                STOP_STEP_S,
+            )
         if self._pending:
-            await asyncio.wait(self._pending, timeout=5)
+            await asyncio.wait(self._pending, timeout=STOP_STEP_S)
         self.keeper.stopped = True
         self._wake.set()
         for task in self._tasks:
@@ -269,9 +300,13 @@ class Hub:
         await asyncio.wait(self._tasks, timeout=2)
         self._tasks.clear()
         with contextlib.suppress(Exception):
-            await self.pubsub.aclose()
-        if logout:
-            await self.presence.node_leave(self.node_id)
+            await _within(self.pubsub.aclose(), 1.0)
+        if logout and finished and not self._logouts_failed:
+            # Only once every session is logged out: the record is what lets a peer's reaper find the rest.
+            if not await _within(self.presence.node_leave(self.node_id), STOP_STEP_S):
+                log.warning("node %s: leaving failed; peers reap it after node_ttl", self.node_id)
+        elif logout:
+            log.warning("node %s: stopped with sessions left; a peer's reaper logs them out", self.node_id)
 
     # --- sessions ---
 
@@ -298,6 +333,12 @@ class Hub:
         timeout = self.settings.login_timeout
         if timeout > 0:
             conn.login_deadline = asyncio.get_running_loop().call_later(timeout, self._login_expired, conn)
+
+    def login_started(self, conn: Connection) -> None:
+        """A LOGIN is being served: the login deadline no longer applies (a failed login closes the connection)."""
+        if conn.login_deadline is not None:
+            conn.login_deadline.cancel()
+            conn.login_deadline = None
 
     def _login_expired(self, conn: Connection) -> None:
         conn.login_deadline = None
@@ -356,6 +397,7 @@ class Hub:
             await self._logout(conn, "close")
             return format_event_id(conn.cursor), resumed
         conn.logged_in = True
+        self._login_params[conn.conn_id] = (version, login_model, max_sessions)
         if conn.login_deadline is not None:
             conn.login_deadline.cancel()
             conn.login_deadline = None
@@ -382,6 +424,7 @@ class Hub:
             self.connections.discard(conn)
             CONNECTIONS.labels(conn.transport_name).dec()
         if conn.conn_id:
+            self._login_params.pop(conn.conn_id, None)
             inbox = self.presence.inbox_key(conn.app_id, conn.user_id)
             local = self.by_inbox.get(inbox)
             if local is not None and local.pop(conn.conn_id, None) is not None and not local:
@@ -452,6 +495,7 @@ class Hub:
                 if attempt == LOGOUT_ATTEMPTS - 1 or self.closing:
                     # The session stays in this node's set: reconcile() (or a reaper) logs it out later.
                     log.error("logout of %s/%s failed (%r); left for reconciliation", user_id, imei, exc)
+                    self._logouts_failed += 1
                     return
                 await asyncio.sleep(0.2 * 2**attempt)
                 continue
@@ -465,6 +509,7 @@ class Hub:
         A member counts as stale only when two rounds in a row find it so, which leaves room for a
         login in flight (recorded before its connection is marked logged in).
         """
+        await self.reassert()
         live = {self._member(c) for c in self.connections if c.logged_in} | set(self._grace)
         stale = {m for m in await self.presence.node_session_members(self.node_id) if m not in live}
         confirmed, self._suspects = stale & self._suspects, stale
@@ -507,21 +552,36 @@ class Hub:
         self._wake.set()
 
     async def _doorbells(self) -> None:
+        """Read doorbells. A subscription on a node that hangs (frozen, blackholed) raises nothing: after
+        ``PUBSUB_PING_AFTER`` s of silence it is PINGed, and without its PONG within ``PUBSUB_PONG_WITHIN``
+        s it is given up and made again (on the slot's new primary after a failover)."""
+        heard, pinged = time.monotonic(), None
         while not self.closing:
             try:
-                msg = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                msg = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=PUBSUB_PING_AFTER / 2)
+                now = time.monotonic()
+                if msg is not None:
+                    heard, pinged = now, None
+                elif pinged is not None and now - pinged > PUBSUB_PONG_WITHIN:
+                    raise ConnectionError(f"no PONG on the doorbell subscription within {PUBSUB_PONG_WITHIN:g} s")
+                elif pinged is None and now - heard > PUBSUB_PING_AFTER:
+                    await asyncio.wait_for(self.pubsub.ping(), PUBSUB_PONG_WITHIN)
+                    pinged = now
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("doorbell subscription failed (%r); resubscribing", exc)
+                pause = 0.0
                 while not self.closing:
                     try:
-                        await self._resubscribe()
+                        await self._resubscribe(pause)
                         break
                     except asyncio.CancelledError:
                         raise
                     except Exception as again:
                         log.warning("doorbell resubscription failed (%r); trying again", again)
+                        pause = 0.5
+                heard, pinged = time.monotonic(), None
                 continue
             if msg is None or msg.get("type") != "message":
                 continue
@@ -537,14 +597,20 @@ class Hub:
             if self._dirty:
                 self._wake.set()
 
-    async def _resubscribe(self) -> None:
-        """A fresh subscription (on a cluster, through whichever node is up), then read every local
-        inbox: doorbells rung while we were away are lost, the entries are not."""
-        await asyncio.sleep(0.5)
+    async def _resubscribe(self, pause: float = 0.0) -> None:
+        """A fresh subscription (on a cluster, on the channel's primary in a freshly read slot map), then
+        read every local inbox: doorbells rung while we were away are lost, the entries are not."""
+        await asyncio.sleep(pause)
         with contextlib.suppress(Exception):
-            await self.pubsub.aclose()
-        self.pubsub = self.presence.redis.pubsub()
-        await self.pubsub.subscribe(self.presence.doorbell_channel(self.node_id))
+            await asyncio.wait_for(self.pubsub.aclose(), 1.0)
+        store = self.presence.store
+        failed = self._pubsub_node
+        await store.refresh(time.monotonic() + PUBSUB_PONG_WITHIN, avoid=failed)
+        # A cluster PUBLISH reaches every node: subscribe on any primary but the one that failed.
+        node = store.any_primary(avoid=failed)
+        self.pubsub = self.presence.redis.pubsub() if node is None else self.presence.redis.pubsub(node=node)
+        self._pubsub_node = node.name if node is not None else None
+        await asyncio.wait_for(self.pubsub.subscribe(self.presence.doorbell_channel(self.node_id)), PUBSUB_PONG_WITHIN)
         self._mark_all()
 
     def _mark_all(self) -> None:
@@ -721,9 +787,75 @@ class Hub:
                 await self.end(conn, "timeout")
 
     async def _reaped_meanwhile(self) -> None:
-        """A peer reaped this node (we were silent too long): our sessions are gone, so reconnect all."""
-        log.warning("node %s was reaped by a peer; closing its %d connections", self.node_id, len(self.connections))
-        for conn in list(self.connections):
-            conn.logged_in = False  # its session no longer exists; nothing to log out
-            conn.close(1012, "node restarted its sessions, reconnect")
-            await self.end(conn, "reaped")
+        """This node's record was gone at a heartbeat (which registered it again): a peer reaped it (we were
+        silent too long) or Redis lost it (the primary holding ``presence:nodes`` restarted empty).
+
+        Either way the connections are live: keep them and log in again every session Redis no longer holds
+        (``reassert``). If that cannot be done, close them and log their sessions out (no ghost online).
+        """
+        log.warning(
+            "node %s: its node record was gone (reaped by a peer, or lost by Redis); re-asserting", self.node_id
+        )
+        try:
+            await self.reassert()
+        except Exception as exc:
+            log.error(
+                "node %s: re-asserting sessions failed (%r); closing %d connections",
+                self.node_id,
+                exc,
+                len(self.connections),
+            )
+            for conn in list(self.connections):
+                conn.close(1012, "node restarted its sessions, reconnect")
+                await self.end(conn, "reaped")
+
+    def reassert_soon(self) -> None:
+        """A Redis node lost its data (it had no library): re-assert this node's sessions in the background."""
+        if self.closing or (self._reasserting is not None and not self._reasserting.done()):
+            return
+        self._reasserting = asyncio.ensure_future(self._reassert_logged())
+
+    async def _reassert_logged(self) -> int:
+        try:
+            return await self.reassert()
+        except Exception as exc:  # the reconcile loop tries again
+            log.warning("re-asserting sessions failed (%r); the next reconciliation tries again", exc)
+            return 0
+
+    async def reassert(self) -> int:
+        """Log in again, under the same connection id, the session of every live local connection that Redis
+        no longer holds (its primary restarted empty, or a peer reaped this node): friends see the user
+        online again and pushes flow. A device whose session another connection holds now is left alone.
+        Returns the sessions logged in again.
+        """
+        conns = [c for c in self.connections if c.logged_in and not c.ended and c.conn_id in self._login_params]
+        if not conns:
+            return 0
+        held = await self.presence.sessions_held(
+            [(c.app_id, c.user_id, c.client_type, c.imei, c.conn_id) for c in conns]
+        )
+        lost = [c for c, h in zip(conns, held, strict=True) if h is False]
+        for conn in lost:
+            version, login_model, max_sessions = self._login_params[conn.conn_id]
+            try:
+                await self.presence.login(
+                    conn.app_id,
+                    conn.user_id,
+                    conn.client_type,
+                    conn.imei,
+                    conn_id=conn.conn_id,
+                    node_id=self.node_id,
+                    node_host=self.node_host,
+                    version=version,
+                    login_model=login_model,
+                    max_sessions=max_sessions,
+                )
+            except PresenceError as exc:
+                if exc.http_status >= 500:
+                    raise
+                # Refused now (e.g. the user's other devices took every session meanwhile): end this one.
+                conn.close(4001, "session lost")
+                await self.end(conn, "error")
+        if lost:
+            log.warning("node %s: %d sessions Redis had lost were logged in again", self.node_id, len(lost))
+        return len(lost)

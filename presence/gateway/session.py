@@ -111,11 +111,11 @@ class ClientConnection:
                     await self.handle(item)
                 except PresenceError as exc:
                     if exc.http_status >= 500:  # its message may quote Redis: only the log gets it
-                        await self.fail_system(f"frame {item.command} failed: {exc.message}")
+                        await self.fail_system(f"frame {item.command} failed: {exc.message}", item)
                     else:
                         await self.fail(exc.code, exc.message)
                 except Exception as exc:
-                    await self.fail_system(f"frame {item.command} failed: {type(exc).__name__}", exc_info=True)
+                    await self.fail_system(f"frame {item.command} failed: {type(exc).__name__}", item, exc_info=True)
         finally:
             self._busy = False
 
@@ -176,6 +176,9 @@ class ClientConnection:
         pong = data.get("pong", False)
         if not isinstance(pong, bool):
             raise ParamError("data.pong must be true or false")
+        # A login in progress is not a silent newcomer: however long Redis takes (bounded by the retry
+        # window), the login deadline must not answer it with a client error (90001).
+        self.hub.login_started(self)
         cursor, resumed = await self.hub.login(
             self,
             frame.appId,
@@ -227,8 +230,13 @@ class ClientConnection:
         self.close(4001, message[:120])
         await self.hub.end(self, "error")
 
-    async def fail_system(self, detail: str, *, exc_info: bool = False) -> None:
-        """90000 ``system error`` to the client; the detail (maybe naming Redis internals) only to the log."""
+    async def fail_system(self, detail: str, frame: Frame | None = None, *, exc_info: bool = False) -> None:
+        """90000 ``system error`` to the client; the detail (maybe naming Redis internals) only to the log.
+
+        Not the client's fault (Redis away past the retry window, a bug): a logged-in connection stays open
+        and its session with it; the ERROR names the command. A LOGIN that failed so closes the connection
+        after the ERROR (the client reconnects with backoff and logs in again: 90000 is retried).
+        """
         rid = secrets.token_hex(8)
         log.error(
             "request %s: %s connection of %s: %s",
@@ -238,4 +246,8 @@ class ClientConnection:
             detail,
             exc_info=exc_info,
         )
+        if self.logged_in and frame is not None and frame.command != Command.LOGIN:
+            data = {"code": int(Code.SYSTEM_ERROR), "msg": "system error", "requestId": rid, "command": frame.command}
+            self.reply(Command.ERROR, _json.encode(data), frame)
+            return
         await self.fail(Code.SYSTEM_ERROR, "system error", rid)

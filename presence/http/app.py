@@ -26,7 +26,7 @@ from presence.auth import generate_user_sign, verify_user_sign
 from presence.bounded import MAX_JSON_DEPTH, too_deep
 from presence.config import DEV_APP_ID, AppConfig, Settings
 from presence.errors import AuthError, Code, ForbiddenError, ParamError, PresenceError
-from presence.functions import library_version
+from presence.functions import library_health, library_version
 from presence.http.demo import add_demo_routes, ws_url_on_port
 from presence.ids import check_user_id
 from presence.metrics import ONLINE_SESSIONS, ONLINE_USERS, REGISTRY, REST_REQUESTS
@@ -446,26 +446,36 @@ async def import_friend(request: web.Request) -> web.Response:
 
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
-    """Ready when Redis answers and runs our function library; 503 otherwise (a load balancer takes this node out).
+    """Ready when the store can serve: 503 only when no primary answers with our function library in time.
 
-    The check calls ``presence_version``: a Redis that lost its functions (FUNCTION FLUSH, an empty restart)
-    gets the library loaded again by that call; only if that fails is it 503. Another version (a rolling deploy
-    replaced it) is usable: 200 naming it.
+    Every primary (one on standalone and Sentinel) is asked ``presence_version`` in parallel: a primary that
+    lost its functions (FUNCTION FLUSH, an empty restart) gets the library loaded again by the check. While
+    some cluster primaries do not answer (a shard failing over) it is 200 ``degraded`` naming them: every
+    gateway shares the store, so taking this one out of the load balancer would not help, and the answer
+    does not flap with whichever node was asked. Another library version (a rolling deploy) is usable: 200
+    naming it.
     """
     presence = request.app[PRESENCE]
     try:
-        async with asyncio.timeout(HEALTH_TIMEOUT_S):
-            await presence.redis.ping()
-            version = await presence.fn.version()
-    except Exception as exc:  # any failure to reach Redis or run the library means not ready
-        log.warning("healthz: redis or its presence library is unusable: %r", exc)
-        return web.json_response({"status": "unavailable", "reason": f"redis: {type(exc).__name__}"}, status=503)
-    if version != library_version():
+        nodes = await library_health(presence.store, HEALTH_TIMEOUT_S)
+    except Exception as exc:  # e.g. the cluster's node map cannot be read at all
+        nodes = [("redis", exc)]
+    failed = [(node, answer) for node, answer in nodes if isinstance(answer, BaseException)]
+    if len(failed) == len(nodes):
+        log.warning("healthz: redis or its presence library is unusable: %r", failed[0][1])
+        reason = f"redis: {type(failed[0][1]).__name__}"
+        return web.json_response({"status": "unavailable", "reason": reason}, status=503)
+    body: dict[str, object] = {"status": "ok"}
+    if failed:
+        log.warning("healthz: primaries not answering: %s", ", ".join(f"{n} ({a!r})" for n, a in failed))
+        body = {"status": "degraded", "unavailable": sorted(node for node, _ in failed)}
+    others = sorted({a for _, a in nodes if isinstance(a, str) and a != library_version()})
+    if others:
         # Usable (changes are additive), and during a rolling deploy one version replaces the other: say so,
         # but do not take every node of the other version out of the load balancer.
-        log.warning("healthz: redis runs presence library %s, this node ships %s", version, library_version())
-        return web.json_response({"status": "ok", "library": version})
-    return web.json_response({"status": "ok"})
+        log.warning("healthz: redis runs presence library %s, this node ships %s", others[0], library_version())
+        body["library"] = others[0]
+    return web.json_response(body)
 
 
 async def refresh_online_gauges(presence: Presence, apps: Iterable[int]) -> None:
