@@ -39,6 +39,7 @@ EventId = tuple[int, int]
 READ_COUNT = 100
 READ_BATCH = 500
 LOGOUT_ATTEMPTS = 5
+RECONCILE_AFTER_OUTAGE_S = 2.0  # s between reconcile rounds while and just after Redis is away
 # WebSocket close of a deploy (RFC 6455 1012 "service restart"): reconnect, to any gateway, and resume.
 HANDOVER_CODE = 1012
 HANDOVER_REASON = "server restart: reconnect"
@@ -448,6 +449,11 @@ class Hub:
                     seen_at_ms=seen_at_ms,
                     reason=reason,
                 )
+            except UnavailableError:
+                # Unknown outcome after redis_retry_for: the facade's resolver replays this very logout
+                # (same op id) until Redis answers, so it is applied and pushed without waiting for reconcile().
+                log.warning("logout of %s/%s: redis unavailable, left to the resolver", user_id, imei)
+                return
             except Exception as exc:
                 if attempt == LOGOUT_ATTEMPTS - 1 or self.closing:
                     # The session stays in this node's set: reconcile() (or a reaper) logs it out later.
@@ -486,14 +492,22 @@ class Hub:
                 log.exception("outbox sweep failed; retrying next round")
 
     async def _reconcile_loop(self) -> None:
+        pause, recovering = self.reconcile_interval, False
         while not self.closing:
-            await asyncio.sleep(self.reconcile_interval)
+            await asyncio.sleep(pause)
             try:
                 await self.reconcile()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("reconciling this node's sessions failed; retrying next round")
+            except Exception as exc:
+                if not recovering:
+                    log.error("reconciling this node's sessions failed (%r); retrying soon", exc)
+                # Redis away: reconcile again soon after it answers, not a whole period later.
+                pause, recovering = RECONCILE_AFTER_OUTAGE_S, True
+                continue
+            # The first round after an outage marks suspects; a second soon after confirms them.
+            pause = RECONCILE_AFTER_OUTAGE_S if recovering else self.reconcile_interval
+            recovering = False
 
     def _spawn(self, coro: object) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
