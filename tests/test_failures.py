@@ -487,6 +487,30 @@ async def test_last_seen_is_the_evidence(make_node: MakeNode, facade: Presence, 
     await bob.close()
 
 
+async def test_last_seen_of_a_logout_during_a_stall_is_its_time_not_the_wake(
+    make_node: MakeNode, facade: Presence, stall: Stall
+) -> None:
+    """Follow-up D: a LOGOUT sent while Redis sleeps 2.5 s runs at wake; lastSeen is still when it was sent
+    (the gateway sends the evidence on the Redis clock, not as an age counted at execution)."""
+    node = await make_node(redis_timeout=0.5, redis_retry_for=10)
+    await facade.add_friend(APP, "alice", "bob")
+    bob = await WsClient.connect(node.ws_port, imei="bob-tab")
+    await bob.login("bob")
+    alice = await TcpClient.connect(node.tcp_port)
+    await alice.login("alice")
+    await expect_data(bob, Command.NOTIFY)
+    base, base_mono = await facade.redis_time_ms(), time.monotonic()
+    await stall(2.5)
+    alice.send(Command.LOGOUT)
+    evidence = base + (time.monotonic() - base_mono) * 1000
+    msg = await expect_data(bob, Command.NOTIFY, timeout=10)
+    assert msg.data["status"] == 2
+    last_seen = (await facade.query_users(APP, ["alice"]))["alice"].lastSeen
+    assert last_seen is not None and abs(last_seen - evidence) < 1000, last_seen - evidence
+    await alice.close()
+    await bob.close()
+
+
 async def _keep_alive(client: WsClient) -> None:
     while True:
         await client.send(Command.PING)
