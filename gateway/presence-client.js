@@ -597,6 +597,9 @@ export class PresenceClient extends EventTarget {
     this._attempt = 0;
     const resumed = typeof data.resumed === "boolean" ? data.resumed : null;
     const cursor = typeof data.lastEventId === "string" ? data.lastEventId : null;
+    // Not resumed: we resync from a pull. Versions restart when Redis lost its data (an empty restart, a
+    // failover to a lagging replica), so the versions seen before say nothing about the pushes to come.
+    if (resumed !== true) this._versions.clear();
     // Resumed: the gateway replays what follows our cursor, so keep it. Otherwise adopt the gateway's.
     if (cursor && !(resumed === true && this.lastEventId && compareEventIds(cursor, this.lastEventId) < 0)) {
       this.lastEventId = cursor;

@@ -15,9 +15,9 @@ or equal one, so a recipient's last entry for a user is always the newest state,
 the fan-outs run in, and a repeated fan-out writes nothing twice.
 
 Unknown outcomes: a change call may carry an operation id (the login's connId for a login). When a
-call is repeated after a timeout and its operation is still the user's latest (field `op`), nothing
-is applied again: the reply is rebuilt from the stored state (changed = 1), so the caller can fan it
-out. Any later change has fanned out a newer version anyway.
+call is repeated after a timeout and its operation is one of the user's last 16 (field `ops`, even
+with later changes after it), nothing is applied again: the reply is rebuilt from the CURRENT stored
+state (changed = 1), so the caller fans out the newest state, which converges.
 
 Inbox entries (per-user STREAM) have the fields:
   c  command (4004, 4005, 4006, 4007, 9002)
@@ -40,7 +40,7 @@ Errors start with PRESENCE_PARAM (bad argument), PRESENCE_LIMIT (a per-user limi
 reached) or PRESENCE_STATE (a conflict).
 ]]
 
-local VERSION = '3.2.0'
+local VERSION = '3.3.0'
 local MAX_SUB_TIME = 2592000000 -- 30 days in ms
 local MAX_CUSTOM_TEXT = 100 -- bytes
 local DEFAULT_MAX_SESSIONS = 10
@@ -182,9 +182,22 @@ local function custom_pack(user_id, custom, text, version)
     ',"customText":' .. cjson.encode(text) .. ',"version":' .. version .. '}'
 end
 
+-- How many of a user's latest operation ids are remembered: a retry behind fewer changes than
+-- this is still known as a repeat (the ids live in the status HASH, so they expire with it).
+local RECENT_OPS = 16
+
 -- The user's version after a change (moved atomically with it), recording the change's operation id.
 local function next_version(status, op_id)
-  if op_id ~= nil and op_id ~= '' then redis.call('HSET', status, 'op', op_id) else redis.call('HDEL', status, 'op') end
+  if op_id ~= nil and op_id ~= '' and not string.find(op_id, '%s') then
+    local kept = {op_id}
+    for o in string.gmatch(redis.call('HGET', status, 'ops') or '', '%S+') do
+      if #kept >= RECENT_OPS then break end
+      if o ~= op_id then kept[#kept + 1] = o end
+    end
+    redis.call('HSET', status, 'op', op_id, 'ops', table.concat(kept, ' '))
+  else
+    redis.call('HDEL', status, 'op')
+  end
   return redis.call('HINCRBY', status, 'version', 1)
 end
 
@@ -192,9 +205,16 @@ local function stored_version(status)
   return tonumber(redis.call('HGET', status, 'version') or '0')
 end
 
--- Whether op_id is the user's latest change (a repeat of a call whose reply was lost).
-local function is_latest_op(status, op_id)
-  return op_id ~= nil and op_id ~= '' and redis.call('HGET', status, 'op') == op_id
+-- Whether op_id is one of the user's recent changes (a repeat of a call whose reply was lost),
+-- even when other changes came after it: a retry then applies nothing and replies the current state.
+local function is_recent_op(status, op_id)
+  if op_id == nil or op_id == '' then return false end
+  local st = redis.call('HMGET', status, 'op', 'ops')
+  if st[1] == op_id then return true end
+  for o in string.gmatch(st[2] or '', '%S+') do
+    if o == op_id then return true end
+  end
+  return false
 end
 
 local function last_id(inbox)
@@ -402,7 +422,7 @@ ARGV[15] outbox TTL ms
 Reply: {changed 0|1, 4004 data JSON, online 1|2, recipient userIds...}
   changed = 0 (and nothing else) when the session is gone or belongs to a newer
   connection: a late logout never removes a newer login of the same device. A repeat of
-  the user's latest operation (ARGV[10]) applies nothing and replies changed = 1 with the
+  one of the user's recent operations (ARGV[10]) applies nothing and replies changed = 1 with the
   current state. lastSeen becomes the later of its stored value and the evidence.
 ]]
 local function presence_logout(keys, args)
@@ -417,7 +437,7 @@ local function presence_logout(keys, args)
   local op_id, age, seen_at = args[10] or '', to_int(args[11]) or 0, to_int(args[12]) or 0
   local now = now_ms()
 
-  if is_latest_op(status, op_id) then
+  if is_recent_op(status, op_id) then
     local values = redis.call('HVALS', sessions)
     local pack, online = status_pack(app_id, user_id, values, stored_version(status))
     local reply = {1, pack, online}
@@ -466,7 +486,8 @@ ARGV[9] operation id ('' = none; optional)
 Optional (the change feed): KEYS[6] the user's outbox STREAM  ARGV[10] outbox MAXLEN  ARGV[11] outbox TTL ms
   appends a 'status' entry (clientType 0, imei and reason '') with customStatus and customText.
 Reply: {1, 4006 data JSON (with the user's version), recipient userIds...}
-  A repeat of the user's latest operation (ARGV[9]) applies nothing and replies the current state.
+  A repeat of one of the user's recent operations (ARGV[9], even after later changes) applies
+  nothing and replies the current state.
 ]]
 local function presence_set_custom_status(keys, args)
   if #keys ~= 5 and #keys ~= 6 then return param_error('presence_set_custom_status takes 5 or 6 keys') end
@@ -480,7 +501,7 @@ local function presence_set_custom_status(keys, args)
 
   local op_id = args[9] or ''
   local now = now_ms()
-  if is_latest_op(status, op_id) then
+  if is_recent_op(status, op_id) then
     local st = redis.call('HMGET', status, 'customStatus', 'customText')
     local reply = {1, custom_pack(user_id, to_int(st[1]) or custom, st[2] or text, stored_version(status))}
     for _, r in ipairs(recipients(friends, subscribers, user_id, now)) do reply[#reply + 1] = r end

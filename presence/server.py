@@ -100,6 +100,7 @@ class Running:
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 2)
+        await self.presence.resolver.close()
         await self.presence.store.aclose()
 
 

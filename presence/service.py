@@ -44,6 +44,7 @@ from presence.models import (
     SubscriptionList,
     UserOnlineStatus,
 )
+from presence.resolver import Resolver
 from presence.store import Command, RedisUnavailable, Store
 
 log = logging.getLogger("presence.service")
@@ -120,6 +121,8 @@ class Presence:
             ),
         )
         self._cluster = self.store.cluster
+        # Change calls that gave up with an unknown outcome, replayed (same op id) once Redis answers.
+        self.resolver = Resolver()
         if isinstance(redis, Redis):
             self._raw_reader = Redis(connection_pool=redis.connection_pool)
             self._raw_reader.set_response_callback("XREAD", lambda response, **_: response)
@@ -353,11 +356,55 @@ class Presence:
         """
         if not isinstance(user_id, str) or not user_id or not isinstance(imei, str) or not imei:
             raise ParamError("userId and imei must be non-empty strings")
+        op = op_id or new_conn_id()
+
+        def replay() -> Any:
+            return self.logout(
+                app_id,
+                user_id,
+                client_type,
+                imei,
+                conn_id=conn_id,
+                node_id=node_id,
+                op_id=op,
+                seen_age_ms=seen_age_ms,
+                seen_at_ms=seen_at_ms,
+                reason=reason,
+            )
+
+        return await self._resolved(
+            op,
+            f"logout of {user_id}/{imei}",
+            replay,
+            self._logout(app_id, user_id, client_type, imei, conn_id, node_id, op, seen_age_ms, seen_at_ms, reason),
+        )
+
+    async def _resolved(self, op_id: str, what: str, replay: Callable[[], Any], call: Any) -> ChangeResult:
+        """Await ``call``; if Redis stayed away (an unknown outcome), leave ``replay`` to the resolver."""
+        try:
+            result = await call
+        except UnavailableError:
+            self.resolver.add(op_id, what, replay)
+            raise
+        self.resolver.discard(op_id)
+        return result
+
+    async def _logout(
+        self,
+        app_id: int,
+        user_id: str,
+        client_type: int,
+        imei: str,
+        conn_id: str,
+        node_id: str,
+        op_id: str,
+        seen_age_ms: int,
+        seen_at_ms: int,
+        reason: str,
+    ) -> ChangeResult:
         keys = self.user(app_id, user_id)
         args = [
-            *self.fn.logout_args(
-                app_id, user_id, client_type, imei, conn_id, op_id or new_conn_id(), seen_age_ms, seen_at_ms
-            ),
+            *self.fn.logout_args(app_id, user_id, client_type, imei, conn_id, op_id, seen_age_ms, seen_at_ms),
             reason,
             *self._outbox_args(),
         ]
@@ -374,7 +421,32 @@ class Presence:
         )
 
     async def set_custom_status(
-        self, app_id: int, user_id: str, custom_status: int, custom_text: str = "", *, origin_conn_id: str = ""
+        self,
+        app_id: int,
+        user_id: str,
+        custom_status: int,
+        custom_text: str = "",
+        *,
+        origin_conn_id: str = "",
+        op_id: str | None = None,
+    ) -> ChangeResult:
+        """Set the custom status and fan it out. ``op_id`` (default: a new one) makes a repeat a replay.
+
+        Raises UnavailableError when Redis stayed away for ``redis_retry_for``: the outcome is unknown, and
+        the resolver replays the call (same op id) once Redis answers, so an applied change is pushed.
+        """
+        op = op_id or new_conn_id()
+
+        def replay() -> Any:
+            return self.set_custom_status(
+                app_id, user_id, custom_status, custom_text, origin_conn_id=origin_conn_id, op_id=op
+            )
+
+        call = self._set_custom_status(app_id, user_id, custom_status, custom_text, origin_conn_id, op)
+        return await self._resolved(op, f"custom status of {user_id}", replay, call)
+
+    async def _set_custom_status(
+        self, app_id: int, user_id: str, custom_status: int, custom_text: str, origin_conn_id: str, op_id: str
     ) -> ChangeResult:
         check_user_id("userId", user_id)
         if isinstance(custom_status, bool) or not isinstance(custom_status, int):
@@ -386,8 +458,7 @@ class Presence:
             raise ParamError(f"customText must be at most {self.limits.custom_text_bytes} UTF-8 bytes, got {size}")
         keys = self.user(app_id, user_id)
         i = self.fn.inbox
-        # One operation id for the call and Store.run's retries of it: a repeat after a timeout applies nothing.
-        op_id = new_conn_id()
+        # One operation id for the call, Store.run's retries and the resolver's replays: a repeat applies nothing.
         args = [
             app_id,
             user_id,

@@ -384,6 +384,11 @@ async def test_client_drops_a_push_older_than_the_version_it_has(server: Server,
         assert not await page.evaluate("() => h.log.some((e) => e.type === 'offline')"), "older pushes dropped"
         await page.evaluate(deliver, [version + 1, 2])
         await wait_js(page, "() => h.log.some((e) => e.type === 'offline' && e.detail.userId === 'ivan')")
+        # Versions restart after Redis lost its data: a LOGINACK with resumed:false (a resync) forgets them.
+        await page.evaluate("""() => h._ws.dispatchEvent(new MessageEvent('message', {data: JSON.stringify({
+            command: 9001, appId: 1, data: {resumed: false, lastEventId: '1-0'}})}))""")
+        await page.evaluate(deliver, [1, 1])
+        await wait_js(page, "() => h.log.filter((e) => e.type === 'online' && e.detail.userId === 'ivan').length === 2")
     finally:
         await ivan.close()
     await page.evaluate("() => h.close()")

@@ -16,6 +16,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from presence.errors import UnavailableError
 from presence.gateway.codec import Command
 from presence.gateway.hub import HANDOVER_CODE
 from presence.service import Presence
@@ -150,6 +151,71 @@ async def test_a_login_told_failed_during_a_stall_leaves_no_session(
     # (The node's own record of it may outlive it on a cluster; reconciliation drops that, and logging out
     # a session that does not exist changes nothing.)
     await late.close()
+
+
+async def test_a_change_given_up_after_the_retry_window_is_still_pushed(
+    make_node: MakeNode, facade: Presence, stall: Stall
+) -> None:
+    """Follow-up B: the stall outlasts redis_retry_for, the caller gets UnavailableError (REST: 503), but the
+    change Redis applies at wake is pushed: the resolver replays the call (same op id) once Redis answers."""
+    node = await make_node(redis_timeout=0.3, redis_retry_for=0.5)
+    await facade.add_friend(APP, "alice", "bob")
+    bob = await WsClient.connect(node.ws_port, imei="bob-tab")
+    await bob.login("bob")
+
+    await stall(3.0)
+    with pytest.raises(UnavailableError):
+        await node.presence.set_custom_status(APP, "alice", 6, "given-up")
+    assert len(node.presence.resolver) == 1, "the unknown outcome is kept for the resolver"
+
+    def told(got: list[Any]) -> bool:
+        return any(m.command == Command.CUSTOM_NOTIFY and m.data["customText"] == "given-up" for m in got)
+
+    got = await messages_until(bob, told, timeout=10)
+    assert got[-1].data["version"] == 1
+    state = await facade.query_users(APP, ["alice"])
+    assert state["alice"].version == 1, "applied once, however often it was sent"
+    assert await node.presence.resolver.wait(5) and node.presence.resolver.resolved == 1
+    await bob.close()
+
+
+# One server: a 6 s freeze of every cluster primary (node timeout 1 s) is a cluster failure, not a stall.
+@pytest.mark.parametrize("store_url", ["standalone"], indirect=True)
+async def test_logouts_given_up_during_a_long_stall_are_applied_and_pushed_at_wake(
+    make_node: MakeNode, facade: Presence, stall: Stall
+) -> None:
+    """Follow-up C: a LOGIN told 90000 and two drops during a stall much longer than the logouts' retries:
+    at wake the resolver applies the logouts (not reconciliation, 30 s later) and the friend is told."""
+    node = await make_node(redis_timeout=0.3, redis_retry_for=0.3, login_timeout=0)
+    drops = ["u1", "u2"]
+    await facade.import_friends(APP, "bob", ["late", *drops])
+    bob = await WsClient.connect(node.ws_port, imei="bob-tab")
+    await bob.login("bob")
+    conns = {}
+    for user in drops:
+        conns[user] = await TcpClient.connect(node.tcp_port, imei=f"{user}-phone")
+        await conns[user].login(user)
+        await expect(bob, Command.NOTIFY)
+
+    await stall(6.0)  # longer than the gateway's old 5 logout attempts with their back-off
+    late = await TcpClient.connect(node.tcp_port, imei="late-phone")
+    reply = await late.login("late")
+    assert reply.command == Command.ERROR and reply.data["code"] == 90000
+    for user in drops:
+        await conns[user].close()
+
+    def told(got: list[Any]) -> bool:
+        return all(offline(got, u) for u in drops)
+
+    await messages_until(bob, told, timeout=12)
+
+    async def gone() -> bool:
+        state = await facade.query_users(APP, ["late", *drops])
+        return all(state[u].session == [] for u in ["late", *drops])
+
+    await eventually(gone, 5, "the failed login's and the drops' sessions removed")
+    await late.close()
+    await bob.close()
 
 
 # --- no false reaping ---
@@ -423,6 +489,30 @@ async def test_last_seen_is_the_evidence(make_node: MakeNode, facade: Presence, 
         await alice.close()
     finally:
         bob_pings.cancel()
+    await bob.close()
+
+
+async def test_last_seen_of_a_logout_during_a_stall_is_its_time_not_the_wake(
+    make_node: MakeNode, facade: Presence, stall: Stall
+) -> None:
+    """Follow-up D: a LOGOUT sent while Redis sleeps 2.5 s runs at wake; lastSeen is still when it was sent
+    (the gateway sends the evidence on the Redis clock, not as an age counted at execution)."""
+    node = await make_node(redis_timeout=0.5, redis_retry_for=10)
+    await facade.add_friend(APP, "alice", "bob")
+    bob = await WsClient.connect(node.ws_port, imei="bob-tab")
+    await bob.login("bob")
+    alice = await TcpClient.connect(node.tcp_port)
+    await alice.login("alice")
+    await expect_data(bob, Command.NOTIFY)
+    base, base_mono = await facade.redis_time_ms(), time.monotonic()
+    await stall(2.5)
+    alice.send(Command.LOGOUT)
+    evidence = base + (time.monotonic() - base_mono) * 1000
+    msg = await expect_data(bob, Command.NOTIFY, timeout=10)
+    assert msg.data["status"] == 2
+    last_seen = (await facade.query_users(APP, ["alice"]))["alice"].lastSeen
+    assert last_seen is not None and abs(last_seen - evidence) < 1000, last_seen - evidence
+    await alice.close()
     await bob.close()
 
 

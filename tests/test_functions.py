@@ -35,7 +35,7 @@ async def inbox(p: Presence, user: str) -> list[dict[str, object]]:
 
 async def test_library_loads_once_and_reports_version(any_redis: Redis) -> None:
     assert await ensure_library(any_redis) is False  # the fixture loaded this exact code already
-    assert (await any_redis.fcall_ro("presence_version", 0)) == b"3.2.0"
+    assert (await any_redis.fcall_ro("presence_version", 0)) == b"3.3.0"
 
 
 async def test_login_writes_session_and_friend_gets_4004(presence: Presence) -> None:
@@ -301,7 +301,7 @@ def test_redis_cli_loads_the_file_as_is(redis_url: str) -> None:
     out = subprocess.run(
         ["redis-cli", "-u", redis_url, "FCALL", "presence_version", "0"], capture_output=True, check=True
     )
-    assert out.stdout.strip() == b"3.2.0"
+    assert out.stdout.strip() == b"3.3.0"
 
 
 # --- issue 10: versions, ordered fan-out, operation ids, lastSeen evidence (every store) ---
@@ -356,6 +356,34 @@ async def test_a_repeated_change_call_is_a_replay_that_still_names_the_recipient
     a = await presence.fn.login(keys, login_args)
     b = await presence.fn.login(keys, login_args)
     assert a.changed and b.changed and a.version == b.version == 4 and b.recipients == ["bob"]
+
+
+async def test_a_retry_after_a_later_change_is_still_a_replay_of_the_current_state(presence: Presence) -> None:
+    """Follow-up A: a retry whose operation is no longer the user's latest (another change ran in between)
+    applies nothing and replies the CURRENT state, so its fan-out carries the newest version."""
+    await presence.add_friend(APP, "alice", "bob")
+    await login(presence, "alice", IOS, "phone")
+    keys = presence.user(APP, "alice")
+    fn = presence.fn
+    logout_args = fn.logout_args(APP, "alice", IOS, "phone", "c-alice-2-phone", op_id="op-logout")
+
+    async def logout() -> object:
+        return fn.parse_logout(
+            await presence.store.one(keys.sessions, *fcall("presence_logout", keys.state(), logout_args))
+        )
+
+    first = await logout()  # v2: offline
+    later = await fn.set_custom_status(keys, APP, "alice", 7, "later", op_id="op-admin")  # v3
+    again = await logout()  # the logout's retry: no longer the latest operation
+    assert first.changed and again.changed and again.recipients == ["bob"]  # type: ignore[attr-defined]
+    assert again.version == later.version == 3 and b'"status":2' in again.data  # type: ignore[attr-defined]
+    # A request A retried after B was applied does not apply A again: the stored value stays B.
+    a = await fn.set_custom_status(keys, APP, "alice", 1, "A", op_id="op-a")
+    b = await fn.set_custom_status(keys, APP, "alice", 2, "B", op_id="op-b")
+    a_retry = await fn.set_custom_status(keys, APP, "alice", 1, "A", op_id="op-a")
+    assert (a.version, b.version, a_retry.version) == (4, 5, 5)
+    assert b'"customText":"B"' in a_retry.data
+    assert (await presence.query_users(APP, ["alice"]))["alice"].version == 5
 
 
 async def test_last_seen_is_the_evidence_and_never_moves_back(presence: Presence) -> None:

@@ -40,6 +40,8 @@ EventId = tuple[int, int]
 READ_COUNT = 100
 READ_BATCH = 500
 LOGOUT_ATTEMPTS = 5
+CLOCK_PROBE_MAX_RTT_S = 0.05  # s: a slower TIME round trip says too little about the offset
+RECONCILE_AFTER_OUTAGE_S = 2.0  # s between reconcile rounds while and just after Redis is away
 # WebSocket close of a deploy (RFC 6455 1012 "service restart"): reconnect, to any gateway, and resume.
 HANDOVER_CODE = 1012
 HANDOVER_REASON = "server restart: reconnect"
@@ -192,6 +194,9 @@ class Hub:
         self._pending: set[asyncio.Task[object]] = set()
         self.sweep_interval = 5.0
         self.reconcile_interval = 30.0
+        # Redis TIME minus our monotonic clock (ms), learned from quick round trips: evidence is sent as
+        # an absolute time on the Redis clock, so a call delayed by a stall does not make lastSeen late.
+        self._redis_offset_ms: float | None = None
         self.outbox_sweep_interval = 2.0  # one SCAN step (COUNT 500) per primary each time
         self._suspects: set[str] = set()
         self._trimmed: dict[str, EventId] = {}  # inbox -> the cursor it was last trimmed to
@@ -217,6 +222,7 @@ class Hub:
         # A new incarnation of this node id: whatever sessions the set still records are the predecessor's
         # (no connection of ours exists yet). Read before our first beat overwrites its last one.
         left = await self.presence.node_session_members(self.node_id)
+        await self._learn_redis_clock()
         last_beat = await self.presence.node_last_beat(self.node_id) if left else None
         await self.keeper.beat()
         if left:
@@ -476,6 +482,10 @@ class Hub:
         makes the next one a replay that still fans the change out (never a silent no-op).
         """
         op_id = new_conn_id()
+        if seen is None and not seen_at_ms:
+            seen = time.monotonic()  # a LOGOUT, a kick: the evidence is now, not when Redis runs the call
+        if not seen_at_ms and seen is not None and self._redis_offset_ms is not None:
+            seen_at_ms = int(seen * 1000 + self._redis_offset_ms)
         for attempt in range(LOGOUT_ATTEMPTS):
             age_ms = int((time.monotonic() - seen) * 1000) if seen is not None else 0
             try:
@@ -491,6 +501,11 @@ class Hub:
                     seen_at_ms=seen_at_ms,
                     reason=reason,
                 )
+            except UnavailableError:
+                # Unknown outcome after redis_retry_for: the facade's resolver replays this very logout
+                # (same op id) until Redis answers, so it is applied and pushed without waiting for reconcile().
+                log.warning("logout of %s/%s: redis unavailable, left to the resolver", user_id, imei)
+                return
             except Exception as exc:
                 if attempt == LOGOUT_ATTEMPTS - 1 or self.closing:
                     # The session stays in this node's set: reconcile() (or a reaper) logs it out later.
@@ -530,15 +545,35 @@ class Hub:
             except Exception:
                 log.exception("outbox sweep failed; retrying next round")
 
+    async def _learn_redis_clock(self) -> None:
+        """Refresh ``_redis_offset_ms`` from one TIME call, kept only if its round trip was quick."""
+        before = time.monotonic()
+        try:
+            redis_ms = await self.presence.redis_time_ms()
+        except Exception:  # Redis away: keep the offset we have
+            return
+        after = time.monotonic()
+        if after - before < CLOCK_PROBE_MAX_RTT_S:
+            self._redis_offset_ms = redis_ms - (before + after) * 500
+
     async def _reconcile_loop(self) -> None:
+        pause, recovering = self.reconcile_interval, False
         while not self.closing:
-            await asyncio.sleep(self.reconcile_interval)
+            await asyncio.sleep(pause)
             try:
                 await self.reconcile()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("reconciling this node's sessions failed; retrying next round")
+            except Exception as exc:
+                if not recovering:
+                    log.error("reconciling this node's sessions failed (%r); retrying soon", exc)
+                # Redis away: reconcile again soon after it answers, not a whole period later.
+                pause, recovering = RECONCILE_AFTER_OUTAGE_S, True
+                continue
+            await self._learn_redis_clock()
+            # The first round after an outage marks suspects; a second soon after confirms them.
+            pause = RECONCILE_AFTER_OUTAGE_S if recovering else self.reconcile_interval
+            recovering = False
 
     def _spawn(self, coro: object) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
