@@ -96,7 +96,7 @@ def callback_body(entry: dict[str, str]) -> dict[str, Any]:
 
 
 def _kicked(text: str | None) -> list[dict[str, Any]]:
-    """A login entry's ``kicked`` field: a JSON list of {clientType, imei} (absent on entries of libraries before 3.3.0)."""
+    """A login entry's ``kicked`` field: a JSON list of {clientType, imei} (absent before library 3.3.0)."""
     if not text:
         return []
     try:
