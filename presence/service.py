@@ -254,7 +254,10 @@ class Presence:
         if relay is None:
             return 0
         (reply,) = await self._run([relay[0]], raise_errors=False)
-        await self._relayed(app_id, user_id, relay[1], reply)
+        trimmed: list[Any] = []
+        if self._cluster and (trim := self._trim_after_relay(app_id, user_id, relay[1])([reply])):
+            trimmed = list(await self._run(trim, raise_errors=False))
+        self._relayed(app_id, user_id, reply, trimmed)
         return 0 if isinstance(reply, BaseException) else int(reply[0])
 
     async def online_counts(self) -> dict[int, OnlineCount]:
@@ -489,13 +492,14 @@ class Presence:
         relay = self._relay(app_id, user_id, pending)
         recipients = change.recipients if change.changed else []
         if recipients or relay:
-            delivered, relayed = await self._fanout(
-                app_id, recipients, command, change.data, [relay[0]] if relay else [], user_id, change.version
+            then = self._trim_after_relay(app_id, user_id, relay[1]) if relay is not None and self._cluster else None
+            delivered, relayed, trimmed = await self._fanout(
+                app_id, recipients, command, change.data, [relay[0]] if relay else [], user_id, change.version, then
             )
             if recipients:
                 FANOUT_ENTRIES.inc(delivered)
             if relay is not None:
-                await self._relayed(app_id, user_id, relay[1], relayed[0])
+                self._relayed(app_id, user_id, relayed[0], trimmed)
         return ChangeResult(
             changed=change.changed,
             recipients=len(change.recipients),
@@ -505,18 +509,27 @@ class Presence:
             version=change.version,
         )
 
-    async def _relayed(self, app_id: int, user_id: str, last_id: str, reply: Any) -> None:
-        """After the feed append: count it; on a cluster trim the outbox (a separate call: another slot)."""
+    def _trim_after_relay(self, app_id: int, user_id: str, last_id: str) -> Callable[[list[Any]], list[Command]]:
+        """On a cluster the outbox is trimmed by a separate call (another slot than the feed shard), once the
+        relay succeeded; it goes in one request with the change's doorbells."""
+        outbox = self.user(app_id, user_id).outbox
+
+        def then(extras: list[Any]) -> list[Command]:
+            if not extras or isinstance(extras[0], BaseException):
+                return []  # not relayed: nothing to trim
+            return [(outbox, fcall("presence_outbox_trim", [outbox], [last_id]))]
+
+        return then
+
+    def _relayed(self, app_id: int, user_id: str, reply: Any, trimmed: list[Any]) -> None:
+        """After the feed append: count it; log a failed relay or trim (both converge on the next change)."""
         if isinstance(reply, BaseException):  # left in the outbox: the user's next change relays it
             log.warning("feed relay of %s/%s failed (%r); it goes with the next change", app_id, user_id, reply)
             return
         FEED_ENTRIES.inc(int(reply[0]))
-        if self._cluster:
-            outbox = self.user(app_id, user_id).outbox
-            try:
-                await self._one(outbox, *fcall("presence_outbox_trim", [outbox], [last_id]))
-            except Exception as exc:  # a later relay skips what was appended (the cursor) and trims again
-                log.warning("feed outbox trim of %s/%s failed (%r)", app_id, user_id, exc)
+        for result in trimmed:  # a later relay skips what was appended (the cursor) and trims again
+            if isinstance(result, BaseException):
+                log.warning("feed outbox trim of %s/%s failed (%r)", app_id, user_id, result)
 
     async def fanout(
         self, app_id: int, recipients: Iterable[str], command: int, data: bytes, *, user_id: str = "", version: int = 0
@@ -529,7 +542,8 @@ class Presence:
         On a cluster the calls do not publish: each gateway gets one doorbell for the whole change,
         PUBLISHed after the fan-out (one pipeline to one node; the cluster bus carries it to the gateway).
         """
-        return (await self._fanout(app_id, recipients, command, data, [], user_id, version))[0]
+        written, _, _ = await self._fanout(app_id, recipients, command, data, [], user_id, version)
+        return written
 
     async def _fanout(
         self,
@@ -540,9 +554,12 @@ class Presence:
         extra: Sequence[Command],
         user_id: str = "",
         version: int = 0,
-    ) -> tuple[int, list[Any]]:
+        then: Callable[[list[Any]], list[Command]] | None = None,
+    ) -> tuple[int, list[Any], list[Any]]:
         """``fanout`` with ``extra`` commands in the same pipelines; (entries written, the extras' replies,
-        an error among them as its reply). Without ``user_id`` (friendship events) no version ordering."""
+        an error among them as its reply, the replies of ``then``'s commands). Without ``user_id`` (friendship
+        events) no version ordering. ``then`` (given the extras' replies) makes commands that go in one request
+        with the doorbells, routed by the first one's key: after the fan-out, one more request at most."""
         base = self.keys.base
         suffixes = ("sessions", "inbox", "pushed") if user_id else ("sessions", "inbox")
         groups_of_keys = [tuple(b + x for x in suffixes) for b in (base(app_id, r) for r in recipients)]
@@ -573,12 +590,22 @@ class Presence:
             written += count
             for node, inboxes in nodes.items():
                 bells.setdefault(node, []).extend(inboxes)
-        if bells:
-            channel = self.keys.doorbell
-            await self._run(
-                [(None, ["PUBLISH", channel(node), doorbell_message(inboxes)]) for node, inboxes in bells.items()]
-            )
-        return written, replies[fans:]
+        follow = then(list(replies[fans:])) if then is not None else []
+        if not bells and not follow:
+            return written, replies[fans:], []
+        # PUBLISH may go to any node (the cluster bus carries it), so it rides with ``follow``'s commands.
+        route = follow[0][0] if follow else None
+        channel = self.keys.doorbell
+        rings: list[Command] = [
+            (route, ["PUBLISH", channel(node), doorbell_message(inboxes)]) for node, inboxes in bells.items()
+        ]
+        done = await self._run([*rings, *follow], raise_errors=False)
+        for reply in done[: len(rings)]:
+            if isinstance(reply, ResponseError):
+                raise_mapped(reply)
+            if isinstance(reply, BaseException):
+                raise reply
+        return written, replies[fans:], list(done[len(rings) :])
 
     # --- subscriptions and friends ---
 
