@@ -1,7 +1,8 @@
 """Identifiers: the one definition of what a userId and an imei may contain.
 
 Used by the REST app, the socket gateway and (mirrored byte for byte in ``valid_id`` of
-lua/presence.lua, checked by tests/test_ids.py) the Redis functions.
+lua/presence.lua, checked by tests/test_hostile.py) the Redis functions. The sizes are the library's
+limits (``presence/limits.py``).
 
 - userId: 1..64 UTF-8 bytes; imei: 1..128 UTF-8 bytes.
 - Both: valid UTF-8 (no lone surrogates), no control characters (C0 ``\\x00-\\x1f``, DEL, C1
@@ -18,9 +19,10 @@ from __future__ import annotations
 import re
 
 from presence.errors import ParamError
+from presence.limits import IMEI_BYTES, USER_ID_BYTES
 
-MAX_USER_ID_BYTES = 64
-MAX_IMEI_BYTES = 128
+MAX_USER_ID_BYTES = USER_ID_BYTES
+MAX_IMEI_BYTES = IMEI_BYTES
 
 # Characters no identifier may contain (surrogates included: they cannot be encoded as UTF-8).
 _FORBIDDEN = "\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff|"
