@@ -40,6 +40,10 @@ class ParamError(PresenceError):
     http_status = 400
 
 
+class ReplyError(PresenceError):
+    """Redis answered a library call in a shape this code does not know (another library version loaded?)."""
+
+
 class AuthError(PresenceError):
     """Missing, invalid or expired credentials (60000-60005)."""
 

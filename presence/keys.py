@@ -22,8 +22,17 @@ class UserKeys:
     outbox: str
 
     def state(self) -> list[str]:
-        """KEYS of presence_login / presence_logout / presence_set_custom_status."""
+        """KEYS[1..5] of presence_login / presence_logout / presence_set_custom_status."""
         return [self.sessions, self.status, self.subscribers, self.inbox, self.friends]
+
+
+@dataclass(frozen=True, slots=True)
+class FeedKeys:
+    """The optional KEYS[6..7] of the user's own functions: the user's feed outbox and the online counters
+    HASH of the user's slot (presence_set_custom_status takes the outbox only)."""
+
+    outbox: str
+    counters: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +42,21 @@ class KeySchema:
     def base(self, app_id: int, user_id: str) -> str:
         """The common start of a user's keys; hot paths append only the suffixes they need."""
         return f"{self.prefix}:{{{app_id}:{user_id}}}:"
+
+    def recipient(self, app_id: int, user_id: str) -> tuple[str, str, str]:
+        """A presence_fanout recipient's KEYS: sessions, inbox, pushed."""
+        base = self.base(app_id, user_id)
+        return (base + "sessions", base + "inbox", base + "pushed")
+
+    def recipient_unordered(self, app_id: int, user_id: str) -> tuple[str, str]:
+        """A presence_fanout recipient's KEYS for events without version ordering: sessions, inbox."""
+        base = self.base(app_id, user_id)
+        return (base + "sessions", base + "inbox")
+
+    def presence_keys(self, app_id: int, user_id: str) -> tuple[str, str]:
+        """What presence_query(_raw) reads of a user: sessions, status."""
+        base = self.base(app_id, user_id)
+        return (base + "sessions", base + "status")
 
     def user(self, app_id: int, user_id: str) -> UserKeys:
         base = self.base(app_id, user_id)
