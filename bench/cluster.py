@@ -30,7 +30,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 
 from bench.procs import ROOT
-from presence.functions import ensure_library
+from presence.library import ensure_library
 from presence.service import Presence
 from tests.redis_servers import Cluster, Server
 

@@ -7,6 +7,21 @@ Every key a function touches is passed in KEYS; no key is built here. Per-user k
 share the hash tag {appId:userId}, so one user's keys live in one cluster slot.
 Time always comes from the server's TIME.
 
+Argument layout (4.0.0): the functions that write inbox entries (presence_login, presence_logout,
+presence_set_custom_status, presence_fanout) all take the inbox options first:
+  ARGV[1] inbox MAXLEN (~)   ARGV[2] inbox TTL ms   ARGV[3] doorbell channel prefix ('' = no PUBLISH)
+and the user's own functions (login, logout, set_custom_status) go on with the same five:
+  ARGV[4] outbox MAXLEN (~)  ARGV[5] outbox TTL ms  (used only with the change feed KEYS)
+  ARGV[6] appId              ARGV[7] userId         ARGV[8] operation id (a login's: its connId)
+Their replies share one layout (a status change):
+  {changed 0|1, pack JSON, version, online 1|2, inbox last id, kicked count, recipient userIds...}
+  pack: the 4004 data (login, logout) or the 4006 data (set_custom_status), '' when a logout
+  changed nothing; version: the user's version the pack carries (0 with no pack); online: 1 while
+  the user has a live session, else 2; inbox last id: the newest entry of the user's inbox (login
+  only: where the new session starts; '' from the others); kicked: sessions the login kicked (0 from
+  the others); recipients: the friends and live subscribers to fan the pack out to (none when
+  changed = 0).
+
 Versions: every change of a user (session or custom status) moves the user's version (field
 `version` of the status HASH) forward by one, atomically with the change, and every pack of that
 user (4004, 4005, 4006, 4007) carries it as "version". presence_fanout keeps, per recipient, the
@@ -14,10 +29,10 @@ newest version it wrote for each (command, user) (the recipient's `pushed` HASH)
 or equal one, so a recipient's last entry for a user is always the newest state, whatever order
 the fan-outs run in, and a repeated fan-out writes nothing twice.
 
-Unknown outcomes: a change call may carry an operation id (the login's connId for a login). When a
-call is repeated after a timeout and its operation is one of the user's last 16 (field `ops`, even
-with later changes after it), nothing is applied again: the reply is rebuilt from the CURRENT stored
-state (changed = 1), so the caller fans out the newest state, which converges.
+Unknown outcomes: a change call carries an operation id (the login's connId for a login). When a
+call is repeated after a timeout and its operation is one of the user's last LIMITS.recentOps (field
+`ops`, even with later changes after it), nothing is applied again: the reply is rebuilt from the
+CURRENT stored state (changed = 1), so the caller fans out the newest state, which converges.
 
 Inbox entries (per-user STREAM) have the fields:
   c  command (4004, 4005, 4006, 4007, 9002)
@@ -32,18 +47,29 @@ nodes, and the caller rings each gateway once for all the slots of one change.
 On a Redis Cluster every call must name keys of one slot: operations over several
 users are split by the caller into one call per slot, each idempotent.
 
-Identifiers (the rule of presence/ids.py): a userId is 1..64 bytes, an imei 1..128 bytes,
-both valid UTF-8 without control characters (C0, DEL, C1), U+2028, U+2029 or '|'; a userId
-also without '{' or '}'.
+Identifiers (the rule of presence/ids.py): a userId is 1..LIMITS.userIdBytes bytes, an imei
+1..LIMITS.imeiBytes bytes, both valid UTF-8 without control characters (C0, DEL, C1), U+2028,
+U+2029 or '|'; a userId also without '{' or '}'.
 
 Errors start with PRESENCE_PARAM (bad argument), PRESENCE_LIMIT (a per-user limit is
 reached) or PRESENCE_STATE (a conflict).
 ]]
 
-local VERSION = '3.3.0'
-local MAX_SUB_TIME = 2592000000 -- 30 days in ms
-local MAX_CUSTOM_TEXT = 100 -- bytes
-local DEFAULT_MAX_SESSIONS = 10
+local VERSION = '4.0.0'
+
+-- The library's limits. presence/limits.py holds the same values (tests/test_limits.py compares
+-- them with presence_limits and probes each one), so Python refuses what the library would refuse.
+local LIMITS = {
+  userIdBytes = 64,
+  imeiBytes = 128,
+  customTextBytes = 100,
+  subTimeMs = 2592000000, -- 30 days
+  maxSessions = 10, -- presence_login's default when ARGV[15] is absent
+  recentOps = 16, -- operation ids remembered per user (repeats of them are replays)
+}
+local LIMIT_NAMES = {'userIdBytes', 'imeiBytes', 'customTextBytes', 'subTimeMs', 'maxSessions', 'recentOps'}
+local DEFAULT_OUTBOX_MAXLEN = 1000
+local DEFAULT_OUTBOX_TTL = 86400000
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -88,12 +114,15 @@ local function valid_id(s, most, banned)
   return true
 end
 
-local function valid_user_id(u) return valid_id(u, 64, '|{}') end
-local function valid_imei(s) return valid_id(s, 128, '|') end
+local USER_ID_RULE = '1..' .. LIMITS.userIdBytes .. ' bytes of UTF-8 without control characters, | { }'
+local IMEI_RULE = '1..' .. LIMITS.imeiBytes .. ' bytes without control characters or |'
+
+local function valid_user_id(u) return valid_id(u, LIMITS.userIdBytes, '|{}') end
+local function valid_imei(s) return valid_id(s, LIMITS.imeiBytes, '|') end
 
 -- Looser: ids stored before the identifier rule still log out (no ghost sessions after an upgrade).
 local function stored_user_id(u)
-  return type(u) == 'string' and #u >= 1 and #u <= 64 and not string.find(u, '[|{}]')
+  return type(u) == 'string' and #u >= 1 and #u <= LIMITS.userIdBytes and not string.find(u, '[|{}]')
 end
 
 -- A subscription set lives as long as its latest entry, so no such key outlives what it holds.
@@ -108,13 +137,69 @@ local function to_int(v)
   return n
 end
 
--- brokerId of a stored session JSON, read without decoding the whole record.
-local function broker_of(session_json)
-  return string.match(session_json, '"brokerId":"([^"]*)"')
+--[[ JSON: every JSON object the library writes (stored sessions, the packs of 4004/4005/4006/4007
+and 9002, a login's kicked devices, presence_query's reply) comes from json_object, so its bytes
+(field order, number format) are defined once. Clients, the gateway and presence/models.py read
+them. ]]
+local RAW = {} -- marks a value that is JSON already (stored session records, stored numbers)
+local function raw(text) return {[RAW] = text} end
+local NULL = raw('null')
+
+-- An object from a flat list {name, value, name, value, ...}, names in that order. A value is a
+-- number (written as Lua writes numbers), a string (JSON-encoded) or raw(json).
+local function json_object(fields)
+  local parts = {}
+  for i = 1, #fields, 2 do
+    local value = fields[i + 1]
+    local kind = type(value)
+    if kind == 'string' then
+      value = cjson.encode(value)
+    elseif kind == 'table' then
+      value = value[RAW]
+    end
+    parts[#parts + 1] = cjson.encode(fields[i]) .. ':' .. value
+  end
+  return '{' .. table.concat(parts, ',') .. '}'
 end
 
-local function connid_of(session_json)
-  return string.match(session_json, '"connId":"([^"]*)"')
+local function json_list(items)
+  return raw('[' .. table.concat(items, ',') .. ']')
+end
+
+-- One stored session (a value of the sessions HASH; presence/models.py Session).
+local function session_json(app_id, user_id, ct, imei, broker_id, broker_host, version, login_time, conn_id)
+  return json_object({'appId', app_id, 'userId', user_id, 'clientType', ct, 'imei', imei, 'connectState', 1,
+    'brokerId', broker_id, 'brokerHost', broker_host, 'version', version, 'loginTime', login_time,
+    'connId', conn_id})
+end
+
+-- A string field of a stored session (brokerId, connId), read without decoding the whole record:
+-- session_json writes it as "name":"value", which the pattern finds unless the value needed an
+-- escape (brokerId never does: it is [A-Za-z0-9._:-]); then the record is decoded.
+local function session_string(record, name)
+  local value = string.match(record, '"' .. name .. '":"([^"\\]*)"')
+  if value then return value end
+  local ok, decoded = pcall(cjson.decode, record)
+  if ok and type(decoded) == 'table' and type(decoded[name]) == 'string' then return decoded[name] end
+  return nil
+end
+
+-- 4004/4005 data (UserStatusChangeNotifyPack): the user's live sessions; and online 1|2.
+local function status_pack(app_id, user_id, session_values, version)
+  local online = 2
+  if #session_values > 0 then online = 1 end
+  return json_object({'appId', app_id, 'userId', user_id, 'status', online, 'client', json_list(session_values),
+    'version', version}), online
+end
+
+-- 4006/4007 data (UserCustomStatusChangeNotifyPack).
+local function custom_pack(user_id, custom, text, version)
+  return json_object({'userId', user_id, 'customStatus', custom, 'customText', text, 'version', version})
+end
+
+-- 9002 data (KickPack): the login that displaced the kicked connection.
+local function kick_pack(app_id, user_id, ct, imei)
+  return json_object({'appId', app_id, 'userId', user_id, 'clientType', ct, 'imei', imei})
 end
 
 -- Append one entry to an inbox and refresh its expiry; returns the entry id.
@@ -144,7 +229,7 @@ end
 
 local function add_nodes(by_node, session_values, inbox)
   for _, v in ipairs(session_values) do
-    local node = broker_of(v)
+    local node = session_string(v, 'brokerId')
     if node then
       local list = by_node[node]
       if list == nil then
@@ -170,28 +255,22 @@ local function recipients(friends_key, subscribers_key, user_id, now)
   return out
 end
 
-local function status_pack(app_id, user_id, session_values, version)
-  local online = 2
-  if #session_values > 0 then online = 1 end
-  return '{"appId":' .. app_id .. ',"userId":' .. cjson.encode(user_id) .. ',"status":' .. online ..
-    ',"client":[' .. table.concat(session_values, ',') .. '],"version":' .. version .. '}', online
+-- The reply of the user's own functions (the layout in the header above). Recipients only when
+-- something changed: then the caller fans the pack out to them.
+local function change_reply(changed, pack, version, online, last, kicked, who)
+  local reply = {changed, pack, version, online, last, kicked}
+  if changed == 1 and who then
+    for _, r in ipairs(who) do reply[#reply + 1] = r end
+  end
+  return reply
 end
-
-local function custom_pack(user_id, custom, text, version)
-  return '{"userId":' .. cjson.encode(user_id) .. ',"customStatus":' .. custom ..
-    ',"customText":' .. cjson.encode(text) .. ',"version":' .. version .. '}'
-end
-
--- How many of a user's latest operation ids are remembered: a retry behind fewer changes than
--- this is still known as a repeat (the ids live in the status HASH, so they expire with it).
-local RECENT_OPS = 16
 
 -- The user's version after a change (moved atomically with it), recording the change's operation id.
 local function next_version(status, op_id)
   if op_id ~= nil and op_id ~= '' and not string.find(op_id, '%s') then
     local kept = {op_id}
     for o in string.gmatch(redis.call('HGET', status, 'ops') or '', '%S+') do
-      if #kept >= RECENT_OPS then break end
+      if #kept >= LIMITS.recentOps then break end
       if o ~= op_id then kept[#kept + 1] = o end
     end
     redis.call('HSET', status, 'op', op_id, 'ops', table.concat(kept, ' '))
@@ -228,10 +307,10 @@ end
 -- the caller relays them to the app's feed shard with presence_feed_append. Fields (all strings):
 --   event login|logout|status  appId  userId  clientType  imei  reason  status 1|2 (after the change)
 --   sessions (live sessions after)  version (the user's version after the change, as in the packs)
---   time ms  [customStatus customText]
+--   time ms  [customStatus customText]  [kicked]
 local function feed_add(outbox, maxlen, ttl_ms, fields)
-  redis.call('XADD', outbox, 'MAXLEN', '~', to_int(maxlen) or 1000, '*', unpack(fields))
-  redis.call('PEXPIRE', outbox, to_int(ttl_ms) or 86400000)
+  redis.call('XADD', outbox, 'MAXLEN', '~', to_int(maxlen) or DEFAULT_OUTBOX_MAXLEN, '*', unpack(fields))
+  redis.call('PEXPIRE', outbox, to_int(ttl_ms) or DEFAULT_OUTBOX_TTL)
 end
 
 local function session_fields(event, app_id, user_id, ct, imei, reason, online, sessions, version, now)
@@ -245,6 +324,21 @@ end
 local function count(counters, app_id, ct, sessions_delta, users_delta)
   if sessions_delta ~= 0 then redis.call('HINCRBY', counters, app_id .. ':s:' .. ct, sessions_delta) end
   if users_delta ~= 0 then redis.call('HINCRBY', counters, app_id .. ':u', users_delta) end
+end
+
+-- ARGV[1..8] of the user's own functions (the layout in the header above), checked; or an error.
+local function change_args(name, keys, args, most_keys)
+  if #keys ~= 5 and #keys ~= most_keys then
+    return nil, param_error(name .. ' takes 5 or ' .. most_keys .. ' keys')
+  end
+  local c = {
+    maxlen = args[1], ttl = args[2], prefix = args[3], outbox_maxlen = args[4], outbox_ttl = args[5],
+    app_id = to_int(args[6]), user_id = args[7], op_id = args[8] or '',
+    sessions = keys[1], status = keys[2], subscribers = keys[3], inbox = keys[4], friends = keys[5],
+    outbox = keys[6], counters = keys[7],
+  }
+  if c.app_id == nil then return nil, param_error('appId must be an integer') end
+  return c
 end
 
 -- Which existing session (client type old_ct) a new login (client type new_ct) kicks
@@ -261,293 +355,312 @@ local function kicks(model, new_ct, old_ct)
   return false
 end
 
+-- presence_login's ARGV[9..15] on top of change_args, checked; or an error.
+local function login_args(keys, args)
+  local c, err = change_args('presence_login', keys, args, 7)
+  if c == nil then return nil, err end
+  c.conn_id, c.ct, c.imei = c.op_id, to_int(args[9]), args[10]
+  c.broker_id, c.broker_host, c.client_version = args[11] or '', args[12] or '', to_int(args[13]) or 0
+  c.model, c.max_sessions = to_int(args[14]), to_int(args[15]) or LIMITS.maxSessions
+  if not valid_user_id(c.user_id) then return nil, param_error('userId must be ' .. USER_ID_RULE) end
+  if c.ct == nil or c.ct < 0 or c.ct > 5 then return nil, param_error('clientType must be 0..5') end
+  if not valid_imei(c.imei) then return nil, param_error('imei must be ' .. IMEI_RULE) end
+  if #c.conn_id < 1 or string.find(c.conn_id, '"') then return nil, param_error('connId is required') end
+  if string.find(c.broker_id, '[^%w%._:-]') then return nil, param_error('brokerId must be [A-Za-z0-9._:-]') end
+  if c.model == nil or c.model < 1 or c.model > 4 then return nil, param_error('loginModel must be 1..4') end
+  if c.max_sessions < 1 then return nil, param_error('max sessions must be at least 1') end
+  c.field = c.ct .. ':' .. c.imei
+  return c
+end
+
+-- Who the login displaces, decided before anything is written (a refused login leaves no trace):
+-- the same device on another connection (replaced, no change for others) and the sessions the
+-- login model kicks; `remaining` sessions stay.
+local function login_plan(c, existing)
+  local plan = {kick = {}, remaining = 0, replaced = false, others = 0, before = #existing / 2}
+  for i = 1, #existing, 2 do
+    local f, v = existing[i], existing[i + 1]
+    if f == c.field then
+      plan.replaced = true
+      if session_string(v, 'connId') ~= c.conn_id then plan.kick[#plan.kick + 1] = {f, v, false} end
+    else
+      local old_ct = to_int(string.match(f, '^(%d+):'))
+      if old_ct and kicks(c.model, c.ct, old_ct) then
+        plan.kick[#plan.kick + 1] = {f, v, true}
+        plan.others = plan.others + 1
+      else
+        plan.remaining = plan.remaining + 1
+      end
+    end
+  end
+  return plan
+end
+
+-- Removes the kicked sessions of other devices (with their feed entry and counters) and tells every
+-- kicked connection (9002, to that connection only). Returns the kicked devices' JSON for the feed.
+local function kick_sessions(c, plan, version, now, by_node)
+  local kicked_json, live = {}, plan.before
+  for _, k in ipairs(plan.kick) do
+    if k[3] then
+      redis.call('HDEL', c.sessions, k[1])
+      live = live - 1
+      if c.outbox then
+        local kct = to_int(string.match(k[1], '^(%d+):'))
+        local kimei = string.match(k[1], '^%d+:(.*)$')
+        count(c.counters, c.app_id, kct, -1, 0)
+        feed_add(c.outbox, c.outbox_maxlen, c.outbox_ttl, session_fields('logout', c.app_id, c.user_id, kct,
+          kimei, 'kicked', 1, live, version, now))
+        kicked_json[#kicked_json + 1] = json_object({'clientType', kct, 'imei', kimei})
+      end
+    end
+    inbox_add(c.inbox, c.maxlen, c.ttl, 9002, kick_pack(c.app_id, c.user_id, c.ct, c.imei), nil,
+      session_string(k[2], 'connId'))
+    add_nodes(by_node, {k[2]}, c.inbox)
+  end
+  return kicked_json
+end
+
+-- The login's feed entry (after the kicked devices' own) and the counters it moves.
+local function login_feed(c, plan, version, now, kicked_json)
+  if not plan.replaced then count(c.counters, c.app_id, c.ct, 1, plan.before == 0 and 1 or 0) end
+  local fields = session_fields('login', c.app_id, c.user_id, c.ct, c.imei, 'login', 1,
+    redis.call('HLEN', c.sessions), version, now)
+  -- the devices this login kicked (their own 'kicked' entries came just before), as Tencent's KickedDevice
+  fields[#fields + 1] = 'kicked'
+  fields[#fields + 1] = '[' .. table.concat(kicked_json, ',') .. ']'
+  feed_add(c.outbox, c.outbox_maxlen, c.outbox_ttl, fields)
+end
+
 --[[ presence_login
 KEYS[1] sessions HASH     KEYS[2] status HASH   KEYS[3] subscribers ZSET
 KEYS[4] inbox STREAM      KEYS[5] friends SET
-ARGV[1] appId  ARGV[2] userId  ARGV[3] clientType 0..5  ARGV[4] imei  ARGV[5] connId
-ARGV[6] brokerId  ARGV[7] brokerHost  ARGV[8] version  ARGV[9] loginModel 1..4
-ARGV[10] inbox MAXLEN  ARGV[11] inbox TTL ms  ARGV[12] doorbell channel prefix
-ARGV[13] most live sessions of the user, WEBAPI included (optional, default 10)
 Optional (the change feed and online counters; both or neither):
 KEYS[6] the user's outbox STREAM   KEYS[7] the online counters HASH of the user's slot
-ARGV[14] outbox MAXLEN  ARGV[15] outbox TTL ms
-  A login that changed something appends a 'logout' entry (reason kicked) per kicked session,
-  then a 'login' entry (field kicked: JSON list of {clientType, imei} it kicked), to the outbox,
-  and moves the counters.
-Reply: {changed 0|1, 4004 data JSON, inbox last id, kicked count, recipient userIds...}
-  The 4004 data carries the user's version. A repeat of a login whose session (same connId) is
-  still stored applies nothing: changed = 1 and the current state, for the caller to fan out.
-  changed = 0 when the login only replaced the same device's session (a reconnect):
-  nobody is told, friends see no second "online". Kicked sessions (same device on
-  another connection, or the login model's conflicts) are removed and get a 9002 entry.
-Errors: PRESENCE_LIMIT when the login would make more live sessions than ARGV[13]: the new
-  login is refused and nothing is written (existing sessions are never kicked for it).
+ARGV[1] inbox MAXLEN  ARGV[2] inbox TTL ms  ARGV[3] doorbell channel prefix
+ARGV[4] outbox MAXLEN  ARGV[5] outbox TTL ms  ARGV[6] appId  ARGV[7] userId
+ARGV[8] connId (the new session's connection; also the login's operation id)
+ARGV[9] clientType 0..5  ARGV[10] imei  ARGV[11] brokerId (the gateway node; [A-Za-z0-9._:-])
+ARGV[12] brokerHost  ARGV[13] client version  ARGV[14] loginModel 1..4
+ARGV[15] most live sessions of the user, WEBAPI included (optional, default LIMITS.maxSessions)
+  With KEYS[6..7], a login that changed something appends a 'logout' entry (reason kicked) per
+  kicked session, then a 'login' entry (field kicked: JSON list of {clientType, imei} it kicked), to
+  the outbox, and moves the counters.
+Reply: a status change {changed, 4004 data, version, online 1, inbox last id, kicked, recipients...}
+  A repeat of a login whose session (same connId) is still stored applies nothing: changed = 1 and
+  the current state, for the caller to fan out. changed = 0 when the login only replaced the same
+  device's session (a reconnect): nobody is told, friends see no second "online". Kicked sessions
+  (same device on another connection, or the login model's conflicts) are removed and get a 9002
+  entry. The new session's other sessions get a 4005 entry (skipping the new connection).
+Errors: PRESENCE_PARAM for a key count other than 5 or 7, a non-integer appId, a userId or imei
+  breaking the identifier rule, clientType outside 0..5, an empty connId or one with '"', a brokerId
+  outside [A-Za-z0-9._:-], loginModel outside 1..4, max sessions below 1.
+  PRESENCE_LIMIT when the login would make more live sessions than ARGV[15]: the new login is
+  refused and nothing is written (existing sessions are never kicked for it).
 ]]
 local function presence_login(keys, args)
-  if #keys ~= 5 and #keys ~= 7 then return param_error('presence_login takes 5 or 7 keys') end
-  local app_id, user_id, imei, conn_id = to_int(args[1]), args[2], args[4], args[5]
-  local ct, model = to_int(args[3]), to_int(args[9])
-  local broker_id = args[6] or ''
-  if app_id == nil then return param_error('appId must be an integer') end
-  if not valid_user_id(user_id) then return param_error('userId must be 1..64 bytes of UTF-8 without control characters, | { }') end
-  if ct == nil or ct < 0 or ct > 5 then return param_error('clientType must be 0..5') end
-  if not valid_imei(imei) then return param_error('imei must be 1..128 bytes without control characters or |') end
-  if conn_id == nil or #conn_id < 1 or string.find(conn_id, '"') then return param_error('connId is required') end
-  if string.find(broker_id, '[^%w%._:-]') then return param_error('brokerId must be [A-Za-z0-9._:-]') end
-  if model == nil or model < 1 or model > 4 then return param_error('loginModel must be 1..4') end
-  local maxlen, ttl, prefix = args[10], args[11], args[12]
-  local max_sessions = to_int(args[13]) or DEFAULT_MAX_SESSIONS
-  if max_sessions < 1 then return param_error('max sessions must be at least 1') end
-
-  local sessions, status, subscribers, inbox, friends = keys[1], keys[2], keys[3], keys[4], keys[5]
+  local c, err = login_args(keys, args)
+  if c == nil then return err end
   local now = now_ms()
-  local field = ct .. ':' .. imei
-  local by_node = {}
-  local kicked, kicked_others, replaced = 0, 0, false
 
   -- A repeat (the first reply was lost): the session is there; tell the caller the current state.
-  local mine = redis.call('HGET', sessions, field)
-  if mine and connid_of(mine) == conn_id then
-    local values = redis.call('HVALS', sessions)
-    local pack = status_pack(app_id, user_id, values, stored_version(status))
-    local reply = {1, pack, last_id(inbox), 0}
-    for _, r in ipairs(recipients(friends, subscribers, user_id, now)) do reply[#reply + 1] = r end
-    return reply
+  local mine = redis.call('HGET', c.sessions, c.field)
+  if mine and session_string(mine, 'connId') == c.conn_id then
+    local pack, online = status_pack(c.app_id, c.user_id, redis.call('HVALS', c.sessions), stored_version(c.status))
+    return change_reply(1, pack, stored_version(c.status), online, last_id(c.inbox), 0,
+      recipients(c.friends, c.subscribers, c.user_id, now))
   end
 
-  -- Decide first, write after the session cap check: a refused login leaves no trace.
-  local existing = redis.call('HGETALL', sessions)
-  local to_kick, remaining = {}, 0
-  for i = 1, #existing, 2 do
-    local f, v = existing[i], existing[i + 1]
-    if f == field then
-      replaced = true
-      if connid_of(v) ~= conn_id then to_kick[#to_kick + 1] = {f, v, false} end
-    else
-      local old_ct = to_int(string.match(f, '^(%d+):'))
-      if old_ct and kicks(model, ct, old_ct) then
-        to_kick[#to_kick + 1] = {f, v, true}
-        kicked_others = kicked_others + 1
-      else
-        remaining = remaining + 1
-      end
-    end
+  local plan = login_plan(c, redis.call('HGETALL', c.sessions))
+  if plan.remaining + 1 > c.max_sessions then
+    return redis.error_reply('PRESENCE_LIMIT ' .. c.user_id .. ' already has ' .. plan.remaining ..
+      ' live sessions, the most per user is ' .. c.max_sessions)
   end
-  if remaining + 1 > max_sessions then
-    return redis.error_reply('PRESENCE_LIMIT ' .. user_id .. ' already has ' .. remaining ..
-      ' live sessions, the most per user is ' .. max_sessions)
-  end
-  local outbox, counters = keys[6], keys[7]
-  local before = #existing / 2
-  local live = before
   -- Only the same device coming back (a reconnect) is no change for anybody else: it keeps the
   -- version others hold. Otherwise the version moves once, for the login and the kicks it causes.
   local changed = 1
-  if replaced and kicked_others == 0 then changed = 0 end
+  if plan.replaced and plan.others == 0 then changed = 0 end
   local version
   if changed == 1 then
-    version = next_version(status, conn_id)
+    version = next_version(c.status, c.conn_id)
   else
-    redis.call('HSET', status, 'op', conn_id)
-    version = stored_version(status)
+    redis.call('HSET', c.status, 'op', c.conn_id)
+    version = stored_version(c.status)
   end
-  local kicked_json = {}
-  for _, k in ipairs(to_kick) do
-    if k[3] then
-      redis.call('HDEL', sessions, k[1])
-      live = live - 1
-      if outbox then
-        local kct = to_int(string.match(k[1], '^(%d+):'))
-        local kimei = string.match(k[1], '^%d+:(.*)$')
-        count(counters, app_id, kct, -1, 0)
-        feed_add(outbox, args[14], args[15], session_fields('logout', app_id, user_id, kct,
-          kimei, 'kicked', 1, live, version, now))
-        kicked_json[#kicked_json + 1] = '{"clientType":' .. kct .. ',"imei":' .. cjson.encode(kimei) .. '}'
-      end
-    end
-    kicked = kicked + 1
-    local data = '{"appId":' .. app_id .. ',"userId":' .. cjson.encode(user_id) ..
-      ',"clientType":' .. ct .. ',"imei":' .. cjson.encode(imei) .. '}'
-    inbox_add(inbox, maxlen, ttl, 9002, data, nil, connid_of(k[2]))
-    add_nodes(by_node, {k[2]}, inbox)
-  end
-  local session = '{"appId":' .. app_id .. ',"userId":' .. cjson.encode(user_id) ..
-    ',"clientType":' .. ct .. ',"imei":' .. cjson.encode(imei) .. ',"connectState":1' ..
-    ',"brokerId":' .. cjson.encode(broker_id) .. ',"brokerHost":' .. cjson.encode(args[7] or '') ..
-    ',"version":' .. (to_int(args[8]) or 0) .. ',"loginTime":' .. now ..
-    ',"connId":' .. cjson.encode(conn_id) .. '}'
-  redis.call('HSET', sessions, field, session)
-  redis.call('HSET', status, 'lastSeen', now)
-  if outbox and changed == 1 then
-    if not replaced then count(counters, app_id, ct, 1, before == 0 and 1 or 0) end
-    local fields = session_fields('login', app_id, user_id, ct, imei, 'login', 1,
-      redis.call('HLEN', sessions), version, now)
-    -- the devices this login kicked (their own 'kicked' entries came just before), as Tencent's KickedDevice
-    fields[#fields + 1] = 'kicked'
-    fields[#fields + 1] = '[' .. table.concat(kicked_json, ',') .. ']'
-    feed_add(outbox, args[14], args[15], fields)
-  end
+  local by_node = {}
+  local kicked_json = kick_sessions(c, plan, version, now, by_node)
+  redis.call('HSET', c.sessions, c.field, session_json(c.app_id, c.user_id, c.ct, c.imei, c.broker_id,
+    c.broker_host, c.client_version, now, c.conn_id))
+  redis.call('HSET', c.status, 'lastSeen', now)
+  if c.outbox and changed == 1 then login_feed(c, plan, version, now, kicked_json) end
 
-  local values = redis.call('HVALS', sessions)
-  local pack = status_pack(app_id, user_id, values, version)
+  local values = redis.call('HVALS', c.sessions)
+  local pack, online = status_pack(c.app_id, c.user_id, values, version)
   if changed == 1 and #values > 1 then
-    inbox_add(inbox, maxlen, ttl, 4005, pack, conn_id, nil)
-    add_nodes(by_node, values, inbox)
-  elseif redis.call('EXISTS', inbox) == 1 then
-    redis.call('PEXPIRE', inbox, ttl)
+    inbox_add(c.inbox, c.maxlen, c.ttl, 4005, pack, c.conn_id, nil)
+    add_nodes(by_node, values, c.inbox)
+  elseif redis.call('EXISTS', c.inbox) == 1 then
+    redis.call('PEXPIRE', c.inbox, c.ttl)
   end
-  ring(prefix, by_node)
-
-  local reply = {changed, pack, last_id(inbox), kicked}
-  if changed == 1 then
-    for _, r in ipairs(recipients(friends, subscribers, user_id, now)) do reply[#reply + 1] = r end
-  end
-  return reply
+  ring(c.prefix, by_node)
+  local who = nil
+  if changed == 1 then who = recipients(c.friends, c.subscribers, c.user_id, now) end
+  return change_reply(changed, pack, version, online, last_id(c.inbox), #plan.kick, who)
 end
 
 --[[ presence_logout
 KEYS[1] sessions HASH     KEYS[2] status HASH   KEYS[3] subscribers ZSET
 KEYS[4] inbox STREAM      KEYS[5] friends SET
-ARGV[1] appId  ARGV[2] userId  ARGV[3] clientType  ARGV[4] imei
-ARGV[5] connId: remove only if the session still belongs to this connection ('' = any)
-ARGV[6] inbox MAXLEN  ARGV[7] inbox TTL ms  ARGV[8] doorbell channel prefix
-ARGV[9] TTL ms of the inbox once the last session is gone (undelivered kicks drain)
-ARGV[10] operation id ('' = none; optional)
-ARGV[11] evidence age ms: the user was last seen this long before now (optional, default 0)
-ARGV[12] evidence time ms on the server's clock (optional, 0 = use ARGV[11]); never later than now
 Optional (the change feed and online counters; both or neither):
 KEYS[6] the user's outbox STREAM   KEYS[7] the online counters HASH of the user's slot
-ARGV[13] reason (logout|close|timeout|reaped|kicked|shutdown|error)  ARGV[14] outbox MAXLEN
-ARGV[15] outbox TTL ms
-Reply: {changed 0|1, 4004 data JSON, online 1|2, recipient userIds...}
-  changed = 0 (and nothing else) when the session is gone or belongs to a newer
-  connection: a late logout never removes a newer login of the same device. A repeat of
-  one of the user's recent operations (ARGV[10]) applies nothing and replies changed = 1 with the
-  current state. lastSeen becomes the later of its stored value and the evidence.
+ARGV[1] inbox MAXLEN  ARGV[2] inbox TTL ms  ARGV[3] doorbell channel prefix
+ARGV[4] outbox MAXLEN  ARGV[5] outbox TTL ms  ARGV[6] appId  ARGV[7] userId
+ARGV[8] operation id ('' = none)
+ARGV[9] clientType  ARGV[10] imei
+ARGV[11] connId: remove only if the session still belongs to this connection ('' = any)
+ARGV[12] reason, for the feed entry (logout|close|timeout|reaped|kicked|shutdown|error|...; '' = logout)
+ARGV[13] TTL ms of the inbox once the last session is gone (undelivered kicks drain)
+ARGV[14] evidence age ms: the user was last seen this long before now (optional, default 0)
+ARGV[15] evidence time ms on the server's clock (optional, 0 = use ARGV[14]); never later than now
+Reply: a status change {changed, 4004 data, version, online, '', 0, recipients...}
+  changed = 0 (pack '', version 0) when the session is gone or belongs to a newer connection: a
+  late logout never removes a newer login of the same device. A repeat of one of the user's recent
+  operations (ARGV[8]) applies nothing and replies changed = 1 with the current state. lastSeen
+  becomes the later of its stored value and the evidence. The user's other sessions get a 4005
+  entry (skipping ARGV[11]).
+Errors: PRESENCE_PARAM for a key count other than 5 or 7, a non-integer appId, a userId that is not
+  1..LIMITS.userIdBytes bytes without | { } (ids stored before the identifier rule still log out), a
+  missing clientType or imei.
 ]]
 local function presence_logout(keys, args)
-  if #keys ~= 5 and #keys ~= 7 then return param_error('presence_logout takes 5 or 7 keys') end
-  local app_id, user_id, ct, imei, conn_id = to_int(args[1]), args[2], to_int(args[3]), args[4], args[5] or ''
-  if app_id == nil then return param_error('appId must be an integer') end
-  if not stored_user_id(user_id) then return param_error('userId must be 1..64 bytes without | { }') end
+  local c, err = change_args('presence_logout', keys, args, 7)
+  if c == nil then return err end
+  local ct, imei, conn_id = to_int(args[9]), args[10], args[11] or ''
+  if not stored_user_id(c.user_id) then
+    return param_error('userId must be 1..' .. LIMITS.userIdBytes .. ' bytes without | { }')
+  end
   if ct == nil or imei == nil then return param_error('clientType and imei are required') end
-  local maxlen, ttl, prefix, idle_ttl = args[6], args[7], args[8], args[9]
-  local sessions, status, subscribers, inbox, friends = keys[1], keys[2], keys[3], keys[4], keys[5]
-
-  local op_id, age, seen_at = args[10] or '', to_int(args[11]) or 0, to_int(args[12]) or 0
+  local reason, offline_ttl = args[12], args[13]
+  if reason == nil or reason == '' then reason = 'logout' end
+  local age, seen_at = to_int(args[14]) or 0, to_int(args[15]) or 0
   local now = now_ms()
 
-  if is_recent_op(status, op_id) then
-    local values = redis.call('HVALS', sessions)
-    local pack, online = status_pack(app_id, user_id, values, stored_version(status))
-    local reply = {1, pack, online}
-    for _, r in ipairs(recipients(friends, subscribers, user_id, now)) do reply[#reply + 1] = r end
-    return reply
+  if is_recent_op(c.status, c.op_id) then
+    local version = stored_version(c.status)
+    local pack, online = status_pack(c.app_id, c.user_id, redis.call('HVALS', c.sessions), version)
+    return change_reply(1, pack, version, online, '', 0, recipients(c.friends, c.subscribers, c.user_id, now))
   end
 
   local field = ct .. ':' .. imei
-  local current = redis.call('HGET', sessions, field)
-  if not current then return {0} end
-  if conn_id ~= '' and connid_of(current) ~= conn_id then return {0} end
+  local current = redis.call('HGET', c.sessions, field)
+  if not current or (conn_id ~= '' and session_string(current, 'connId') ~= conn_id) then
+    local online = 2
+    if redis.call('HLEN', c.sessions) > 0 then online = 1 end
+    return change_reply(0, '', 0, online, '', 0, nil)
+  end
 
-  redis.call('HDEL', sessions, field)
-  local version = next_version(status, op_id)
+  redis.call('HDEL', c.sessions, field)
+  local version = next_version(c.status, c.op_id)
   local seen = now - math.max(age, 0)
   if seen_at > 0 then seen = math.min(seen_at, now) end
-  local before = to_int(redis.call('HGET', status, 'lastSeen'))
-  if before == nil or before < seen then redis.call('HSET', status, 'lastSeen', seen) end
-  local values = redis.call('HVALS', sessions)
-  local pack, online = status_pack(app_id, user_id, values, version)
-  if keys[6] then
-    count(keys[7], app_id, ct, -1, #values == 0 and -1 or 0)
-    feed_add(keys[6], args[14], args[15], session_fields('logout', app_id, user_id, ct, imei,
-      args[13] or 'logout', online, #values, version, now))
+  local before = to_int(redis.call('HGET', c.status, 'lastSeen'))
+  if before == nil or before < seen then redis.call('HSET', c.status, 'lastSeen', seen) end
+  local values = redis.call('HVALS', c.sessions)
+  local pack, online = status_pack(c.app_id, c.user_id, values, version)
+  if c.outbox then
+    count(c.counters, c.app_id, ct, -1, #values == 0 and -1 or 0)
+    feed_add(c.outbox, c.outbox_maxlen, c.outbox_ttl, session_fields('logout', c.app_id, c.user_id, ct, imei,
+      reason, online, #values, version, now))
   end
   if #values == 0 then
-    if redis.call('EXISTS', inbox) == 1 then redis.call('PEXPIRE', inbox, idle_ttl) end
+    if redis.call('EXISTS', c.inbox) == 1 then redis.call('PEXPIRE', c.inbox, offline_ttl) end
   else
-    inbox_add(inbox, maxlen, ttl, 4005, pack, conn_id ~= '' and conn_id or nil, nil)
+    inbox_add(c.inbox, c.maxlen, c.ttl, 4005, pack, conn_id ~= '' and conn_id or nil, nil)
     local by_node = {}
-    add_nodes(by_node, values, inbox)
-    ring(prefix, by_node)
+    add_nodes(by_node, values, c.inbox)
+    ring(c.prefix, by_node)
   end
-  local reply = {1, pack, online}
-  for _, r in ipairs(recipients(friends, subscribers, user_id, now)) do reply[#reply + 1] = r end
-  return reply
+  return change_reply(1, pack, version, online, '', 0, recipients(c.friends, c.subscribers, c.user_id, now))
 end
 
 --[[ presence_set_custom_status
 KEYS[1] sessions HASH     KEYS[2] status HASH   KEYS[3] subscribers ZSET
 KEYS[4] inbox STREAM      KEYS[5] friends SET
-ARGV[1] appId  ARGV[2] userId  ARGV[3] customStatus (integer)  ARGV[4] customText (<= 100 bytes)
-ARGV[5] origin connId ('' = none: every session of the user gets the 4007 sync)
-ARGV[6] inbox MAXLEN  ARGV[7] inbox TTL ms  ARGV[8] doorbell channel prefix
-ARGV[9] operation id ('' = none; optional)
-Optional (the change feed): KEYS[6] the user's outbox STREAM  ARGV[10] outbox MAXLEN  ARGV[11] outbox TTL ms
-  appends a 'status' entry (clientType 0, imei and reason '') with customStatus and customText.
-Reply: {1, 4006 data JSON (with the user's version), recipient userIds...}
-  A repeat of one of the user's recent operations (ARGV[9], even after later changes) applies
-  nothing and replies the current state.
+Optional (the change feed): KEYS[6] the user's outbox STREAM
+ARGV[1] inbox MAXLEN  ARGV[2] inbox TTL ms  ARGV[3] doorbell channel prefix
+ARGV[4] outbox MAXLEN  ARGV[5] outbox TTL ms  ARGV[6] appId  ARGV[7] userId
+ARGV[8] operation id ('' = none)
+ARGV[9] customStatus (integer)  ARGV[10] customText (<= LIMITS.customTextBytes bytes)
+ARGV[11] origin connId ('' = none: every session of the user gets the 4007 sync)
+  With KEYS[6] it appends a 'status' entry (clientType 0, imei and reason '') with customStatus
+  and customText.
+Reply: a status change {1, 4006 data, version, online, '', 0, recipients...}
+  A repeat of one of the user's recent operations (ARGV[8], even after later changes) applies
+  nothing and replies the current state. The user's sessions but the origin get a 4007 entry.
+Errors: PRESENCE_PARAM for a key count other than 5 or 6, a non-integer appId, a userId breaking the
+  identifier rule, a non-integer customStatus, a customText over LIMITS.customTextBytes bytes.
 ]]
 local function presence_set_custom_status(keys, args)
-  if #keys ~= 5 and #keys ~= 6 then return param_error('presence_set_custom_status takes 5 or 6 keys') end
-  local app_id, user_id, custom, text, origin = to_int(args[1]), args[2], to_int(args[3]), args[4] or '', args[5] or ''
-  if app_id == nil then return param_error('appId must be an integer') end
-  if not valid_user_id(user_id) then return param_error('userId must be 1..64 bytes of UTF-8 without control characters, | { }') end
+  local c, err = change_args('presence_set_custom_status', keys, args, 6)
+  if c == nil then return err end
+  local custom, text, origin = to_int(args[9]), args[10] or '', args[11] or ''
+  if not valid_user_id(c.user_id) then return param_error('userId must be ' .. USER_ID_RULE) end
   if custom == nil then return param_error('customStatus must be an integer') end
-  if #text > MAX_CUSTOM_TEXT then return param_error('customText must be at most 100 bytes') end
-  local maxlen, ttl, prefix = args[6], args[7], args[8]
-  local sessions, status, subscribers, inbox, friends = keys[1], keys[2], keys[3], keys[4], keys[5]
-
-  local op_id = args[9] or ''
-  local now = now_ms()
-  if is_recent_op(status, op_id) then
-    local st = redis.call('HMGET', status, 'customStatus', 'customText')
-    local reply = {1, custom_pack(user_id, to_int(st[1]) or custom, st[2] or text, stored_version(status))}
-    for _, r in ipairs(recipients(friends, subscribers, user_id, now)) do reply[#reply + 1] = r end
-    return reply
+  if #text > LIMITS.customTextBytes then
+    return param_error('customText must be at most ' .. LIMITS.customTextBytes .. ' bytes')
   end
-  redis.call('HSET', status, 'customStatus', custom, 'customText', text, 'customAt', now)
-  local version = next_version(status, op_id)
-  local pack = custom_pack(user_id, custom, text, version)
-  local values = redis.call('HVALS', sessions)
-  if keys[6] then
-    local fields = session_fields('status', app_id, user_id, 0, '', '', #values > 0 and 1 or 2, #values,
-      version, now)
+  local now = now_ms()
+  if is_recent_op(c.status, c.op_id) then
+    local st = redis.call('HMGET', c.status, 'customStatus', 'customText')
+    local version = stored_version(c.status)
+    local online = 2
+    if redis.call('HLEN', c.sessions) > 0 then online = 1 end
+    return change_reply(1, custom_pack(c.user_id, to_int(st[1]) or custom, st[2] or text, version), version,
+      online, '', 0, recipients(c.friends, c.subscribers, c.user_id, now))
+  end
+  redis.call('HSET', c.status, 'customStatus', custom, 'customText', text, 'customAt', now)
+  local version = next_version(c.status, c.op_id)
+  local pack = custom_pack(c.user_id, custom, text, version)
+  local values = redis.call('HVALS', c.sessions)
+  local online = 2
+  if #values > 0 then online = 1 end
+  if c.outbox then
+    local fields = session_fields('status', c.app_id, c.user_id, 0, '', '', online, #values, version, now)
     fields[#fields + 1] = 'customStatus'; fields[#fields + 1] = tostring(custom)
     fields[#fields + 1] = 'customText'; fields[#fields + 1] = text
-    feed_add(keys[6], args[10], args[11], fields)
+    feed_add(c.outbox, c.outbox_maxlen, c.outbox_ttl, fields)
   end
   local others = #values
   if origin ~= '' then others = others - 1 end
   if others > 0 then
-    inbox_add(inbox, maxlen, ttl, 4007, pack, origin ~= '' and origin or nil, nil)
+    inbox_add(c.inbox, c.maxlen, c.ttl, 4007, pack, origin ~= '' and origin or nil, nil)
     local by_node = {}
-    add_nodes(by_node, values, inbox)
-    ring(prefix, by_node)
+    add_nodes(by_node, values, c.inbox)
+    ring(c.prefix, by_node)
   end
-  local reply = {1, pack}
-  for _, r in ipairs(recipients(friends, subscribers, user_id, now)) do reply[#reply + 1] = r end
-  return reply
+  return change_reply(1, pack, version, online, '', 0, recipients(c.friends, c.subscribers, c.user_id, now))
 end
 
 --[[ presence_fanout
 KEYS: recipient triples  sessions_1, inbox_1, pushed_1, sessions_2, inbox_2, pushed_2, ...
   (one slot on a cluster); without ARGV[6..7], pairs  sessions_1, inbox_1, ...  (no ordering)
-ARGV[1] command (4004 | 4006)  ARGV[2] data JSON  ARGV[3] inbox MAXLEN  ARGV[4] inbox TTL ms
-ARGV[5] doorbell channel prefix ('' = publish nothing, name the nodes in the reply)
-ARGV[6] the changed user's id   ARGV[7] its version (the one in ARGV[2])
-Reply: {entries written, doorbells published}, and when ARGV[5] is '':
+ARGV[1] inbox MAXLEN  ARGV[2] inbox TTL ms
+ARGV[3] doorbell channel prefix ('' = publish nothing, name the nodes in the reply)
+ARGV[4] command (4004 | 4006 | 4010 ...)  ARGV[5] data JSON
+ARGV[6] the changed user's id   ARGV[7] its version (the one in ARGV[5])
+Reply: {entries written, doorbells published}, and when ARGV[3] is '':
   {entries written, 0, node id, {inbox keys}, node id, {inbox keys}, ...}
   Only recipients with an online session get an entry: offline users pull on connect.
   A recipient whose pushed HASH already holds this version or a newer one for (command, user)
   gets nothing: the newest state is never followed by an older one. Safe to repeat.
+Errors: PRESENCE_PARAM without a command and data, or when the keys are not whole triples (pairs
+  without ARGV[6..7]).
 ]]
 local function presence_fanout(keys, args)
-  local command, data, maxlen, ttl, prefix = args[1], args[2], args[3], args[4], args[5]
+  local maxlen, ttl, prefix, command, data = args[1], args[2], args[3], args[4], args[5]
   local subject, version = args[6], to_int(args[7])
   local step = 2
   if subject ~= nil and version ~= nil then step = 3 end
+  if command == nil or data == nil then return param_error('presence_fanout takes inbox options, a command and data') end
   if #keys % step ~= 0 then return param_error('presence_fanout takes sessions/inbox(/pushed) key groups') end
   local field = command .. ':' .. (subject or '')
   local by_node = {}
@@ -581,21 +694,24 @@ end
 
 --[[ presence_subscribe  (the subscriber's side)
 KEYS[1] the subscriber's subscriptions ZSET (reverse index)
-ARGV[1] subscriber userId  ARGV[2] subTime ms (1 .. 2592000000, relative)
+ARGV[1] subscriber userId  ARGV[2] subTime ms (1 .. LIMITS.subTimeMs, relative)
 ARGV[3] most live subscriptions per subscriber  ARGV[4..] target userIds
 Reply: {expireAt ms, live subscriptions after the call}
   Subscribing again overwrites the expiry. Expired entries are pruned first. Then the
   caller runs presence_subscribers_add with this expireAt on the targets' keys (per slot):
   pushes start once that ran; repeating both converges. The reverse index
   expires (PEXPIREAT) with its latest entry.
+Errors: PRESENCE_PARAM for a key count other than 1, no target, a subscriber or target breaking the
+  identifier rule, the subscriber among the targets, subTime out of range, a limit below 1, and
+  when the call would make more live subscriptions than ARGV[3] (nothing is written then).
 ]]
 local function presence_subscribe(keys, args)
   local subscriber, sub_time, limit = args[1], to_int(args[2]), to_int(args[3])
   local n = #args - 3
   if #keys ~= 1 or n < 1 then return param_error('presence_subscribe takes 1 key and at least one target') end
-  if not valid_user_id(subscriber) then return param_error('subscriber userId must be 1..64 bytes of UTF-8 without control characters, | { }') end
-  if sub_time == nil or sub_time < 1 or sub_time > MAX_SUB_TIME then
-    return param_error('subTime must be between 1 and ' .. MAX_SUB_TIME .. ' ms')
+  if not valid_user_id(subscriber) then return param_error('subscriber userId must be ' .. USER_ID_RULE) end
+  if sub_time == nil or sub_time < 1 or sub_time > LIMITS.subTimeMs then
+    return param_error('subTime must be between 1 and ' .. LIMITS.subTimeMs .. ' ms')
   end
   if limit == nil or limit < 1 then return param_error('limit must be a positive integer') end
   local now = now_ms()
@@ -606,7 +722,7 @@ local function presence_subscribe(keys, args)
   local added = 0
   for i = 1, n do
     local target = args[i + 3]
-    if not valid_user_id(target) then return param_error('subUserId must be 1..64 bytes of UTF-8 without control characters, | { }') end
+    if not valid_user_id(target) then return param_error('subUserId must be ' .. USER_ID_RULE) end
     if target == subscriber then return param_error('subUserId must not contain the subscriber itself') end
     if not fresh[target] and not redis.call('ZSCORE', index, target) then added = added + 1 end
     fresh[target] = true
@@ -627,6 +743,7 @@ KEYS[1] the subscriber's subscriptions ZSET
 ARGV[1] most entries to return
 Reply: {now ms, target userId, expireAt ms, target userId, expireAt ms, ...}: the live subscriptions,
   the soonest to expire first (expired entries are left for the next write to prune)
+Errors: PRESENCE_PARAM for a key count other than 1 or a limit that is not a positive integer.
 ]]
 local function presence_subscriptions(keys, args)
   local limit = to_int(args[1])
@@ -648,11 +765,13 @@ Reply: number of subscribers ZSETs the subscriber was new in
   Expired entries are pruned first. Idempotent: a repeat sets the same score. Every set
   written expires (PEXPIREAT) with its latest entry, so subscriptions to users who never
   come online leave no key behind.
+Errors: PRESENCE_PARAM without keys, with other than 2 ARGV, a subscriber breaking the identifier
+  rule, an expireAt that is not a positive integer.
 ]]
 local function presence_subscribers_add(keys, args)
   local subscriber, expire_at = args[1], to_int(args[2])
   if #keys < 1 or #args ~= 2 then return param_error('presence_subscribers_add takes keys, a subscriber and expireAt') end
-  if not valid_user_id(subscriber) then return param_error('subscriber userId must be 1..64 bytes of UTF-8 without control characters, | { }') end
+  if not valid_user_id(subscriber) then return param_error('subscriber userId must be ' .. USER_ID_RULE) end
   if expire_at == nil or expire_at < 1 then return param_error('expireAt must be a positive integer') end
   local now = now_ms()
   local added = 0
@@ -668,6 +787,7 @@ end
 KEYS[1] the subscriber's subscriptions ZSET   ARGV[1] subscriber userId   ARGV[2..] target userIds
 Reply: number of subscriptions removed
   Then the caller runs presence_subscribers_remove on the targets' keys (per slot).
+Errors: PRESENCE_PARAM for a key count other than 1 or no target.
 ]]
 local function presence_unsubscribe(keys, args)
   if #keys ~= 1 or #args < 2 then return param_error('presence_unsubscribe takes 1 key and at least one target') end
@@ -681,6 +801,7 @@ end
 --[[ presence_subscribers_remove  (the targets' side of presence_unsubscribe)
 KEYS[1..n] each target's subscribers ZSET  (one slot on a cluster)   ARGV[1] subscriber userId
 Reply: number of subscribers ZSETs the subscriber was removed from
+Errors: PRESENCE_PARAM without keys or with other than 1 ARGV.
 ]]
 local function presence_subscribers_remove(keys, args)
   if #keys < 1 or #args ~= 1 then return param_error('presence_subscribers_remove takes keys and a subscriber') end
@@ -696,8 +817,8 @@ local function friends_change(keys, args, op)
   if n < 1 or #args ~= 2 * n then return param_error('friend functions take a (userId, friendId) pair per key') end
   for i = 1, n do
     local owner, friend = args[2 * i - 1], args[2 * i]
-    if not valid_user_id(owner) then return param_error('fromId must be 1..64 bytes of UTF-8 without control characters, | { }') end
-    if not valid_user_id(friend) then return param_error('toId must be 1..64 bytes of UTF-8 without control characters, | { }') end
+    if not valid_user_id(owner) then return param_error('fromId must be ' .. USER_ID_RULE) end
+    if not valid_user_id(friend) then return param_error('toId must be ' .. USER_ID_RULE) end
     if owner == friend then return param_error('toId must differ from fromId') end
   end
   local changed = 0
@@ -713,11 +834,14 @@ ARGV[2i-1] that user's id   ARGV[2i] the friend's userId to add to it
 Reply: number of friends added (pairs already present count 0: a repeat converges)
   A friendship is mutual: the caller adds (a, b) in a's slot, then (b, a) in b's slot,
   one call per slot (one call for everything on a single server).
+Errors: PRESENCE_PARAM without keys, without exactly one pair per key, for an id breaking the
+  identifier rule, or a user paired with itself (nothing is written then).
 ]]
 local function presence_friends_add(keys, args) return friends_change(keys, args, 'SADD') end
 
 --[[ presence_friends_remove
 KEYS and ARGV as presence_friends_add.   Reply: number of friends removed
+Errors: as presence_friends_add.
 ]]
 local function presence_friends_remove(keys, args) return friends_change(keys, args, 'SREM') end
 
@@ -726,20 +850,22 @@ KEYS: pairs  sessions_1, status_1, sessions_2, status_2, ...  (one slot on a clu
 ARGV: userIds, in KEYS order
 Reply: one JSON object {userId: {session: [...], customStatus, customText, status 1|2, lastSeen, version}}
   customStatus/customText/lastSeen are null when never set; version is 0 before the first change.
+Errors: PRESENCE_PARAM unless there is a sessions/status key pair per userId.
 ]]
 local function presence_query(keys, args)
   if #keys ~= 2 * #args then return param_error('presence_query takes a sessions/status key pair per userId') end
-  local parts = {}
+  local users = {}
   for i = 1, #args do
     local values = redis.call('HVALS', keys[2 * i - 1])
     local st = redis.call('HMGET', keys[2 * i], 'customStatus', 'customText', 'lastSeen', 'version')
     local online = 2
     if #values > 0 then online = 1 end
-    parts[#parts + 1] = cjson.encode(args[i]) .. ':{"session":[' .. table.concat(values, ',') ..
-      '],"customStatus":' .. (st[1] or 'null') .. ',"customText":' .. (st[2] and cjson.encode(st[2]) or 'null') ..
-      ',"status":' .. online .. ',"lastSeen":' .. (st[3] or 'null') .. ',"version":' .. (st[4] or '0') .. '}'
+    users[#users + 1] = args[i]
+    users[#users + 1] = raw(json_object({'session', json_list(values), 'customStatus', st[1] and raw(st[1]) or NULL,
+      'customText', st[2] or NULL, 'status', online, 'lastSeen', st[3] and raw(st[3]) or NULL,
+      'version', raw(st[4] or '0')}))
   end
-  return '{' .. table.concat(parts, ',') .. '}'
+  return json_object(users)
 end
 
 --[[ presence_query_raw  (no-writes; what the facade calls: presence_query's data without building JSON)
@@ -747,6 +873,7 @@ KEYS: pairs  sessions_1, status_1, sessions_2, status_2, ...  (one slot on a clu
 ARGV: none (the caller knows the users, in KEYS order)
 Reply: per user, in KEYS order, 5 items: {session JSON...}, customStatus, customText, lastSeen,
   version (nil when never set). Building the JSON object in Lua was most of presence_query's time.
+Errors: PRESENCE_PARAM unless the keys are whole pairs.
 ]]
 local function presence_query_raw(keys, args)
   if #keys % 2 ~= 0 then return param_error('presence_query_raw takes sessions/status key pairs') end
@@ -778,11 +905,12 @@ Reply: {entries appended, the cursor after the call}
   relay of the same user) and are skipped: the shard gets each entry of a user once while the cursor
   lives, in outbox order. With KEYS[3] the relayed entries are also trimmed from the outbox (else the
   caller runs presence_outbox_trim on the outbox afterwards).
+Errors: PRESENCE_PARAM for a key count other than 2 or 3, a MAXLEN or TTL that is not a positive
+  integer, an entry that is not (id, an even field count >= 2, fields).
 ]]
 -- An emptied outbox is kept a minute, not deleted: a stream remembers its last id, so the user's
 -- next entry (maybe in the same millisecond) still gets an id after the relay cursor.
 local EMPTY_OUTBOX_TTL = 60000
-
 local function presence_feed_append(keys, args)
   if #keys ~= 2 and #keys ~= 3 then return param_error('presence_feed_append takes 2 or 3 keys') end
   local maxlen, ttl = to_int(args[1]), to_int(args[2])
@@ -816,6 +944,7 @@ end
 --[[ presence_outbox_trim
 KEYS[1] the user's outbox STREAM   ARGV[1] the last relayed outbox id
 Reply: entries left in the outbox (an empty outbox expires a minute later)
+Errors: PRESENCE_PARAM for a key count other than 1 or an entry id that is not <ms>-<seq>.
 ]]
 local function presence_outbox_trim(keys, args)
   local last = parse_id(args[1])
@@ -835,6 +964,8 @@ Reply: entries left
   last id is older than the window, so the next entry's id is still after every cursor). Another gateway
   with sessions of the user has read these entries unless it stalled for longer than the window, and a
   window longer than node_ttl means such a gateway was reaped: its clients reconnect and re-pull.
+Errors: PRESENCE_PARAM for a key count other than 1, a window below 1 ms, an entry id that is not
+  <ms>-<seq>.
 ]]
 local function presence_inbox_trim(keys, args)
   local window, upto = to_int(args[1]), parse_id(args[2])
@@ -851,12 +982,17 @@ local function presence_inbox_trim(keys, args)
   return left
 end
 
+
 --[[ presence_node_heartbeat
 KEYS[1] nodes ZSET   ARGV[1] node id
 Reply: {1 if the node was already registered else 0, now ms}
   0 after the first beat means a reaper logged this node's sessions out meanwhile.
+Errors: PRESENCE_PARAM for a key count other than 1 or an empty node id.
 ]]
 local function presence_node_heartbeat(keys, args)
+  if #keys ~= 1 or args[1] == nil or args[1] == '' then
+    return param_error('presence_node_heartbeat takes 1 key and a node id')
+  end
   local now = now_ms()
   local was = redis.call('ZSCORE', keys[1], args[1])
   redis.call('ZADD', keys[1], now, args[1])
@@ -866,15 +1002,35 @@ end
 --[[ presence_nodes_expired  (no-writes)
 KEYS[1] nodes ZSET   ARGV[1] node TTL ms
 Reply: ids of nodes whose last heartbeat is older than the TTL
+Errors: PRESENCE_PARAM for a key count other than 1 or a TTL that is not an integer.
 ]]
 local function presence_nodes_expired(keys, args)
-  return redis.call('ZRANGEBYSCORE', keys[1], '-inf', '(' .. (now_ms() - tonumber(args[1])))
+  local ttl = to_int(args[1])
+  if #keys ~= 1 or ttl == nil then return param_error('presence_nodes_expired takes 1 key and a TTL in ms') end
+  return redis.call('ZRANGEBYSCORE', keys[1], '-inf', '(' .. (now_ms() - ttl))
 end
 
 --[[ presence_version  (no-writes)
 KEYS: none   ARGV: none   Reply: the library version string
+Errors: none.
 ]]
 local function presence_version() return VERSION end
+
+--[[ presence_limits  (no-writes)
+KEYS: none   ARGV: none
+Reply: {name, value, name, value, ...}: the library's limits (LIMITS above), in this order:
+  userIdBytes, imeiBytes, customTextBytes, subTimeMs, maxSessions (presence_login's default),
+  recentOps (operation ids remembered per user)
+Errors: none.
+]]
+local function presence_limits()
+  local reply = {}
+  for _, name in ipairs(LIMIT_NAMES) do
+    reply[#reply + 1] = name
+    reply[#reply + 1] = LIMITS[name]
+  end
+  return reply
+end
 
 redis.register_function('presence_login', presence_login)
 redis.register_function('presence_logout', presence_logout)
@@ -895,3 +1051,4 @@ redis.register_function{function_name = 'presence_query_raw', callback = presenc
 redis.register_function('presence_node_heartbeat', presence_node_heartbeat)
 redis.register_function{function_name = 'presence_nodes_expired', callback = presence_nodes_expired, flags = {'no-writes'}}
 redis.register_function{function_name = 'presence_version', callback = presence_version, flags = {'no-writes'}}
+redis.register_function{function_name = 'presence_limits', callback = presence_limits, flags = {'no-writes'}}

@@ -173,7 +173,7 @@ def _redacted(url: str) -> str:
 
 def _functions(action: str, redis_url: str | None) -> int:
     from presence.config import load_settings
-    from presence.functions import ensure_library, library_source, library_status
+    from presence.library import ensure_library, library_source, library_status
     from presence.store import open_store
 
     if action == "show" and not redis_url:

@@ -1,400 +1,407 @@
-"""Typed async wrappers around the ``presence`` Redis Functions library (lua/presence.lua)."""
+"""Calls of the presence Redis Functions library (lua/presence.lua): one builder per function, one runner.
+
+A builder (``login``, ``fanout``, ... one per ``redis.register_function``) makes the function's KEYS and
+ARGV together, in the layout the function's header in lua/presence.lua documents, and returns a ``Call``:
+the FCALL and the parser that checks the reply's shape and turns it into a typed value (a msgspec Struct
+or a plain value). Keys come in built (``presence/keys.py`` spells them); builders do no I/O.
+
+``Functions`` runs calls: ``call`` for one call on its own, ``batch`` to queue calls and plain Redis
+commands into one ``Store.run`` (one pipeline per primary, the primaries in parallel) or, on one server,
+one MULTI/EXEC. Only here are latencies observed (``presence_redis_call_seconds{function}``) and Redis
+errors mapped to ours: ``PRESENCE_PARAM`` -> ParamError (90001), ``PRESENCE_LIMIT`` -> LimitError
+(90005), any other error -> PresenceError (its message quotes Redis: transports log it, clients see
+"system error"), Redis away for the whole retry window -> UnavailableError (503). A reply of another
+shape than the builder's (another library version on the server) is a ReplyError.
+
+Loading the library on the servers is ``presence/library.py``.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, Generic, NoReturn, TypeVar
 
 import msgspec
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
-from presence.errors import LimitError, ParamError, PresenceError, UnavailableError
-from presence.keys import UserKeys
+from presence.errors import LimitError, ParamError, PresenceError, ReplyError, UnavailableError
+from presence.keys import FeedKeys, UserKeys
+from presence.limits import MAX_SESSIONS, LibraryLimits
 from presence.metrics import REDIS_LATENCY
-from presence.models import UserOnlineStatus
-from presence.resources import resource_path
-from presence.store import RedisUnavailable, Store
+from presence.models import Subscription, SubscriptionList, UserOnlineStatus
+from presence.store import Command, RedisUnavailable, Store
 
-LIBRARY_NAME = "presence"
+Arg = str | bytes | int
+"""One ARGV item as redis-py sends it."""
+R = TypeVar("R")
+
+OFFLINE_INBOX_TTL_MS = 60_000
+"""How long an inbox outlives the user's last session (undelivered kicks drain): presence_logout's ARGV[13]."""
+
 _query_decoder = msgspec.json.Decoder(dict[str, UserOnlineStatus])
 _json = msgspec.json.Encoder().encode
 
 
-class _Versioned(msgspec.Struct):
-    version: int = 0
+# --- calls and their replies ---
 
 
-_version_decoder = msgspec.json.Decoder(_Versioned)
-
-
-def pack_version(data: bytes) -> int:
-    """The user's version a 4004/4006 pack carries (0 from a library older than versions)."""
-    return _version_decoder.decode(data).version
-
-
-def library_source() -> str:
-    return resource_path("lua/presence.lua").read_text()
-
-
-def library_version() -> str:
-    """The VERSION the library file declares (what ``presence_version`` answers once it is loaded)."""
-    match = re.search(r"^local VERSION = '([^']+)'", library_source(), re.MULTILINE)
-    return match.group(1) if match else ""
-
-
-async def ensure_library(redis: Redis | RedisCluster | Store) -> bool:
-    """Load the library with FUNCTION LOAD REPLACE on every primary that lacks this exact code.
-
-    Returns True when it loaded anywhere. The code itself is the version, so an edited file always reloads.
-    """
-    store = redis if isinstance(redis, Store) else Store.wrap(redis)
-    if isinstance(store.client, RedisCluster):
-        await store.client.initialize()
-    loaded = False
-    for node in store.primaries():
-        loaded |= await ensure_library_on(store, node)
-    return loaded
-
-
-async def ensure_library_on(store: Store, node: Any) -> bool:
-    """``ensure_library`` for one node (a cluster primary, or None: the one server)."""
-    if await _has_library(store, node):
-        return False
-    await store.on_node(node, "FUNCTION", "LOAD", "REPLACE", library_source())
-    return True
-
-
-async def library_health(store: Store, timeout: float) -> list[tuple[str, str | BaseException]]:
-    """(node, the library version it runs, or the error) for every primary, asked in parallel; a primary
-    that does not answer within ``timeout`` seconds gets a TimeoutError.
-
-    A primary without the library gets it loaded (an empty restart, FUNCTION FLUSH) and is asked again.
-    """
-
-    async def ask(node: Any) -> str | BaseException:
-        try:
-            try:
-                reply = await store.on_node(node, "FCALL_RO", "presence_version", 0)
-            except ResponseError as exc:
-                if "Function not found" not in str(exc):
-                    raise
-                await ensure_library_on(store, node)
-                reply = await store.on_node(node, "FCALL_RO", "presence_version", 0)
-            return _text(reply)
-        except Exception as exc:
-            return exc
-
-    nodes = store.primaries()
-    tasks = [asyncio.ensure_future(ask(node)) for node in nodes]
-    await asyncio.wait(tasks, timeout=timeout)
-    out: list[tuple[str, str | BaseException]] = []
-    for node, task in zip(nodes, tasks, strict=True):
-        if not task.done():
-            task.cancel()  # not awaited: a hung socket may hold the cancel until it times out
-        answer = task.result() if task.done() else TimeoutError(f"no answer within {timeout:g} s")
-        out.append((node.name if node is not None else "server", answer))
-    return out
-
-
-async def library_status(store: Store) -> list[tuple[str, bool]]:
-    """(node, has this exact library) for every primary: what ``presence functions show --redis`` prints."""
-    return [
-        (node.name if node is not None else "server", await _has_library(store, node)) for node in store.primaries()
-    ]
-
-
-async def _has_library(store: Store, node: Any) -> bool:
-    source = library_source()
-    listed = await store.on_node(node, "FUNCTION", "LIST", "LIBRARYNAME", LIBRARY_NAME, "WITHCODE")
-    for lib in listed or []:
-        info = lib if isinstance(lib, dict) else dict(zip(lib[::2], lib[1::2], strict=False))
-        info = {_text(k): v for k, v in info.items()}
-        if _text(info.get("library_name")) == LIBRARY_NAME and _text(info.get("library_code")) == source:
-            return True
-    return False
-
-
-def _text(value: Any) -> Any:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def fcall(name: str, keys: Sequence[str], args: Sequence[Any], *, read_only: bool = False) -> list[Any]:
-    """The command of one function call, for ``Store.run`` batches."""
+def fcall(name: str, keys: Sequence[str], args: Sequence[Arg], *, read_only: bool = False) -> list[Arg]:
+    """The FCALL (or FCALL_RO) command of one function call, as ``Store.run`` sends it."""
     return ["FCALL_RO" if read_only else "FCALL", name, len(keys), *keys, *args]
 
 
-def raise_mapped(exc: ResponseError) -> NoReturn:
-    """A library error as ParamError (PRESENCE_PARAM), LimitError (PRESENCE_LIMIT) or PresenceError (anything else).
-
-    A PresenceError's message quotes Redis: transports log it and show clients only "system error".
-    """
-    message = str(exc)
-    if message.startswith("PRESENCE_PARAM "):
-        raise ParamError(message.removeprefix("PRESENCE_PARAM ")) from None
-    if message.startswith("PRESENCE_LIMIT "):
-        raise LimitError(message.removeprefix("PRESENCE_LIMIT ")) from None
-    raise PresenceError(f"redis: {message}") from exc
-
-
 @dataclass(frozen=True, slots=True)
-class StatusChange:
-    """Reply of the user's own function: did anything change, the pack, who to tell."""
+class Call(Generic[R]):
+    """One call of a library function: ``name`` with ``keys`` (all of one slot) and ``args``; ``parse``
+    turns its reply into R (a ReplyError when the reply has another shape)."""
+
+    name: str
+    keys: Sequence[str]
+    args: Sequence[Arg]
+    parse: Callable[[object], R]
+    read_only: bool = False
+
+    def command(self) -> Command:
+        """(routing key: the first key, or None for a keyless call; the FCALL) for ``Store.run``."""
+        return (self.keys[0] if self.keys else None, fcall(self.name, self.keys, self.args, read_only=self.read_only))
+
+
+class StatusChange(msgspec.Struct, frozen=True, kw_only=True):
+    """The reply of the user's own functions (presence_login, presence_logout, presence_set_custom_status).
+
+    ``data`` is the pack (4004 data from login/logout, 4006 from custom status; b"" when a logout changed
+    nothing); ``version`` the user's version it carries (0 without a pack); ``online`` whether the user has
+    a live session after the call; ``inbox_last_id`` the newest entry of the user's inbox (a login's only:
+    where its session starts; "" from the others); ``kicked`` sessions a login kicked; ``recipients`` the
+    friends and live subscribers to fan ``data`` out to (none when nothing changed).
+    """
 
     changed: bool
     data: bytes
+    version: int
+    online: bool
+    inbox_last_id: str
+    kicked: int
     recipients: list[str]
-    inbox_last_id: str = "0-0"
-    kicked: int = 0
-    online: bool = True
-
-    @property
-    def version(self) -> int:
-        """The user's version after the change (carried in ``data``)."""
-        return pack_version(self.data) if self.data else 0
 
 
-@dataclass(frozen=True, slots=True)
-class InboxSettings:
-    maxlen: int
-    ttl_ms: int
+class FanoutReply(msgspec.Struct, frozen=True, kw_only=True):
+    """presence_fanout: entries written, doorbells it published, and (when told not to ring) the doorbells
+    still to ring: node id -> the inbox keys that got entries."""
+
+    written: int
+    doorbells: int
+    unrung: dict[str, list[str]]
+
+
+class SubscribeReply(msgspec.Struct, frozen=True, kw_only=True):
+    """presence_subscribe: the expiry it set (ms, Redis clock) and the subscriber's live subscriptions."""
+
+    expire_at: int
+    live: int
+
+
+class FeedAppendReply(msgspec.Struct, frozen=True, kw_only=True):
+    """presence_feed_append: entries appended to the shard and the user's relay cursor after the call."""
+
+    appended: int
+    cursor: str
+
+
+class Heartbeat(msgspec.Struct, frozen=True, kw_only=True):
+    """presence_node_heartbeat: whether the node was registered before this beat, and now (ms, Redis clock)."""
+
+    was_registered: bool
+    now_ms: int
+
+
+class WriteOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """What the writing functions take first: ARGV[1..3] (inbox MAXLEN, inbox TTL ms, doorbell channel
+    prefix) in presence_login, presence_logout, presence_set_custom_status and presence_fanout; ARGV[4..5]
+    (outbox MAXLEN, outbox TTL ms) in the user's own three."""
+
+    inbox_maxlen: int
+    inbox_ttl_ms: int
     doorbell_prefix: str
-    idle_ttl_ms: int = 60_000
+    outbox_maxlen: int
+    outbox_ttl_ms: int
+
+    def inbox_argv(self, *, ring: bool = True) -> list[Arg]:
+        """ARGV[1..3]; ``ring=False`` gives an empty prefix: the function publishes nothing."""
+        return [self.inbox_maxlen, self.inbox_ttl_ms, self.doorbell_prefix if ring else ""]
+
+    def change_argv(self, app_id: int, user_id: str, op_id: str) -> list[Arg]:
+        """ARGV[1..8] of the user's own functions."""
+        return [*self.inbox_argv(), self.outbox_maxlen, self.outbox_ttl_ms, app_id, user_id, op_id]
 
 
-class PresenceFunctions:
-    """One method per library function; keys are passed in, never built here."""
+# --- reply shapes ---
 
-    def __init__(self, store: Store, inbox: InboxSettings) -> None:
-        self.store = store
-        self.redis = store.client
-        self.inbox = inbox
 
-    async def call(self, name: str, keys: Sequence[str], args: Sequence[Any], *, read_only: bool = False) -> Any:
-        """One FCALL, sent to the primary that owns ``keys`` (all of one slot)."""
-        started = time.perf_counter()
+def _list(name: str, reply: object, least: int = 0) -> list[Any]:
+    if not isinstance(reply, list) or len(reply) < least:
+        raise ReplyError(f"{name} replied {reply!r:.200}, expected a list of at least {least} items")
+    return reply
+
+
+def _int(name: str, value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ReplyError(f"{name} replied {value!r:.200} where an integer belongs")
+
+
+def _bytes(name: str, value: object) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    raise ReplyError(f"{name} replied {value!r:.200} where a string belongs")
+
+
+def _str(name: str, value: object) -> str:
+    return _bytes(name, value).decode()
+
+
+def _strs(name: str, values: Sequence[object]) -> list[str]:
+    try:
+        return [v.decode() for v in values]  # type: ignore[attr-defined]
+    except AttributeError:
+        raise ReplyError(f"{name} replied {values!r:.200} where strings belong") from None
+
+
+def _status_change(name: str) -> Callable[[object], StatusChange]:
+    def parse(reply: object) -> StatusChange:
+        items = _list(name, reply, 6)
+        return StatusChange(
+            changed=_int(name, items[0]) == 1,
+            data=_bytes(name, items[1]),
+            version=_int(name, items[2]),
+            online=_int(name, items[3]) == 1,
+            inbox_last_id=_str(name, items[4]),
+            kicked=_int(name, items[5]),
+            recipients=_strs(name, items[6:]),
+        )
+
+    return parse
+
+
+def _integer(name: str) -> Callable[[object], int]:
+    return lambda reply: _int(name, reply)
+
+
+# --- the builders: one per library function, in the library's order ---
+
+
+def login(
+    keys: UserKeys,
+    feed: FeedKeys | None,
+    options: WriteOptions,
+    *,
+    app_id: int,
+    user_id: str,
+    conn_id: str,
+    client_type: int,
+    imei: str,
+    broker_id: str = "",
+    broker_host: str = "",
+    client_version: int = 0,
+    login_model: int = 3,
+    max_sessions: int = MAX_SESSIONS,
+) -> Call[StatusChange]:
+    """presence_login: a session of (``client_type``, ``imei``) on connection ``conn_id`` (also the login's
+    operation id: a repeat is a replay) held by gateway ``broker_id``. With ``feed`` it also writes the
+    change feed entries and moves the online counters."""
+    state = keys.state() if feed is None else [*keys.state(), feed.outbox, feed.counters]
+    args = [
+        *options.change_argv(app_id, user_id, conn_id),
+        client_type,
+        imei,
+        broker_id,
+        broker_host,
+        client_version,
+        login_model,
+        max_sessions,
+    ]
+    return Call("presence_login", state, args, _status_change("presence_login"))
+
+
+def logout(
+    keys: UserKeys,
+    feed: FeedKeys | None,
+    options: WriteOptions,
+    *,
+    app_id: int,
+    user_id: str,
+    client_type: int,
+    imei: str,
+    conn_id: str = "",
+    op_id: str = "",
+    reason: str = "logout",
+    offline_inbox_ttl_ms: int = OFFLINE_INBOX_TTL_MS,
+    seen_age_ms: int = 0,
+    seen_at_ms: int = 0,
+) -> Call[StatusChange]:
+    """presence_logout of (``client_type``, ``imei``); with ``conn_id`` only while that connection owns it.
+
+    ``op_id`` makes a repeat after a lost reply a replay; lastSeen is ``seen_at_ms`` (Redis clock) if
+    given, else now minus ``seen_age_ms``; ``reason`` goes into the feed entry (with ``feed``)."""
+    state = keys.state() if feed is None else [*keys.state(), feed.outbox, feed.counters]
+    args = [
+        *options.change_argv(app_id, user_id, op_id),
+        client_type,
+        imei,
+        conn_id,
+        reason,
+        offline_inbox_ttl_ms,
+        max(int(seen_age_ms), 0),
+        max(int(seen_at_ms), 0),
+    ]
+    return Call("presence_logout", state, args, _status_change("presence_logout"))
+
+
+def set_custom_status(
+    keys: UserKeys,
+    feed: FeedKeys | None,
+    options: WriteOptions,
+    *,
+    app_id: int,
+    user_id: str,
+    custom_status: int,
+    custom_text: str,
+    origin_conn_id: str = "",
+    op_id: str = "",
+) -> Call[StatusChange]:
+    """presence_set_custom_status; the 4007 sync skips ``origin_conn_id``. With ``feed`` (its outbox only)
+    it also writes the change feed entry."""
+    state = keys.state() if feed is None else [*keys.state(), feed.outbox]
+    args = [*options.change_argv(app_id, user_id, op_id), custom_status, custom_text, origin_conn_id]
+    return Call("presence_set_custom_status", state, args, _status_change("presence_set_custom_status"))
+
+
+def _fanout_reply(reply: object) -> FanoutReply:
+    items = _list("presence_fanout", reply, 2)
+    unrung: dict[str, list[str]] = {}
+    for j in range(2, len(items) - 1, 2):
+        inboxes = _list("presence_fanout", items[j + 1])
+        unrung.setdefault(_str("presence_fanout", items[j]), []).extend(_strs("presence_fanout", inboxes))
+    return FanoutReply(
+        written=_int("presence_fanout", items[0]), doorbells=_int("presence_fanout", items[1]), unrung=unrung
+    )
+
+
+def fanout(
+    recipients: Sequence[Sequence[str]],
+    options: WriteOptions,
+    command: int,
+    data: bytes,
+    *,
+    user_id: str = "",
+    version: int = 0,
+    ring: bool = True,
+) -> Call[FanoutReply]:
+    """presence_fanout of ``data`` as ``command`` to recipients of one slot, each given by its keys
+    (``KeySchema.recipient``: sessions, inbox, pushed) for ``user_id``'s change at ``version``: a
+    recipient already holding that version or a newer one is skipped. Without ``user_id``: (sessions,
+    inbox) pairs (``KeySchema.recipient_unordered``) and no ordering (events that are not a user's state).
+
+    ``ring=False`` (a cluster, or one change in several calls): no PUBLISH; the reply names the doorbells.
+    """
+    keys = [k for group in recipients for k in group]
+    args: list[Arg] = [*options.inbox_argv(ring=ring), command, data]
+    if user_id:
+        args += [user_id, version]
+    return Call("presence_fanout", keys, args, _fanout_reply)
+
+
+def subscribe(
+    subscriptions_key: str, subscriber: str, targets: Sequence[str], sub_time_ms: int, most_live: int
+) -> Call[SubscribeReply]:
+    """presence_subscribe: the subscriber's side (it prunes and enforces ``most_live``); the targets' sides
+    (``subscribers_add`` with the reply's expiry) follow per slot."""
+
+    def parse(reply: object) -> SubscribeReply:
+        items = _list("presence_subscribe", reply, 2)
+        return SubscribeReply(expire_at=_int("presence_subscribe", items[0]), live=_int("presence_subscribe", items[1]))
+
+    return Call("presence_subscribe", [subscriptions_key], [subscriber, sub_time_ms, most_live, *targets], parse)
+
+
+def subscribers_add(subscribers_keys: Sequence[str], subscriber: str, expire_at: int) -> Call[int]:
+    """presence_subscribers_add: the targets' side of a subscribe, for subscribers ZSETs of one slot; the
+    number of sets ``subscriber`` was new in."""
+    name = "presence_subscribers_add"
+    return Call(name, subscribers_keys, [subscriber, expire_at], _integer(name))
+
+
+def unsubscribe(subscriptions_key: str, subscriber: str, targets: Sequence[str]) -> Call[int]:
+    """presence_unsubscribe: the subscriber's side; subscriptions removed. The targets' sides follow."""
+    name = "presence_unsubscribe"
+    return Call(name, [subscriptions_key], [subscriber, *targets], _integer(name))
+
+
+def subscriptions(subscriptions_key: str, most: int) -> Call[SubscriptionList]:
+    """presence_subscriptions: at most ``most`` live subscriptions, the soonest to expire first, and the
+    Redis clock."""
+
+    def parse(reply: object) -> SubscriptionList:
+        name = "presence_subscriptions"
+        items = _list(name, reply, 1)
+        subs = [
+            Subscription(userId=_str(name, items[i]), expireAt=_int(name, items[i + 1]))
+            for i in range(1, len(items) - 1, 2)
+        ]
+        return SubscriptionList(subscriptions=subs, serverTime=_int(name, items[0]))
+
+    return Call("presence_subscriptions", [subscriptions_key], [most], parse, read_only=True)
+
+
+def subscribers_remove(subscribers_keys: Sequence[str], subscriber: str) -> Call[int]:
+    """presence_subscribers_remove: the targets' side of an unsubscribe, for subscribers ZSETs of one slot."""
+    name = "presence_subscribers_remove"
+    return Call(name, subscribers_keys, [subscriber], _integer(name))
+
+
+def friends_add(sets: Sequence[str], pairs: Sequence[tuple[str, str]]) -> Call[int]:
+    """presence_friends_add: ``sets[i]`` is the friends SET of ``pairs[i][0]`` and gains ``pairs[i][1]``
+    (all of one slot; a set may repeat: one user's side with many friends); friends added."""
+    name = "presence_friends_add"
+    return Call(name, sets, [u for pair in pairs for u in pair], _integer(name))
+
+
+def friends_remove(sets: Sequence[str], pairs: Sequence[tuple[str, str]]) -> Call[int]:
+    """presence_friends_remove: as ``friends_add``; friends removed."""
+    name = "presence_friends_remove"
+    return Call(name, sets, [u for pair in pairs for u in pair], _integer(name))
+
+
+def query(pairs: Sequence[tuple[str, str]], user_ids: Sequence[str]) -> Call[dict[str, UserOnlineStatus]]:
+    """presence_query (the JSON the library builds, for other services) for users of one slot, each given
+    by its (sessions, status) keys (``KeySchema.presence_keys``)."""
+
+    def parse(reply: object) -> dict[str, UserOnlineStatus]:
         try:
-            return await self.store.one(keys[0] if keys else None, *fcall(name, keys, args, read_only=read_only))
-        except ResponseError as exc:
-            raise_mapped(exc)
-        except RedisUnavailable as exc:
-            raise UnavailableError("redis is unavailable") from exc
-        finally:
-            REDIS_LATENCY.labels(name).observe(time.perf_counter() - started)
+            return _query_decoder.decode(_bytes("presence_query", reply))
+        except msgspec.ValidationError as exc:
+            raise ReplyError(f"presence_query replied a document of another shape: {exc}") from None
 
-    @staticmethod
-    def _users(raw: Sequence[bytes]) -> list[str]:
-        return [r.decode() for r in raw]
+    keys = [k for pair in pairs for k in pair]
+    return Call("presence_query", keys, list(user_ids), parse, read_only=True)
 
-    async def login(self, keys: UserKeys, args: Sequence[Any]) -> StatusChange:
-        """``args`` from ``login_args`` (the service pipelines the same call with its node bookkeeping)."""
-        return self.parse_login(await self.call("presence_login", keys.state(), args))
 
-    def parse_login(self, reply: Sequence[Any]) -> StatusChange:
-        return StatusChange(
-            changed=bool(reply[0]),
-            data=reply[1],
-            inbox_last_id=reply[2].decode(),
-            kicked=int(reply[3]),
-            recipients=self._users(reply[4:]),
-        )
+def query_raw(pairs: Sequence[tuple[str, str]], user_ids: Sequence[str]) -> Call[dict[str, UserOnlineStatus]]:
+    """presence_query_raw for users of one slot (``pairs``: their (sessions, status) keys, in
+    ``user_ids`` order): what the service reads. Its reply (5 items per user) is spliced into one JSON
+    document (the session records are stored as JSON) and decoded by one msgspec Decoder: no per-field
+    Python objects in between."""
 
-    def login_args(
-        self,
-        app_id: int,
-        user_id: str,
-        client_type: int,
-        imei: str,
-        conn_id: str,
-        broker_id: str,
-        broker_host: str,
-        version: int,
-        login_model: int,
-        max_sessions: int = 10,
-    ) -> list[Any]:
-        i = self.inbox
-        return [
-            app_id,
-            user_id,
-            client_type,
-            imei,
-            conn_id,
-            broker_id,
-            broker_host,
-            version,
-            login_model,
-            i.maxlen,
-            i.ttl_ms,
-            i.doorbell_prefix,
-            max_sessions,
-            1000,  # the feed outbox's MAXLEN and TTL ms (used when the feed keys are passed)
-            i.ttl_ms,
-        ]
-
-    def logout_args(
-        self,
-        app_id: int,
-        user_id: str,
-        client_type: int,
-        imei: str,
-        conn_id: str,
-        op_id: str = "",
-        seen_age_ms: int = 0,
-        seen_at_ms: int = 0,
-    ) -> list[Any]:
-        """``op_id`` makes a repeat after a lost reply a no-op; lastSeen is ``seen_at_ms`` (server clock) if
-        given, else now minus ``seen_age_ms``."""
-        i = self.inbox
-        return [
-            app_id,
-            user_id,
-            client_type,
-            imei,
-            conn_id,
-            i.maxlen,
-            i.ttl_ms,
-            i.doorbell_prefix,
-            i.idle_ttl_ms,
-            op_id,
-            max(int(seen_age_ms), 0),
-            max(int(seen_at_ms), 0),
-        ]
-
-    @staticmethod
-    def parse_logout(reply: Sequence[Any]) -> StatusChange:
-        if not reply[0]:
-            return StatusChange(changed=False, data=b"", recipients=[])
-        return StatusChange(
-            changed=True,
-            data=reply[1],
-            online=int(reply[2]) == 1,
-            recipients=[r.decode() for r in reply[3:]],
-        )
-
-    async def logout(
-        self, keys: UserKeys, app_id: int, user_id: str, client_type: int, imei: str, conn_id: str = ""
-    ) -> StatusChange:
-        reply = await self.call(
-            "presence_logout", keys.state(), self.logout_args(app_id, user_id, client_type, imei, conn_id)
-        )
-        return self.parse_logout(reply)
-
-    async def set_custom_status(
-        self,
-        keys: UserKeys,
-        app_id: int,
-        user_id: str,
-        custom_status: int,
-        custom_text: str,
-        origin_conn_id: str = "",
-        op_id: str = "",
-    ) -> StatusChange:
-        """``op_id``: a repeat of this call after a lost reply applies nothing and replies the stored state."""
-        i = self.inbox
-        reply = await self.call(
-            "presence_set_custom_status",
-            keys.state(),
-            [app_id, user_id, custom_status, custom_text, origin_conn_id, i.maxlen, i.ttl_ms, i.doorbell_prefix, op_id],
-        )
-        return StatusChange(changed=True, data=reply[1], recipients=self._users(reply[2:]))
-
-    def fanout_command(
-        self,
-        groups: Sequence[tuple[str, ...]],
-        command: int,
-        data: bytes,
-        user_id: str = "",
-        version: int = 0,
-        *,
-        ring: bool = True,
-    ) -> list[Any]:
-        """presence_fanout for (sessions, inbox, pushed) keys of recipients of one slot, for ``user_id``'s
-        change at ``version`` (a recipient already holding that version or a newer one is skipped).
-        Without ``user_id``: (sessions, inbox) pairs and no ordering (events that are not a user's state).
-
-        ``ring=False`` (a cluster): no PUBLISH; the reply names the nodes to ring instead.
-        """
-        keys = [k for group in groups for k in group]
-        i = self.inbox
-        prefix = i.doorbell_prefix if ring else ""
-        args: list[Any] = [command, data, i.maxlen, i.ttl_ms, prefix]
-        if user_id:
-            args += [user_id, version]
-        return fcall("presence_fanout", keys, args)
-
-    @staticmethod
-    def parse_fanout(reply: Sequence[Any]) -> tuple[int, dict[str, list[str]]]:
-        """(entries written, {node id: [inbox keys]} still to ring)."""
-        bells: dict[str, list[str]] = {}
-        for j in range(2, len(reply), 2):
-            bells.setdefault(_text(reply[j]), []).extend(_text(key) for key in reply[j + 1])
-        return int(reply[0]), bells
-
-    async def subscribe(
-        self, subscriptions_key: str, subscriber: str, targets: Sequence[str], sub_time_ms: int, limit: int
-    ) -> tuple[int, int]:
-        """The subscriber's side: (expireAt ms, live subscriptions); the targets' sides follow."""
-        reply = await self.call("presence_subscribe", [subscriptions_key], [subscriber, sub_time_ms, limit, *targets])
-        return int(reply[0]), int(reply[1])
-
-    @staticmethod
-    def subscribers_add_command(subscriber_keys: Sequence[str], subscriber: str, expire_at: int) -> list[Any]:
-        """The targets' side of a subscribe, for subscribers keys of one slot."""
-        return fcall("presence_subscribers_add", subscriber_keys, [subscriber, expire_at])
-
-    async def unsubscribe(self, subscriptions_key: str, subscriber: str, targets: Sequence[str]) -> int:
-        """The subscriber's side: subscriptions removed; the targets' sides follow."""
-        return int(await self.call("presence_unsubscribe", [subscriptions_key], [subscriber, *targets]))
-
-    @staticmethod
-    def subscribers_remove_command(subscriber_keys: Sequence[str], subscriber: str) -> list[Any]:
-        return fcall("presence_subscribers_remove", subscriber_keys, [subscriber])
-
-    @staticmethod
-    def friends_command(add: bool, sets: Sequence[str], pairs: Sequence[tuple[str, str]]) -> list[Any]:
-        """presence_friends_add/remove: ``sets[i]`` is the friends SET of ``pairs[i][0]``, gaining ``pairs[i][1]``.
-
-        All ``sets`` of one slot (a key may repeat: one user's side with many friends).
-        """
-        name = "presence_friends_add" if add else "presence_friends_remove"
-        return fcall(name, sets, [u for pair in pairs for u in pair])
-
-    async def friends_add(self, friends_key: str, user_id: str, friend_ids: Sequence[str]) -> int:
-        """One side only (``user_id``'s set gains ``friend_ids``); the facade writes the other sides per slot."""
-        keys = [friends_key] * len(friend_ids)
-        return int(await self.call("presence_friends_add", keys, [u for f in friend_ids for u in (user_id, f)]))
-
-    async def query(self, pairs: Sequence[tuple[str, str]], user_ids: Sequence[str]) -> dict[str, UserOnlineStatus]:
-        """presence_query_raw for users of one slot."""
-        if not user_ids:
-            return {}
-        keys = [k for pair in pairs for k in pair]
-        return self.parse_query(await self.call("presence_query_raw", keys, [], read_only=True), user_ids)
-
-    @staticmethod
-    def query_command(pairs: Sequence[tuple[str, str]], user_ids: Sequence[str]) -> list[Any]:
-        """presence_query_raw (``user_ids`` name the pairs' users, in order; ``parse_query`` needs them too)."""
-        return fcall("presence_query_raw", [k for pair in pairs for k in pair], [], read_only=True)
-
-    @staticmethod
-    def parse_query(raw: Any, user_ids: Sequence[str]) -> dict[str, UserOnlineStatus]:
-        """The reply of presence_query_raw (5 items per user) or presence_query (its JSON object) as models.
-
-        The raw reply is spliced into one JSON document (the session records are stored as JSON) and
-        decoded by one msgspec Decoder: no per-field Python objects in between.
-        """
-        if isinstance(raw, bytes | str):
-            return _query_decoder.decode(raw)
-        if len(raw) != 5 * len(user_ids):
-            raise PresenceError(f"presence_query_raw answered {len(raw)} items for {len(user_ids)} users")
+    def parse(reply: object) -> dict[str, UserOnlineStatus]:
+        items = _list("presence_query_raw", reply)
+        if len(items) != 5 * len(user_ids):
+            raise ReplyError(f"presence_query_raw answered {len(items)} items for {len(user_ids)} users")
         parts: list[bytes] = []
         for i, user in enumerate(user_ids):
-            values, custom, text, seen, version = raw[5 * i : 5 * i + 5]
+            values, custom, text, seen, version = items[5 * i : 5 * i + 5]
             parts += [
                 _json(user),
                 b':{"session":[',
@@ -412,14 +419,256 @@ class PresenceFunctions:
             ]
         if parts:
             parts[-1] = b"}"
-        return _query_decoder.decode(b"{" + b"".join(parts) + b"}")
+        try:
+            return _query_decoder.decode(b"{" + b"".join(parts) + b"}")
+        except msgspec.DecodeError as exc:
+            raise ReplyError(f"presence_query_raw replied data of another shape: {exc}") from None
 
-    async def node_heartbeat(self, nodes_key: str, node_id: str) -> tuple[bool, int]:
-        reply = await self.call("presence_node_heartbeat", [nodes_key], [node_id])
-        return bool(reply[0]), int(reply[1])
+    keys = [k for pair in pairs for k in pair]
+    return Call("presence_query_raw", keys, [], parse, read_only=True)
 
-    async def nodes_expired(self, nodes_key: str, ttl_ms: int) -> list[str]:
-        return self._users(await self.call("presence_nodes_expired", [nodes_key], [ttl_ms], read_only=True))
 
-    async def version(self) -> str:
-        return (await self.call("presence_version", [], [], read_only=True)).decode()
+def feed_append(
+    shard: str,
+    cursor: str,
+    outbox: str | None,
+    feed_maxlen: int,
+    cursor_ttl_ms: int,
+    entries: Sequence[tuple[str, Sequence[Arg]]],
+) -> Call[FeedAppendReply]:
+    """presence_feed_append of ``entries`` (outbox id, its flat field/value list), in outbox order, to the
+    app's feed ``shard`` past the user's relay ``cursor`` key. ``outbox`` (only where it shares the
+    call's slot: one server) is trimmed in the same call."""
+    keys = [shard, cursor] if outbox is None else [shard, cursor, outbox]
+    args: list[Arg] = [feed_maxlen, cursor_ttl_ms]
+    for entry_id, fields in entries:
+        args += [entry_id, len(fields), *fields]
+
+    def parse(reply: object) -> FeedAppendReply:
+        items = _list("presence_feed_append", reply, 2)
+        return FeedAppendReply(
+            appended=_int("presence_feed_append", items[0]), cursor=_str("presence_feed_append", items[1])
+        )
+
+    return Call("presence_feed_append", keys, args, parse)
+
+
+def outbox_trim(outbox: str, last_id: str) -> Call[int]:
+    """presence_outbox_trim: drops the outbox's entries up to ``last_id`` (relayed); entries left."""
+    name = "presence_outbox_trim"
+    return Call(name, [outbox], [last_id], _integer(name))
+
+
+def inbox_trim(inbox: str, window_ms: int, upto: str | bytes) -> Call[int]:
+    """presence_inbox_trim: drops the inbox's entries up to ``upto`` (every local session received them)
+    that are older than ``window_ms``; deletes an emptied inbox; entries left."""
+    name = "presence_inbox_trim"
+    return Call(name, [inbox], [window_ms, upto], _integer(name))
+
+
+def node_heartbeat(nodes_key: str, node_id: str) -> Call[Heartbeat]:
+    """presence_node_heartbeat of gateway ``node_id`` into the nodes ZSET."""
+
+    def parse(reply: object) -> Heartbeat:
+        items = _list("presence_node_heartbeat", reply, 2)
+        return Heartbeat(
+            was_registered=_int("presence_node_heartbeat", items[0]) == 1,
+            now_ms=_int("presence_node_heartbeat", items[1]),
+        )
+
+    return Call("presence_node_heartbeat", [nodes_key], [node_id], parse)
+
+
+def nodes_expired(nodes_key: str, ttl_ms: int) -> Call[list[str]]:
+    """presence_nodes_expired: the nodes whose last heartbeat is older than ``ttl_ms``."""
+    name = "presence_nodes_expired"
+    return Call(name, [nodes_key], [ttl_ms], lambda reply: _strs(name, _list(name, reply)), read_only=True)
+
+
+def version() -> Call[str]:
+    """presence_version: the library version a server runs."""
+    return Call("presence_version", [], [], lambda reply: _str("presence_version", reply), read_only=True)
+
+
+def limits() -> Call[LibraryLimits]:
+    """presence_limits: the limits the library enforces (``presence/limits.py`` holds the same)."""
+
+    def parse(reply: object) -> LibraryLimits:
+        items = _list("presence_limits", reply)
+        named = {_str("presence_limits", items[i]): items[i + 1] for i in range(0, len(items) - 1, 2)}
+        try:
+            return msgspec.convert(named, LibraryLimits)
+        except msgspec.ValidationError as exc:
+            raise ReplyError(f"presence_limits replied {named!r}: {exc}") from None
+
+    return Call("presence_limits", [], [], parse, read_only=True)
+
+
+# --- running them ---
+
+
+def map_error(exc: ResponseError) -> PresenceError:
+    """A Redis error as ours: ParamError (PRESENCE_PARAM), LimitError (PRESENCE_LIMIT), else PresenceError.
+
+    A PresenceError's message quotes Redis: transports log it and show clients only "system error".
+    """
+    message = str(exc)
+    if message.startswith("PRESENCE_PARAM "):
+        return ParamError(message.removeprefix("PRESENCE_PARAM "))
+    if message.startswith("PRESENCE_LIMIT "):
+        return LimitError(message.removeprefix("PRESENCE_LIMIT "))
+    return PresenceError(f"redis: {message}")
+
+
+def raise_mapped(exc: BaseException) -> NoReturn:
+    """Raise ``exc`` as ours (``map_error``) when it is a Redis error reply, else as it is."""
+    if not isinstance(exc, ResponseError):
+        raise exc
+    mapped = map_error(exc)
+    if isinstance(mapped, ParamError | LimitError):
+        raise mapped from None  # the library's own message says it all
+    raise mapped from exc
+
+
+class Pending(Generic[R]):
+    """The outcome of one call or command queued in a ``Batch``, once the batch ran."""
+
+    __slots__ = ("_parse", "_reply")
+
+    def __init__(self, parse: Callable[[object], R]) -> None:
+        self._parse = parse
+        self._reply: object = _NOT_RUN
+
+    def result(self) -> R:
+        """The parsed reply; raises its error (mapped: ParamError, LimitError, PresenceError, ReplyError)."""
+        reply = self._reply
+        if isinstance(reply, BaseException):
+            raise_mapped(reply)
+        if reply is _NOT_RUN:
+            raise RuntimeError("the batch has not run")
+        return self._parse(reply)
+
+    @property
+    def failed(self) -> bool:
+        return isinstance(self._reply, BaseException)
+
+    @property
+    def error(self) -> BaseException | None:
+        """The error it failed with (a Redis error reply mapped to ours), or None."""
+        reply = self._reply
+        if isinstance(reply, ResponseError):
+            return map_error(reply)
+        return reply if isinstance(reply, BaseException) else None
+
+
+_NOT_RUN = object()
+
+
+def _plain(reply: object) -> Any:
+    return reply
+
+
+class Batch:
+    """Calls and plain commands sent together: one ``Store.run`` (one pipeline per primary, in parallel),
+    or with ``atomic`` one MULTI/EXEC (one server only). Add, ``await run()``, then read each ``Pending``.
+
+    ``run`` raises UnavailableError when Redis stays away for the retry window (the outcome of a change
+    is then unknown); every other error is its own command's, raised by that ``Pending.result()``.
+    """
+
+    def __init__(self, store: Store, *, atomic: bool = False) -> None:
+        self._store = store
+        self._atomic = atomic
+        self._commands: list[Command] = []
+        self._pending: list[Pending[Any]] = []
+        self._names: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._commands)
+
+    def add(self, call: Call[R]) -> Pending[R]:
+        self._names.add(call.name)
+        return self._queue(call.command(), Pending(call.parse))
+
+    def command(self, key: str | None, *args: Arg) -> Pending[Any]:
+        """A plain Redis command (routed by ``key``; None: any node), its reply as redis-py parses it."""
+        return self._queue((key, args), Pending(_plain))
+
+    def _queue(self, command: Command, pending: Pending[R]) -> Pending[R]:
+        self._commands.append(command)
+        self._pending.append(pending)
+        return pending
+
+    async def run(self) -> None:
+        if not self._commands:
+            return
+        started = time.perf_counter()
+        try:
+            replies = await (self._send_atomic() if self._atomic else self._store.run(self._commands))
+        except RedisUnavailable as exc:
+            raise UnavailableError("redis is unavailable") from exc
+        except ResponseError as exc:  # MULTI/EXEC: the first error stands for the whole transaction
+            replies = [exc] * len(self._commands)
+        finally:
+            elapsed = time.perf_counter() - started
+            for name in self._names:
+                REDIS_LATENCY.labels(name).observe(elapsed)
+        for pending, reply in zip(self._pending, replies, strict=True):
+            pending._reply = reply
+
+    async def _send_atomic(self) -> list[object]:
+        """The commands in one MULTI/EXEC on the one server, retried like any call (a node without the
+        library gets it and the transaction runs again)."""
+        client = self._store.client
+        if not isinstance(client, Redis):
+            raise TypeError("an atomic batch needs one server, not a cluster")
+        commands = self._commands
+
+        async def once() -> list[object]:
+            async with client.pipeline(transaction=True) as pipe:
+                for _, args in commands:
+                    pipe.execute_command(*args)
+                replies = await pipe.execute(raise_on_error=False)
+            for reply in replies:
+                if isinstance(reply, BaseException):
+                    raise reply
+            return list(replies)
+
+        return await self._store.retrying(once)
+
+
+class Functions:
+    """Runs library calls on a ``Store``: the one place they meet Redis."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def batch(self, *, atomic: bool = False) -> Batch:
+        return Batch(self.store, atomic=atomic)
+
+    async def call(self, call: Call[R]) -> R:
+        """One call, sent to the primary that owns its keys; its parsed reply."""
+        batch = self.batch()
+        pending = batch.add(call)
+        await batch.run()
+        return pending.result()
+
+    async def command(self, key: str | None, *args: Arg) -> Any:
+        """One plain Redis command (SMEMBERS, TIME, ...), errors mapped as the calls' are."""
+        batch = self.batch()
+        pending = batch.command(key, *args)
+        await batch.run()
+        return pending.result()
+
+    async def run_commands(self, commands: Sequence[Command], *, raise_errors: bool = True) -> list[Any]:
+        """``Store.run`` of prepared commands with the same mapping (the first error raised, mapped, with
+        ``raise_errors``; else errors are the replies)."""
+        try:
+            replies = await self.store.run(commands)
+        except RedisUnavailable as exc:
+            raise UnavailableError("redis is unavailable") from exc
+        if raise_errors:
+            for reply in replies:
+                if isinstance(reply, BaseException):
+                    raise_mapped(reply)
+        return replies

@@ -1,4 +1,8 @@
-"""msgspec models: stored sessions, notify packs, query results and requests."""
+"""msgspec models: stored sessions, notify packs, query results and requests.
+
+The library (lua/presence.lua) writes the JSON of sessions and packs with one writer; ``Session`` and the
+pack Structs here are that JSON's contract, byte for byte (tests/test_functions.py).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ OFFLINE = 2
 
 
 class Session(msgspec.Struct, kw_only=True):
-    """One online device of a user (the seed's UserSession plus loginTime and connId)."""
+    """One online device of a user (the seed's UserSession plus loginTime and connId): a value of the
+    user's sessions HASH as the library stores it (``session_json`` in lua/presence.lua)."""
 
     appId: int
     userId: str
@@ -24,20 +29,24 @@ class Session(msgspec.Struct, kw_only=True):
 
 
 class UserStatusChangeNotifyPack(msgspec.Struct, kw_only=True):
-    """Data of 4004 (to friends and subscribers) and 4005 (to the user's other sessions)."""
+    """Data of 4004 (to friends and subscribers) and 4005 (to the user's other sessions), as the library
+    writes it (``status_pack`` in lua/presence.lua; tests/test_functions.py checks its bytes against this)."""
 
     appId: int
     userId: str
     status: int
     client: list[Session]
+    version: int  # the user's version after the change
 
 
 class UserCustomStatusChangeNotifyPack(msgspec.Struct, kw_only=True):
-    """Data of 4006 (to friends and subscribers) and 4007 (to the user's other sessions)."""
+    """Data of 4006 (to friends and subscribers) and 4007 (to the user's other sessions), as the library
+    writes it (``custom_pack``)."""
 
     userId: str
     customStatus: int
     customText: str
+    version: int  # the user's version after the change
 
 
 class FriendshipPack(msgspec.Struct, kw_only=True):
@@ -49,7 +58,8 @@ class FriendshipPack(msgspec.Struct, kw_only=True):
 
 
 class KickPack(msgspec.Struct, kw_only=True):
-    """Data of 9002 MUTUALLOGIN: the login that displaced this connection."""
+    """Data of 9002 MUTUALLOGIN: the login that displaced this connection, as the library writes it
+    (``kick_pack``)."""
 
     appId: int
     userId: str

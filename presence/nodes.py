@@ -1,4 +1,9 @@
-"""Gateway node liveness: heartbeats into ``presence:nodes`` and the reaper of silent nodes.
+"""Gateway nodes in Redis: who is alive, which sessions each holds, and the reaper of silent nodes.
+
+``NodeRegistry`` is the bookkeeping: heartbeats into ``presence:nodes`` (a ZSET: node id -> last beat ms,
+Redis clock), the set of sessions each node holds (``presence:node:<id>:sessions``, members
+``appId|userId|clientType|imei|connId``: ``node_member``), and reaping a node: logging out every
+session it still holds. ``NodeKeeper`` runs a node's heartbeat and reaper loop on it.
 
 The reaper is what makes a crashed gateway's users go offline: any node (or the REST app) logs out
 every session still recorded for a node whose last heartbeat is older than ``node_ttl``.
@@ -13,13 +18,154 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
+from presence import functions
+from presence.functions import Functions
+from presence.keys import KeySchema
 from presence.metrics import REAPED_SESSIONS
-from presence.service import Presence
+from presence.models import ChangeResult
+
+if TYPE_CHECKING:
+    from presence.service import Presence
 
 log = logging.getLogger("presence.nodes")
+
+_CONN_ID = re.compile(rb'"connId":"([^"]*)"')
+
+
+class NodeMember(NamedTuple):
+    """One session a node holds, as its member of ``presence:node:<id>:sessions`` spells it."""
+
+    app_id: int
+    user_id: str
+    client_type: int
+    imei: str
+    conn_id: str
+
+
+def node_member(app_id: int, user_id: str, client_type: int, imei: str, conn_id: str) -> str:
+    """``appId|userId|clientType|imei|connId`` (no id may contain ``|``: presence/ids.py)."""
+    return f"{app_id}|{user_id}|{client_type}|{imei}|{conn_id}"
+
+
+def parse_node_member(member: str) -> NodeMember:
+    head, _, conn_id = member.rpartition("|")
+    app_id, user_id, client_type, imei = head.split("|", 3)
+    return NodeMember(int(app_id), user_id, int(client_type), imei, conn_id)
+
+
+class SessionEnder(Protocol):
+    """``Presence.logout`` as the reaper calls it."""
+
+    def __call__(
+        self,
+        app_id: int,
+        user_id: str,
+        client_type: int,
+        imei: str,
+        *,
+        conn_id: str = "",
+        node_id: str = "",
+        seen_at_ms: int = 0,
+        reason: str = "logout",
+    ) -> Awaitable[ChangeResult]: ...
+
+
+class NodeRegistry:
+    """The gateway nodes' records in Redis (``presence:nodes`` and each node's session set)."""
+
+    def __init__(self, fn: Functions, keys: KeySchema, logout: SessionEnder) -> None:
+        self.fn = fn
+        self.keys = keys
+        self._logout = logout
+
+    async def heartbeat(self, node_id: str) -> bool:
+        """Beat; False when the node was not registered (first beat, or reaped meanwhile)."""
+        beat = await self.fn.call(functions.node_heartbeat(self.keys.nodes, node_id))
+        return beat.was_registered
+
+    async def redis_time_ms(self) -> int:
+        """Now on the clock the heartbeats use (the node holding ``presence:nodes``), in ms."""
+        secs, micros = await self.fn.command(self.keys.nodes, "TIME")
+        return int(secs) * 1000 + int(micros) // 1000
+
+    async def last_beat(self, node_id: str) -> int | None:
+        """The node's last heartbeat (ms, Redis clock), or None when it is not registered."""
+        beat = await self.fn.command(self.keys.nodes, "ZSCORE", self.keys.nodes, node_id)
+        return int(float(beat)) if beat is not None else None
+
+    async def leave(self, node_id: str) -> None:
+        """Forget the node (a clean stop: its sessions were logged out or handed over)."""
+        await self.fn.command(self.keys.nodes, "ZREM", self.keys.nodes, node_id)
+
+    async def expired(self, ttl_s: float) -> list[str]:
+        """Nodes whose last heartbeat is older than ``ttl_s`` seconds."""
+        return await self.fn.call(functions.nodes_expired(self.keys.nodes, int(ttl_s * 1000)))
+
+    async def reap(self, node_id: str, batch: int = 200) -> int:
+        """Log out every session a node still holds, then forget the node. Safe to run twice at once.
+
+        lastSeen of its users is the node's last heartbeat: the last moment they were known connected.
+        Returns the sessions logged out.
+        """
+        key = self.keys.node_sessions(node_id)
+        seen_at = await self.last_beat(node_id) or 0
+        reaped = 0
+        while True:
+            members = [m.decode() for m in await self.fn.command(key, "SRANDMEMBER", key, batch)]
+            if not members:
+                break
+            for member in members:
+                app_id, user_id, client_type, imei, conn_id = parse_node_member(member)
+                result = await self._logout(
+                    app_id,
+                    user_id,
+                    client_type,
+                    imei,
+                    conn_id=conn_id,
+                    node_id=node_id,
+                    seen_at_ms=seen_at,
+                    reason="reaped",
+                )
+                reaped += int(result.changed)
+        await self.leave(node_id)
+        return reaped
+
+    async def sessions_held(self, sessions: Sequence[tuple[int, str, int, str, str]]) -> list[bool | None]:
+        """For each ``(appId, userId, clientType, imei, connId)``: True when Redis holds that session for that
+        connection, None when the device's session is another connection's, False when there is none (a
+        primary that restarted empty lost it). One HGET each, one pipeline per primary."""
+        batch = self.fn.batch()
+        reads = []
+        for app_id, user_id, client_type, imei, _ in sessions:
+            key = self.keys.user(app_id, user_id).sessions
+            reads.append(batch.command(key, "HGET", key, f"{client_type}:{imei}"))
+        await batch.run()
+        held: list[bool | None] = []
+        for (*_, conn_id), read in zip(sessions, reads, strict=True):
+            raw = read.result()
+            match = _CONN_ID.search(raw) if raw is not None else None
+            if raw is None:
+                held.append(False)
+            elif match is not None and match.group(1) == conn_id.encode():
+                held.append(True)
+            else:
+                held.append(None)
+        return held
+
+    async def session_count(self, node_id: str) -> int:
+        """How many sessions are recorded for a node."""
+        key = self.keys.node_sessions(node_id)
+        return int(await self.fn.command(key, "SCARD", key))
+
+    async def session_members(self, node_id: str) -> set[str]:
+        """``appId|userId|clientType|imei|connId`` of every session recorded for a node."""
+        key = self.keys.node_sessions(node_id)
+        return {m.decode() for m in await self.fn.command(key, "SMEMBERS", key)}
 
 
 class NodeKeeper:
@@ -62,7 +208,7 @@ class NodeKeeper:
         if self.node_id is not None:
             await self._beat(self.node_id)
         else:  # a reaper only: a round trip still proves Redis answers (no judging right after an outage)
-            await self.presence.redis_time_ms()
+            await self.presence.nodes.redis_time_ms()
         now = time.monotonic()
         # The first beat, or the first after a gap (a failure, or a beat that waited out a failover):
         # a new run of good beats starts.
@@ -75,7 +221,7 @@ class NodeKeeper:
         self._last_ok = now
 
     async def _beat(self, node_id: str) -> None:
-        was_registered = await self.presence.node_heartbeat(node_id)
+        was_registered = await self.presence.nodes.heartbeat(node_id)
         if self._beaten and not was_registered and self.on_reaped is not None:
             await self.on_reaped()
         self._beaten = True
@@ -84,10 +230,10 @@ class NodeKeeper:
         total = 0
         if not self.may_judge():
             return 0
-        for node in await self.presence.expired_nodes(self.node_ttl):
+        for node in await self.presence.nodes.expired(self.node_ttl):
             if node == self.node_id:
                 continue
-            count = await self.presence.reap_node(node)
+            count = await self.presence.nodes.reap(node)
             log.warning("reaped node %s: %d sessions logged out", node, count)
             REAPED_SESSIONS.inc(count)
             total += count

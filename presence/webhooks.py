@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import logging
@@ -177,7 +178,7 @@ class WebhookWorker:
             if not app.webhook_urls:
                 continue
             inflight = self._inflight.setdefault(app_id, {})
-            WEBHOOK_LAG.labels(str(app_id)).set_function(lambda f=inflight: _lag(f))
+            WEBHOOK_LAG.labels(str(app_id)).set_function(functools.partial(_lag, inflight))
             for url in app.webhook_urls:
                 for shard in range(self.settings.feed_shards):
                     self._tasks.append(asyncio.create_task(self._run(app_id, app, url, shard)))

@@ -117,7 +117,7 @@ class Supervisor:
             )
             assert self.running is not None
             try:
-                reaped = await self.running.presence.reap_node(dead)
+                reaped = await self.running.presence.nodes.reap(dead)
                 log.info("reaped %d sessions of node %s", reaped, dead)
             except Exception as exc:  # the node's heartbeat stopped: any node's reaper gets it after node_ttl
                 log.warning("reaping node %s failed (%r); the reaper will", dead, exc)

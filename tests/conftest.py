@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from presence.config import AppConfig, Settings
-from presence.functions import ensure_library
+from presence.library import ensure_library
 from presence.server import Running, start
 from presence.service import Presence
 from tests.clients import APP, KEY

@@ -305,7 +305,7 @@ async def test_heartbeat_timeout_per_app(make_node: MakeNode, facade: Presence) 
     await alice.close()
     assert (await expect(bob, Command.NOTIFY)).data["status"] == 2
     # A node reaped while alive (a long pause) keeps its connections and logs their sessions in again.
-    await facade.reap_node("hb")
+    await facade.nodes.reap("hb")
     assert (await facade.query_users(never, ["bob"]))["bob"].status == 2
     deadline = asyncio.get_running_loop().time() + 5
     while (await facade.query_users(never, ["bob"]))["bob"].status != 1:

@@ -120,7 +120,7 @@ async def _survives(
         await b.hub.keeper.beat()
         await asyncio.sleep(0.1)
     assert await a.hub.keeper.reap() == 0 and await b.hub.keeper.reap() == 0
-    assert set(await facade.expired_nodes(NODE_TTL)) == set()
+    assert set(await facade.nodes.expired(NODE_TTL)) == set()
     assert not alice.writer.is_closing()
     await alice.close()
     await bob.close()

@@ -373,7 +373,7 @@ async def test_restart_under_the_same_node_id_logs_out_the_predecessors_sessions
         await alice.login("alice")
         await expect(bob, Command.NOTIFY)
         first.kill()
-        last_beat = await facade.node_last_beat("phoenix")
+        last_beat = await facade.nodes.last_beat("phoenix")
         second = ServeProcess(args)  # within node_ttl: no peer would reap it for 30 s
         try:
             msg = await expect(bob, Command.NOTIFY, timeout=1.0)  # within 1 s of the start
@@ -401,14 +401,14 @@ async def test_restart_under_the_same_node_id_with_the_device_back_within_the_gr
         alice = await TcpClient.connect(first.tcp_port, imei="phone")
         await alice.login("alice")
         await expect(bob, Command.NOTIFY)
-        old = await facade.node_session_members("phoenix")
+        old = await facade.nodes.session_members("phoenix")
         first.kill()
         second = ServeProcess(args)
         alice = await TcpClient.connect(second.tcp_port, imei="phone")
         assert (await alice.login("alice")).command == Command.LOGINACK
 
         async def predecessor_done() -> bool:
-            return not (old & await facade.node_session_members("phoenix"))
+            return not (old & await facade.nodes.session_members("phoenix"))
 
         await eventually(predecessor_done, 10, "the predecessor's sessions handled")
         assert await marker_is_next(facade, bob, "alice", "same-device") == [], "friends saw nothing"
@@ -439,7 +439,7 @@ async def test_sigterm_hands_sessions_over_to_another_gateway(
         await dave.login("dave")
         await messages_until(bob, lambda got: len(got) == 2)  # alice and dave online
 
-        told_at = await facade.redis_time_ms()
+        told_at = await facade.nodes.redis_time_ms()
         leaving.signal(signal.SIGTERM)
         assert await alice.closed() == HANDOVER_CODE
         await facade.set_custom_status(APP, "carol", 1, "missed")  # while alice is between gateways
@@ -476,7 +476,7 @@ async def test_last_seen_is_the_evidence(make_node: MakeNode, facade: Presence, 
         alice = await TcpClient.connect(node.tcp_port)
         await alice.login("alice")
         await expect_data(bob, Command.NOTIFY)
-        evidence = await facade.redis_time_ms()
+        evidence = await facade.nodes.redis_time_ms()
         if how == "logout":
             alice.send(Command.LOGOUT)
         elif how == "drop":
@@ -504,7 +504,7 @@ async def test_last_seen_of_a_logout_during_a_stall_is_its_time_not_the_wake(
     alice = await TcpClient.connect(node.tcp_port)
     await alice.login("alice")
     await expect_data(bob, Command.NOTIFY)
-    base, base_mono = await facade.redis_time_ms(), time.monotonic()
+    base, base_mono = await facade.nodes.redis_time_ms(), time.monotonic()
     await stall(2.5)
     alice.send(Command.LOGOUT)
     evidence = base + (time.monotonic() - base_mono) * 1000

@@ -14,8 +14,8 @@ from typing import Any
 
 import aiohttp
 
+from presence import functions
 from presence.config import Settings
-from presence.functions import fcall
 from presence.gateway.codec import Command
 from presence.service import Presence
 from tests.clients import APP, TcpClient, WsClient, expect, sign
@@ -32,13 +32,27 @@ def _s(v: Any) -> str:
 
 async def entries(presence: Presence, user: str) -> list[dict[str, str]]:
     """The user's feed entries, in shard order, fields decoded."""
-    shard = presence.keys.feed_shard(APP, presence.feed_shard_of(APP, user))
+    shard = presence.keys.feed_shard(APP, presence.feed.shard_of(APP, user))
     out = []
     for _, fields in await presence.redis.xrange(shard):
         entry = {_s(k): _s(v) for k, v in fields.items()}
         if entry["userId"] == user:
             out.append(entry)
     return out
+
+
+def own_logout(p: Presence, user: str) -> functions.Call[functions.StatusChange]:
+    """The user's own logout call (feed keys included, reason close) without the fan-out or the relay."""
+    return functions.logout(
+        p.user(APP, user),
+        p.feed.feed_keys(APP, user),
+        p.options,
+        app_id=APP,
+        user_id=user,
+        client_type=IOS,
+        imei="phone",
+        reason="close",
+    )
 
 
 async def test_every_kind_of_change_is_one_entry_in_user_order(facade: Presence) -> None:
@@ -50,7 +64,7 @@ async def test_every_kind_of_change_is_one_entry_in_user_order(facade: Presence)
     await p.logout(APP, "alice", API, "tab", reason="timeout")
     await p.logout(APP, "alice", WINDOWS, "pc", reason="close")
     await p.login(APP, "alice", ANDROID, "a1", node_id="doomed")
-    assert await p.reap_node("doomed") == 1
+    assert await p.nodes.reap("doomed") == 1
     got = await entries(p, "alice")
     assert [(e["event"], e["reason"], e["clientType"], e["imei"], e["status"], e["sessions"]) for e in got] == [
         ("login", "login", "2", "phone", "1", "1"),
@@ -86,31 +100,30 @@ async def test_an_entry_whose_relay_was_lost_goes_with_the_next_change_once(faca
     """The caller died between the user's function and the relay: the outbox keeps the entry, the next
     change relays both in order; repeating a relay (a retry) appends nothing twice."""
     p = facade
-    keys = p.user(APP, "carol")
-    args = [*p.fn.logout_args(APP, "carol", IOS, "phone", ""), "close", 1000, 60_000]
     await p.login(APP, "carol", IOS, "phone")
     # Only the user's own call, as if the process died right after it.
-    await p.store.one(keys.sessions, *fcall("presence_logout", p._state_keys(keys, APP, "carol"), args))
+    await p.fn.call(own_logout(p, "carol"))
     assert [e["event"] for e in await entries(p, "carol")] == ["login"]
-    pending = await p.redis.xrange(keys.outbox)
-    assert len(pending) == 1
+    read = p.fn.batch()
+    pending = p.feed.read_outbox(read, APP, "carol")
+    await read.run()
+    assert len(pending.result()) == 1
     await p.set_custom_status(APP, "carol", 1, "back")
     assert [(e["event"], e["reason"]) for e in await entries(p, "carol")] == [
         ("login", "login"),
         ("logout", "close"),
         ("status", ""),
     ]
-    relay = p._relay(APP, "carol", pending)
+    relay = p.feed.relay(APP, "carol", pending)  # the lost relay, repeated late: the cursor skips it
     assert relay is not None
-    (key, command), _ = relay
-    appended, cursor = await p.store.one(key, *command)
-    assert appended == 0 and _s(cursor) > _s(pending[0][0])
+    reply = await p.fn.call(relay.call)
+    assert reply.appended == 0 and reply.cursor > _s(pending.result()[0][0])
     assert len(await entries(p, "carol")) == 3
 
 
 async def test_online_counts_move_with_every_session(facade: Presence) -> None:
     p = facade
-    assert (await p.online_counts()).get(APP) is None
+    assert (await p.counters.online_counts()).get(APP) is None
     await p.login(APP, "u1", IOS, "a")
     await p.login(APP, "u1", WEB, "b")
     await p.login(APP, "u2", IOS, "c")
@@ -118,15 +131,15 @@ async def test_online_counts_move_with_every_session(facade: Presence) -> None:
     await p.login(APP, "u3", WINDOWS, "d", login_model=1)
     await p.login(APP, "u3", ANDROID, "e", login_model=1)  # kicks d
     await p.login(APP + 1, "u1", IOS, "x")  # another app
-    c = (await p.online_counts())[APP]
+    c = (await p.counters.online_counts())[APP]
     assert (c.onlineUsers, c.onlineSessions) == (3, 4)
     assert {k: v for k, v in c.sessionsByClientType.items() if v} == {"1": 1, "2": 2, "3": 1}
     await p.logout(APP, "u1", IOS, "a")
     await p.logout(APP, "u1", WEB, "b")
     await p.logout(APP, "u1", WEB, "b")  # a repeat changes nothing
-    c = (await p.online_counts())[APP]
+    c = (await p.counters.online_counts())[APP]
     assert (c.onlineUsers, c.onlineSessions) == (2, 2)
-    assert (await p.online_counts())[APP + 1].onlineUsers == 1
+    assert (await p.counters.online_counts())[APP + 1].onlineUsers == 1
 
 
 def feed_example() -> str:
@@ -137,7 +150,7 @@ def feed_example() -> str:
 async def test_feed_md_consumer_group_example_runs(store_redis: Any, store_url: str) -> None:
     """gateway/FEED.md's redis-cli example, as printed (with -c on a cluster), reads alice's login."""
     p = Presence(store_redis, Settings())
-    assert p.feed_shard_of(APP, "alice") == 3  # the example names shard 3
+    assert p.feed.shard_of(APP, "alice") == 3  # the example names shard 3
     await p.login(APP, "alice", IOS, "phone")
     await p.set_custom_status(APP, "alice", 1, "in a meeting")
     cli = f"redis-cli -u {store_url} " + ("" if not p.store.cluster else "-c ")
@@ -207,15 +220,14 @@ async def test_the_outbox_sweep_relays_an_entry_whose_user_changes_no_more(facad
     p = facade
     await p.login(APP, "dora", IOS, "phone")
     keys = p.user(APP, "dora")
-    args = [*p.fn.logout_args(APP, "dora", IOS, "phone", ""), "close", 1000, 60_000]
-    await p.store.one(keys.sessions, *fcall("presence_logout", p._state_keys(keys, APP, "dora"), args))
+    await p.fn.call(own_logout(p, "dora"))
     assert [e["event"] for e in await entries(p, "dora")] == ["login"]
     cursors: dict[Any, int] = {}
-    relayed = await p.relay_outboxes(cursors)
+    relayed = await p.feed.relay_outboxes(cursors)
     while any(cursors.values()):  # the rest of the SCAN pass
-        relayed += await p.relay_outboxes(cursors)
+        relayed += await p.feed.relay_outboxes(cursors)
     assert relayed == 1
     assert [(e["event"], e["reason"]) for e in await entries(p, "dora")] == [("login", "login"), ("logout", "close")]
     assert await p.redis.xlen(keys.outbox) == 0
-    assert await p.relay_outboxes({}) == 0  # nothing twice
+    assert await p.feed.relay_outboxes({}) == 0  # nothing twice
     assert len(await entries(p, "dora")) == 2

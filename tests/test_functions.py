@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
+from typing import Any
 
 import msgspec
 import pytest
 from redis.asyncio import Redis
 
+from presence import functions
 from presence.errors import ParamError
-from presence.functions import ensure_library, fcall, library_source
+from presence.library import ensure_library, library_source
+from presence.models import (
+    KickPack,
+    Session,
+    UserCustomStatusChangeNotifyPack,
+    UserOnlineStatus,
+    UserStatusChangeNotifyPack,
+)
 from presence.service import Presence
 
 APP = 10000
@@ -35,7 +45,7 @@ async def inbox(p: Presence, user: str) -> list[dict[str, object]]:
 
 async def test_library_loads_once_and_reports_version(any_redis: Redis) -> None:
     assert await ensure_library(any_redis) is False  # the fixture loaded this exact code already
-    assert (await any_redis.fcall_ro("presence_version", 0)) == b"3.3.0"
+    assert (await any_redis.fcall_ro("presence_version", 0)) == b"4.0.0"
 
 
 async def test_login_writes_session_and_friend_gets_4004(presence: Presence) -> None:
@@ -163,12 +173,12 @@ async def test_resubscribe_overwrites_expiry(presence: Presence) -> None:
 
 async def test_live_subscription_cap_is_enforced_in_lua(any_redis: Redis, presence: Presence) -> None:
     index = presence.user(APP, "carol").subscriptions
-    await presence.fn.subscribe(index, "carol", [f"u{i}" for i in range(3)], 60_000, 3)
+    await presence.fn.call(functions.subscribe(index, "carol", [f"u{i}" for i in range(3)], 60_000, 3))
     with pytest.raises(ParamError, match="at most 3 live subscriptions"):
-        await presence.fn.subscribe(index, "carol", ["u9"], 60_000, 3)
+        await presence.fn.call(functions.subscribe(index, "carol", ["u9"], 60_000, 3))
     # Re-subscribing to a live target does not count twice.
-    _, live = await presence.fn.subscribe(index, "carol", ["u0"], 60_000, 3)
-    assert live == 3
+    again = await presence.fn.call(functions.subscribe(index, "carol", ["u0"], 60_000, 3))
+    assert again.live == 3
 
 
 async def test_unsubscribe_removes_both_sides(presence: Presence) -> None:
@@ -219,6 +229,8 @@ async def test_doorbell_published_once_per_node(presence: Presence) -> None:
 
 
 async def test_inbox_is_trimmed(any_redis: Redis) -> None:
+    """The inbox keeps about ``inbox_maxlen`` newest entries (XADD MAXLEN ~: Redis drops whole stream nodes
+    only, so up to a node's worth more), drops the oldest first, and expires."""
     from presence.config import Settings
 
     p = Presence(any_redis, Settings(inbox_maxlen=10))
@@ -226,8 +238,10 @@ async def test_inbox_is_trimmed(any_redis: Redis) -> None:
     await login(p, "bob")
     for i in range(300):
         await p.set_custom_status(APP, "alice", i, "")
-    length = await any_redis.xlen(p.inbox_key(APP, "bob"))
-    assert length < 300
+    kept = [e["d"]["customStatus"] for e in await inbox(p, "bob")]
+    node_entries = 100  # Redis's default stream-node-max-entries: the most MAXLEN ~ may leave beyond maxlen
+    assert 10 <= len(kept) <= 10 + node_entries
+    assert kept == list(range(300 - len(kept), 300)), "the newest entries, in order; the oldest were dropped"
     assert await any_redis.pttl(p.inbox_key(APP, "bob")) > 0
 
 
@@ -236,48 +250,132 @@ async def test_reaper_logs_out_sessions_of_a_dead_node(presence: Presence) -> No
     await login(presence, "bob", node="live")
     await login(presence, "alice", IOS, "phone", node="dead")
     await login(presence, "alice", WINDOWS, "pc", node="dead")
-    assert await presence.node_heartbeat("dead") is False
-    assert await presence.node_heartbeat("dead") is True
+    assert await presence.nodes.heartbeat("dead") is False
+    assert await presence.nodes.heartbeat("dead") is True
     await presence.redis.zadd(presence.keys.nodes, {"dead": 1})  # last beat long ago
-    assert await presence.expired_nodes(10) == ["dead"]
-    assert await presence.reap_node("dead") == 2
+    assert await presence.nodes.expired(10) == ["dead"]
+    assert await presence.nodes.reap("dead") == 2
     assert (await presence.query_users(APP, ["alice"]))["alice"].status == 2
     assert (await inbox(presence, "bob"))[-1]["d"]["status"] == 2
-    assert await presence.expired_nodes(10) == []
-    assert await presence.node_sessions("dead") == 0
+    assert await presence.nodes.expired(10) == []
+    assert await presence.nodes.session_count("dead") == 0
+
+
+def _login(p: Presence, **overrides: Any) -> functions.Call[functions.StatusChange]:
+    """presence_login of user "a" straight from the builder: no Python validation on the way."""
+    args: dict[str, Any] = {"app_id": APP, "user_id": "a", "conn_id": "c", "client_type": 1, "imei": "i"}
+    return functions.login(p.user(APP, "a"), None, p.options, **{**args, **overrides})
 
 
 @pytest.mark.parametrize(
-    ("call", "message"),
+    ("build", "message"),
     [
+        (lambda p: _login(p, client_type=9), "clientType must be 0..5"),
+        (lambda p: _login(p, login_model=7), "loginModel must be 1..4"),
+        (lambda p: _login(p, user_id="a" * 65), "userId must be 1..64 bytes"),
+        (lambda p: _login(p, imei="i" * 129), "imei must be 1..128 bytes"),
+        (lambda p: _login(p, broker_id="node 1"), "brokerId must be"),
+        (lambda p: _login(p, max_sessions=0), "max sessions must be at least 1"),
         (
-            lambda p: p.fn.call(
-                "presence_login", p.user(APP, "a").state(), [APP, "a", 9, "i", "c", "n", "", 0, 3, 100, 1000, "x:"]
+            lambda p: functions.set_custom_status(
+                p.user(APP, "a"), None, p.options, app_id=APP, user_id="a", custom_status=1, custom_text="x" * 101
             ),
-            "clientType must be 0..5",
+            "customText must be at most 100 bytes",
         ),
         (
-            lambda p: p.fn.call(
-                "presence_login", p.user(APP, "a").state(), [APP, "a", 1, "i", "c", "n", "", 0, 7, 100, 1000, "x:"]
+            lambda p: functions.logout(
+                p.user(APP, "a"), None, p.options, app_id=APP, user_id="a|b", client_type=1, imei="i"
             ),
-            "loginModel must be 1..4",
+            "userId must be 1..64 bytes without",
         ),
-        (lambda p: p.fn.set_custom_status(p.user(APP, "a"), APP, "a", 1, "x" * 101), "customText"),
         (
-            lambda p: p.fn.subscribe(p.user(APP, "a").subscriptions, "a", ["b"], 0, 10),
+            lambda p: functions.subscribe(p.user(APP, "a").subscriptions, "a", ["b"], 0, 10),
             "subTime must be between 1 and 2592000000 ms",
         ),
-        (
-            lambda p: p.fn.friends_add(p.user(APP, "a").friends, "a", ["a"]),
-            "toId must differ",
-        ),
+        (lambda p: functions.friends_add([p.user(APP, "a").friends], [("a", "a")]), "toId must differ"),
+        (lambda p: functions.node_heartbeat(p.keys.nodes, ""), "takes 1 key and a node id"),
     ],
 )
-async def test_library_rejects_bad_arguments_itself(presence: Presence, call, message: str) -> None:
+async def test_library_rejects_bad_arguments_itself(
+    presence: Presence, build: Callable[[Presence], functions.Call[Any]], message: str
+) -> None:
     """Other services call the functions directly, so the library validates, not only Python."""
     with pytest.raises(ParamError, match=message):
-        await call(presence)
+        await presence.fn.call(build(presence))
     assert await presence.redis.dbsize() == 0  # nothing half-written
+
+
+async def test_status_changes_reply_in_one_layout(presence: Presence) -> None:
+    """presence_login, presence_logout and presence_set_custom_status all answer {changed, pack, version,
+    online, inbox last id, kicked, recipients...}."""
+    await presence.add_friend(APP, "alice", "bob")
+    keys = presence.user(APP, "alice")
+
+    async def raw(call: functions.Call[Any]) -> list[Any]:
+        (reply,) = await presence.store.run([call.command()], raise_errors=True)
+        return list(reply)
+
+    def log_in(ct: int, imei: str, conn: str) -> functions.Call[functions.StatusChange]:
+        return functions.login(
+            keys, None, presence.options, app_id=APP, user_id="alice", conn_id=conn, client_type=ct, imei=imei
+        )
+
+    def log_out(imei: str) -> functions.Call[functions.StatusChange]:
+        return functions.logout(
+            keys, None, presence.options, app_id=APP, user_id="alice", client_type=IOS, imei=imei, conn_id=f"c-{imei}"
+        )
+
+    await raw(log_in(IOS, "phone", "c-phone"))
+    login = await raw(log_in(WINDOWS, "pc", "c-pc"))  # the phone's session gets a 4005: the newest inbox entry
+    (newest,) = await presence.redis.xrevrange(keys.inbox, count=1)
+    assert login[0] == 1 and login[2:4] == [2, 1] and login[4] == newest[0] and login[5:] == [0, b"bob"]
+    relogin = await raw(log_in(WINDOWS, "pc", "c-pc-2"))  # a reconnect: no change for others, the old one kicked
+    assert relogin[0] == 0 and relogin[2:4] == [2, 1] and relogin[5:] == [1]
+    status = await raw(
+        functions.set_custom_status(
+            keys, None, presence.options, app_id=APP, user_id="alice", custom_status=1, custom_text="hi"
+        )
+    )
+    assert status[0] == 1 and status[2:] == [3, 1, b"", 0, b"bob"]
+    logout = await raw(log_out("phone"))
+    assert logout[0] == 1 and logout[2:] == [4, 1, b"", 0, b"bob"]
+    assert await raw(log_out("phone")) == [0, b"", 0, 1, b"", 0]  # gone already: nothing changed, nobody told
+    for reply in (login, relogin, status, logout):
+        assert msgspec.json.decode(reply[1])["version"] == reply[2]
+
+
+async def test_library_json_is_the_models_json(presence: Presence) -> None:
+    """Stored sessions and the 4004/4005, 4006/4007 and 9002 data come from one JSON writer in the library:
+    byte for byte what msgspec makes of the models (field order included), and so is presence_query's."""
+    await presence.add_friend(APP, "alice", "bob")
+    await login(presence, "bob")
+    await login(presence, "alice", IOS, "phone")
+    await login(presence, "alice", WINDOWS, "pc")  # 4005 to the phone
+    await login(presence, "alice", ANDROID, "tab")  # model 3 kicks the phone (9002), 4005 to the pc
+    await presence.set_custom_status(APP, "alice", 5, "in a meeting", origin_conn_id="c-alice-4-pc")  # 4006, 4007
+    stored = await presence.redis.hvals(presence.user(APP, "alice").sessions)
+    assert len(stored) == 2
+    for value in stored:
+        assert msgspec.json.encode(msgspec.json.decode(value, type=Session)) == value
+    models: dict[str, type] = {
+        "4004": UserStatusChangeNotifyPack,
+        "4005": UserStatusChangeNotifyPack,
+        "4006": UserCustomStatusChangeNotifyPack,
+        "4007": UserCustomStatusChangeNotifyPack,
+        "9002": KickPack,
+    }
+    seen = set()
+    for user in ("alice", "bob"):
+        for _, fields in await presence.redis.xrange(presence.inbox_key(APP, user)):
+            command, data = fields[b"c"].decode(), fields[b"d"]
+            assert msgspec.json.encode(msgspec.json.decode(data, type=models[command])) == data, command
+            seen.add(command)
+    assert seen == set(models)
+    keys = presence.user(APP, "alice")
+    document = await presence.store.one(
+        keys.sessions, *functions.query([(keys.sessions, keys.status)], ["alice"]).command()[1]
+    )
+    assert msgspec.json.encode(msgspec.json.decode(document, type=dict[str, UserOnlineStatus])) == document
 
 
 async def test_query_result_decodes_to_models(presence: Presence) -> None:
@@ -301,7 +399,7 @@ def test_redis_cli_loads_the_file_as_is(redis_url: str) -> None:
     out = subprocess.run(
         ["redis-cli", "-u", redis_url, "FCALL", "presence_version", "0"], capture_output=True, check=True
     )
-    assert out.stdout.strip() == b"3.3.0"
+    assert out.stdout.strip() == b"4.0.0"
 
 
 # --- issue 10: versions, ordered fan-out, operation ids, lastSeen evidence (every store) ---
@@ -338,24 +436,45 @@ async def test_a_repeated_change_call_is_a_replay_that_still_names_the_recipient
     await presence.add_friend(APP, "alice", "bob")
     await login(presence, "alice", IOS, "phone")
     keys = presence.user(APP, "alice")
-    args = presence.fn.logout_args(APP, "alice", IOS, "phone", "c-alice-2-phone", op_id="op-1")
-    first = presence.fn.parse_logout(
-        await presence.store.one(keys.sessions, *fcall("presence_logout", keys.state(), args))
+    logout = functions.logout(
+        keys,
+        None,
+        presence.options,
+        app_id=APP,
+        user_id="alice",
+        client_type=IOS,
+        imei="phone",
+        conn_id="c-alice-2-phone",
+        op_id="op-1",
     )
-    again = presence.fn.parse_logout(
-        await presence.store.one(keys.sessions, *fcall("presence_logout", keys.state(), args))
-    )
+    first = await presence.fn.call(logout)
+    again = await presence.fn.call(logout)
     assert first.changed and again.changed and again.recipients == ["bob"]
     assert first.data == again.data and again.version == 2
-    status = presence.fn
-    one = await status.set_custom_status(keys, APP, "alice", 3, "a", op_id="op-2")
-    two = await status.set_custom_status(keys, APP, "alice", 3, "a", op_id="op-2")
+    one = await presence.fn.call(custom(presence, 3, "a", "op-2"))
+    two = await presence.fn.call(custom(presence, 3, "a", "op-2"))
     assert one.version == two.version == 3 and two.recipients == ["bob"]
     # A login repeated with its connection id (its operation id) replays too.
-    login_args = presence.fn.login_args(APP, "alice", IOS, "phone", "c-new", "n1", "", 1, 3)
-    a = await presence.fn.login(keys, login_args)
-    b = await presence.fn.login(keys, login_args)
+    login_call = functions.login(
+        keys, None, presence.options, app_id=APP, user_id="alice", conn_id="c-new", client_type=IOS, imei="phone"
+    )
+    a = await presence.fn.call(login_call)
+    b = await presence.fn.call(login_call)
     assert a.changed and b.changed and a.version == b.version == 4 and b.recipients == ["bob"]
+
+
+def custom(p: Presence, status: int, text: str, op_id: str) -> functions.Call[functions.StatusChange]:
+    """alice's presence_set_custom_status with an operation id, straight from the builder."""
+    return functions.set_custom_status(
+        p.user(APP, "alice"),
+        None,
+        p.options,
+        app_id=APP,
+        user_id="alice",
+        custom_status=status,
+        custom_text=text,
+        op_id=op_id,
+    )
 
 
 async def test_a_retry_after_a_later_change_is_still_a_replay_of_the_current_state(presence: Presence) -> None:
@@ -363,37 +482,39 @@ async def test_a_retry_after_a_later_change_is_still_a_replay_of_the_current_sta
     applies nothing and replies the CURRENT state, so its fan-out carries the newest version."""
     await presence.add_friend(APP, "alice", "bob")
     await login(presence, "alice", IOS, "phone")
-    keys = presence.user(APP, "alice")
-    fn = presence.fn
-    logout_args = fn.logout_args(APP, "alice", IOS, "phone", "c-alice-2-phone", op_id="op-logout")
-
-    async def logout() -> object:
-        return fn.parse_logout(
-            await presence.store.one(keys.sessions, *fcall("presence_logout", keys.state(), logout_args))
-        )
-
-    first = await logout()  # v2: offline
-    later = await fn.set_custom_status(keys, APP, "alice", 7, "later", op_id="op-admin")  # v3
-    again = await logout()  # the logout's retry: no longer the latest operation
-    assert first.changed and again.changed and again.recipients == ["bob"]  # type: ignore[attr-defined]
-    assert again.version == later.version == 3 and b'"status":2' in again.data  # type: ignore[attr-defined]
+    logout = functions.logout(
+        presence.user(APP, "alice"),
+        None,
+        presence.options,
+        app_id=APP,
+        user_id="alice",
+        client_type=IOS,
+        imei="phone",
+        conn_id="c-alice-2-phone",
+        op_id="op-logout",
+    )
+    first = await presence.fn.call(logout)  # v2: offline
+    later = await presence.fn.call(custom(presence, 7, "later", "op-admin"))  # v3
+    again = await presence.fn.call(logout)  # the logout's retry: no longer the latest operation
+    assert first.changed and again.changed and again.recipients == ["bob"]
+    assert again.version == later.version == 3 and b'"status":2' in again.data
     # A request A retried after B was applied does not apply A again: the stored value stays B.
-    a = await fn.set_custom_status(keys, APP, "alice", 1, "A", op_id="op-a")
-    b = await fn.set_custom_status(keys, APP, "alice", 2, "B", op_id="op-b")
-    a_retry = await fn.set_custom_status(keys, APP, "alice", 1, "A", op_id="op-a")
+    a = await presence.fn.call(custom(presence, 1, "A", "op-a"))
+    b = await presence.fn.call(custom(presence, 2, "B", "op-b"))
+    a_retry = await presence.fn.call(custom(presence, 1, "A", "op-a"))
     assert (a.version, b.version, a_retry.version) == (4, 5, 5)
     assert b'"customText":"B"' in a_retry.data
     assert (await presence.query_users(APP, ["alice"]))["alice"].version == 5
 
 
 async def test_last_seen_is_the_evidence_and_never_moves_back(presence: Presence) -> None:
-    before = await presence.redis_time_ms()
+    before = await presence.nodes.redis_time_ms()
     await login(presence, "alice", IOS, "phone")  # seen at the login
     await login(presence, "alice", WINDOWS, "pc")
     await presence.logout(APP, "alice", IOS, "phone", seen_age_ms=60_000)  # evidence older than the login
     last = (await presence.query_users(APP, ["alice"]))["alice"].lastSeen
     assert last is not None and last >= before, "older evidence does not move lastSeen back"
-    later = await presence.redis_time_ms()
+    later = await presence.nodes.redis_time_ms()
     await presence.logout(APP, "alice", WINDOWS, "pc", seen_at_ms=later + 500)  # capped at the server's now
     last = (await presence.query_users(APP, ["alice"]))["alice"].lastSeen
     assert last is not None and later <= last < later + 500

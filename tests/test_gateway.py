@@ -350,7 +350,7 @@ async def test_node_reaped_while_alive_keeps_its_clients_and_logs_them_in_again(
     node = await make_node(node_ttl=0.5, node_id="sleepy")
     alice = await TcpClient.connect(node.tcp_port)
     await alice.login("alice")
-    await facade.reap_node("sleepy")  # as a peer would after a long pause of this node
+    await facade.nodes.reap("sleepy")  # as a peer would after a long pause of this node
     assert (await facade.query_users(APP, ["alice"]))["alice"].status == 2
     deadline = asyncio.get_running_loop().time() + 5
     while (await facade.query_users(APP, ["alice"]))["alice"].status != 1:
@@ -358,7 +358,7 @@ async def test_node_reaped_while_alive_keeps_its_clients_and_logs_them_in_again(
         await asyncio.sleep(0.05)
     alice.send(Command.PING)
     await expect(alice, Command.PING)  # the same connection
-    assert await facade.node_sessions("sleepy") == 1, "recorded for the node again: a reaper finds it"
+    assert await facade.nodes.session_count("sleepy") == 1, "recorded for the node again: a reaper finds it"
     await alice.close()
 
 

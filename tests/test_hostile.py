@@ -248,7 +248,7 @@ async def test_webapi_sessions_are_capped_and_the_new_login_is_refused(
     assert await extra.closed()
     sessions_key = facade.user(APP, "alice").sessions
     assert await store_redis.hlen(sessions_key) == 10
-    assert len([m for m in await facade.node_session_members(node.hub.node_id) if "|alice|" in m]) == 10
+    assert len([m for m in await facade.nodes.session_members(node.hub.node_id) if "|alice|" in m]) == 10
     # The same device coming back is a replacement, not an 11th session.
     await clients[0].close()
     again = await TcpClient.connect(node.tcp_port, client_type=WEBAPI, imei="api-0")

@@ -20,8 +20,8 @@ from schemathesis.config import SchemathesisConfig
 
 from presence.auth import generate_user_sign
 from presence.config import AppConfig, Settings
-from presence.functions import ensure_library
 from presence.http import create_app
+from presence.library import ensure_library
 from presence.resources import resource_path
 from presence.service import Presence
 

@@ -91,10 +91,10 @@ async def test_logout_emits_offline_once(make_node: MakeNode, facade: Presence) 
 async def test_crashed_gateway_sessions_are_reaped(facade: Presence) -> None:
     """Seed: a crashed gateway left its sessions "online" forever (no TTL, no reaper)."""
     await facade.login(APP, "alice", IOS, "a", node_id="crashed")
-    await facade.node_heartbeat("crashed")
+    await facade.nodes.heartbeat("crashed")
     await facade.redis.zadd(facade.keys.nodes, {"crashed": 1})
-    (dead,) = await facade.expired_nodes(10)
-    assert await facade.reap_node(dead) == 1
+    (dead,) = await facade.nodes.expired(10)
+    assert await facade.nodes.reap(dead) == 1
     assert (await facade.query_users(APP, ["alice"]))["alice"].status == 2
 
 

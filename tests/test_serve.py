@@ -35,7 +35,7 @@ async def test_killed_node_sessions_go_offline_within_node_ttl(
         msg = await expect(bob, Command.NOTIFY, timeout=1.0 + 4.0)  # node_ttl plus a reaper round or two
         assert msg.data["userId"] == "alice" and msg.data["status"] == 2
         assert (await facade.query_users(APP, ["alice"]))["alice"].status == 2
-        assert await facade.node_sessions("doomed") == 0
+        assert await facade.nodes.session_count("doomed") == 0
     finally:
         doomed.kill()
     await bob.close()

@@ -185,7 +185,7 @@ async def test_an_event_that_keeps_failing_goes_to_the_dead_letter_stream(
     await node.presence.logout(APP, "erin", ANDROID, "e1", reason="kicked")
     await receiver.wait_for(lambda posts: posts[-1]["Event"] == "logout")
     assert receiver.posts[-1]["Info"]["Reason"] == "Kicked" and receiver.posts[-1]["KickedDevice"] == []
-    shard = facade.keys.feed_shard(APP, facade.feed_shard_of(APP, "erin"))
+    shard = facade.keys.feed_shard(APP, facade.feed.shard_of(APP, "erin"))
     group = f"webhook:{receiver.url}"
     pending_ids = [e["message_id"] for e in await facade.redis.xpending_range(shard, group, "-", "+", 10)]
     pending_events = [(await facade.redis.xrange(shard, i, i))[0][1][b"eventId"] for i in pending_ids]

@@ -52,7 +52,7 @@ async def test_workers_share_ports_and_a_crashed_worker_is_reaped_and_replaced(
             client = await WsClient.connect(proc.ws_port, imei=user)
             await client.login(user)
             clients.append(client)
-        held = {w: await presence.node_session_members(f"multi-w{w}") for w in range(2)}
+        held = {w: await presence.nodes.session_members(f"multi-w{w}") for w in range(2)}
         assert held[0] and held[1], f"one worker got every connection: {held}"
         on = {w: sorted(m.split("|")[1] for m in held[w]) for w in range(2)}
         assert sorted(on[0] + on[1]) == sorted(users)
@@ -62,7 +62,7 @@ async def test_workers_share_ports_and_a_crashed_worker_is_reaped_and_replaced(
         assert await _status(presence, on[0]) == {2}, "the crashed worker's users are still online"
         assert await _status(presence, on[1]) == {1}
         await _line(proc, r"worker 0 started: node multi-w0\.2")
-        assert await presence.node_sessions("multi-w0") == 0
+        assert await presence.nodes.session_count("multi-w0") == 0
         assert "multi-w0.2" in {n.decode() for n in await real_redis.zrange("presence:nodes", 0, -1)}
         late = await WsClient.connect(proc.ws_port, imei="late")
         await late.login("late")

@@ -30,8 +30,8 @@ from presence.errors import Code, PresenceError, UnavailableError
 from presence.gateway.codec import SERVER_HEADER, Command, encode_tcp, pack_head
 from presence.metrics import CONNECTIONS, DELIVERIES, DOORBELLS, LOGIN_TIMEOUTS, LOGINS, LOGOUTS
 from presence.models import ChangeResult
-from presence.nodes import NodeKeeper
-from presence.service import Presence, new_conn_id, node_member, parse_node_member
+from presence.nodes import NodeKeeper, node_member, parse_node_member
+from presence.service import Presence, new_conn_id
 from presence.sockets import SocketGate
 
 log = logging.getLogger("presence.gateway")
@@ -221,9 +221,9 @@ class Hub:
         self._pubsub_node: str | None = node.name if node is not None else None
         # A new incarnation of this node id: whatever sessions the set still records are the predecessor's
         # (no connection of ours exists yet). Read before our first beat overwrites its last one.
-        left = await self.presence.node_session_members(self.node_id)
+        left = await self.presence.nodes.session_members(self.node_id)
         await self._learn_redis_clock()
-        last_beat = await self.presence.node_last_beat(self.node_id) if left else None
+        last_beat = await self.presence.nodes.last_beat(self.node_id) if left else None
         await self.keeper.beat()
         if left:
             await self._adopt_predecessor(left, last_beat)
@@ -249,7 +249,7 @@ class Hub:
         grace = self.settings.offline_grace
         age = 0.0
         if last_beat is not None:
-            age = max(await self.presence.redis_time_ms() - last_beat, 0) / 1000
+            age = max(await self.presence.nodes.redis_time_ms() - last_beat, 0) / 1000
         delay = max(grace - age, 0.0)
         log.warning(
             "node %s: new incarnation; %d sessions of the predecessor (last beat %.1f s ago) end in %.1f s "
@@ -309,7 +309,7 @@ class Hub:
             await _within(self.pubsub.aclose(), 1.0)
         if logout and finished and not self._logouts_failed:
             # Only once every session is logged out: the record is what lets a peer's reaper find the rest.
-            if not await _within(self.presence.node_leave(self.node_id), STOP_STEP_S):
+            if not await _within(self.presence.nodes.leave(self.node_id), STOP_STEP_S):
                 log.warning("node %s: leaving failed; peers reap it after node_ttl", self.node_id)
         elif logout:
             log.warning("node %s: stopped with sessions left; a peer's reaper logs them out", self.node_id)
@@ -526,7 +526,7 @@ class Hub:
         """
         await self.reassert()
         live = {self._member(c) for c in self.connections if c.logged_in} | set(self._grace)
-        stale = {m for m in await self.presence.node_session_members(self.node_id) if m not in live}
+        stale = {m for m in await self.presence.nodes.session_members(self.node_id) if m not in live}
         confirmed, self._suspects = stale & self._suspects, stale
         for member in confirmed:
             await self._logout_member(member, "reconciled")
@@ -538,7 +538,7 @@ class Hub:
         while not self.closing:
             await asyncio.sleep(self.outbox_sweep_interval)
             try:
-                if await self.presence.relay_outboxes(cursors):
+                if await self.presence.feed.relay_outboxes(cursors):
                     log.info("relayed change feed entries left in outboxes")
             except asyncio.CancelledError:
                 raise
@@ -549,7 +549,7 @@ class Hub:
         """Refresh ``_redis_offset_ms`` from one TIME call, kept only if its round trip was quick."""
         before = time.monotonic()
         try:
-            redis_ms = await self.presence.redis_time_ms()
+            redis_ms = await self.presence.nodes.redis_time_ms()
         except Exception:  # Redis away: keep the offset we have
             return
         after = time.monotonic()
@@ -866,7 +866,7 @@ class Hub:
         conns = [c for c in self.connections if c.logged_in and not c.ended and c.conn_id in self._login_params]
         if not conns:
             return 0
-        held = await self.presence.sessions_held(
+        held = await self.presence.nodes.sessions_held(
             [(c.app_id, c.user_id, c.client_type, c.imei, c.conn_id) for c in conns]
         )
         lost = [c for c, h in zip(conns, held, strict=True) if h is False]

@@ -26,9 +26,9 @@ from presence.auth import generate_user_sign, verify_user_sign
 from presence.bounded import MAX_JSON_DEPTH, too_deep
 from presence.config import DEV_APP_ID, AppConfig, Settings
 from presence.errors import AuthError, Code, ForbiddenError, ParamError, PresenceError
-from presence.functions import library_health, library_version
 from presence.http.demo import add_demo_routes, ws_url_on_port
 from presence.ids import check_user_id
+from presence.library import library_health, library_version
 from presence.metrics import ONLINE_SESSIONS, ONLINE_USERS, REGISTRY, REST_REQUESTS
 from presence.models import (
     AddFriendReq,
@@ -412,7 +412,7 @@ async def query_online_count(request: web.Request) -> web.Response:
     caller = authenticate(request)
     require_admin(caller, "queryOnlineCount")
     await decode_body(request, _QUERY_FRIENDS)  # no fields
-    counts = await request.app[PRESENCE].online_counts()
+    counts = await request.app[PRESENCE].counters.online_counts()
     return envelope(counts.get(caller.app_id, OnlineCount()))
 
 
@@ -480,7 +480,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def refresh_online_gauges(presence: Presence, apps: Iterable[int]) -> None:
     """``presence_online_users{app}`` and ``presence_online_sessions{app,client_type}`` from the counters."""
-    counts = await presence.online_counts()
+    counts = await presence.counters.online_counts()
     for app_id in sorted(set(apps) | set(counts)):
         count = counts.get(app_id, OnlineCount())
         ONLINE_USERS.labels(str(app_id)).set(count.onlineUsers)
