@@ -465,9 +465,9 @@ local function presence_login(keys, args)
   -- A repeat (the first reply was lost): the session is there; tell the caller the current state.
   local mine = redis.call('HGET', c.sessions, c.field)
   if mine and session_string(mine, 'connId') == c.conn_id then
-    local pack, online = status_pack(c.app_id, c.user_id, redis.call('HVALS', c.sessions), stored_version(c.status))
-    return change_reply(1, pack, stored_version(c.status), online, last_id(c.inbox), 0,
-      recipients(c.friends, c.subscribers, c.user_id, now))
+    local version = stored_version(c.status)
+    local pack, online = status_pack(c.app_id, c.user_id, redis.call('HVALS', c.sessions), version)
+    return change_reply(1, pack, version, online, last_id(c.inbox), 0, recipients(c.friends, c.subscribers, c.user_id, now))
   end
 
   local plan = login_plan(c, redis.call('HGETALL', c.sessions))

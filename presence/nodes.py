@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+import msgspec
 
 from presence import functions
 from presence.functions import Functions
@@ -34,7 +35,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("presence.nodes")
 
-_CONN_ID = re.compile(rb'"connId":"([^"]*)"')
+
+class _Owner(msgspec.Struct):
+    """The one field of a stored session (``models.Session``) that says which connection owns it."""
+
+    connId: str = ""
+
+
+_owner = msgspec.json.Decoder(_Owner)
 
 
 class NodeMember(NamedTuple):
@@ -148,13 +156,10 @@ class NodeRegistry:
         held: list[bool | None] = []
         for (*_, conn_id), read in zip(sessions, reads, strict=True):
             raw = read.result()
-            match = _CONN_ID.search(raw) if raw is not None else None
             if raw is None:
                 held.append(False)
-            elif match is not None and match.group(1) == conn_id.encode():
-                held.append(True)
             else:
-                held.append(None)
+                held.append(True if _owner.decode(raw).connId == conn_id else None)
         return held
 
     async def session_count(self, node_id: str) -> int:
