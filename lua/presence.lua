@@ -51,8 +51,9 @@ Identifiers (the rule of presence/ids.py): a userId is 1..LIMITS.userIdBytes byt
 1..LIMITS.imeiBytes bytes, both valid UTF-8 without control characters (C0, DEL, C1), U+2028,
 U+2029 or '|'; a userId also without '{' or '}'.
 
-Errors start with PRESENCE_PARAM (bad argument), PRESENCE_LIMIT (a per-user limit is
-reached) or PRESENCE_STATE (a conflict).
+Errors start with PRESENCE_PARAM (a bad argument; the call changed nothing) or PRESENCE_LIMIT (a
+per-user limit is reached; the call changed nothing). presence/functions.py maps them to ParamError
+(90001) and LimitError (90005); any other error is Redis's own (a system error).
 ]]
 
 local VERSION = '4.0.0'

@@ -190,6 +190,11 @@ def _integer(name: str) -> Callable[[object], int]:
     return lambda reply: _int(name, reply)
 
 
+_login_reply = _status_change("presence_login")
+_logout_reply = _status_change("presence_logout")
+_custom_status_reply = _status_change("presence_set_custom_status")
+
+
 # --- the builders: one per library function, in the library's order ---
 
 
@@ -223,7 +228,7 @@ def login(
         login_model,
         max_sessions,
     ]
-    return Call("presence_login", state, args, _status_change("presence_login"))
+    return Call("presence_login", state, args, _login_reply)
 
 
 def logout(
@@ -257,7 +262,7 @@ def logout(
         max(int(seen_age_ms), 0),
         max(int(seen_at_ms), 0),
     ]
-    return Call("presence_logout", state, args, _status_change("presence_logout"))
+    return Call("presence_logout", state, args, _logout_reply)
 
 
 def set_custom_status(
@@ -276,7 +281,7 @@ def set_custom_status(
     it also writes the change feed entry."""
     state = keys.state() if feed is None else [*keys.state(), feed.outbox]
     args = [*options.change_argv(app_id, user_id, op_id), custom_status, custom_text, origin_conn_id]
-    return Call("presence_set_custom_status", state, args, _status_change("presence_set_custom_status"))
+    return Call("presence_set_custom_status", state, args, _custom_status_reply)
 
 
 def _fanout_reply(reply: object) -> FanoutReply:
