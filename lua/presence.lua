@@ -177,8 +177,9 @@ end
 -- A string field of a stored session (brokerId, connId), read without decoding the whole record:
 -- session_json writes it as "name":"value", which the pattern finds unless the value needed an
 -- escape (brokerId never does: it is [A-Za-z0-9._:-]); then the record is decoded.
+local SESSION_STRING = {brokerId = '"brokerId":"([^"\\]*)"', connId = '"connId":"([^"\\]*)"'}
 local function session_string(record, name)
-  local value = string.match(record, '"' .. name .. '":"([^"\\]*)"')
+  local value = string.match(record, SESSION_STRING[name])
   if value then return value end
   local ok, decoded = pcall(cjson.decode, record)
   if ok and type(decoded) == 'table' and type(decoded[name]) == 'string' then return decoded[name] end

@@ -518,3 +518,13 @@ async def test_last_seen_is_the_evidence_and_never_moves_back(presence: Presence
     await presence.logout(APP, "alice", WINDOWS, "pc", seen_at_ms=later + 500)  # capped at the server's now
     last = (await presence.query_users(APP, ["alice"]))["alice"].lastSeen
     assert last is not None and later <= last < later + 500
+
+
+async def test_a_conn_id_the_json_escapes_still_owns_its_session(presence: Presence) -> None:
+    """The library reads a stored session's connId back without decoding it when it can; a connId that JSON
+    writes escaped (a '/' becomes '\\/') is read by decoding: its repeat is a replay, its logout ends it."""
+    first = await presence.login(APP, "alice", IOS, "phone", conn_id="gw/1")
+    again = await presence.login(APP, "alice", IOS, "phone", conn_id="gw/1")  # a repeat, not a reconnect
+    assert first.changed and again.changed and again.kicked == 0 and again.version == first.version
+    assert (await presence.logout(APP, "alice", IOS, "phone", conn_id="gw/1")).changed
+    assert (await presence.query_users(APP, ["alice"]))["alice"].status == 2
