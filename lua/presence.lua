@@ -147,7 +147,8 @@ local function raw(text) return {[RAW] = text} end
 local NULL = raw('null')
 
 -- An object from a flat list {name, value, name, value, ...}, names in that order. A value is a
--- number (written as Lua writes numbers), a string (JSON-encoded) or raw(json).
+-- number (an integer written in full: Lua's own format turns 1e14 and more into 1e+14), a string
+-- (JSON-encoded) or raw(json).
 local function json_object(fields)
   local parts = {}
   for i = 1, #fields, 2 do
@@ -157,6 +158,8 @@ local function json_object(fields)
       value = cjson.encode(value)
     elseif kind == 'table' then
       value = value[RAW]
+    elseif value == math.floor(value) then
+      value = string.format('%d', value)
     end
     parts[#parts + 1] = cjson.encode(fields[i]) .. ':' .. value
   end

@@ -528,3 +528,13 @@ async def test_a_conn_id_the_json_escapes_still_owns_its_session(presence: Prese
     assert first.changed and again.changed and again.kicked == 0 and again.version == first.version
     assert (await presence.logout(APP, "alice", IOS, "phone", conn_id="gw/1")).changed
     assert (await presence.query_users(APP, ["alice"]))["alice"].status == 2
+
+
+async def test_a_custom_status_of_53_bits_reaches_friends_exactly(presence: Presence) -> None:
+    """The packs write integers in full (Lua's number format alone turned 2**53 - 1 into 9.007199254741e+15)."""
+    await presence.add_friend(APP, "alice", "bob")
+    await login(presence, "bob")
+    for value in (2**53 - 1, -(2**53) + 1, 10**14):
+        await presence.set_custom_status(APP, "alice", value, "big")
+        assert (await inbox(presence, "bob"))[-1]["d"]["customStatus"] == value
+        assert (await presence.query_users(APP, ["alice"]))["alice"].customStatus == value
