@@ -160,7 +160,7 @@ def _bytes(name: str, value: object) -> bytes:
 
 
 def _str(name: str, value: object) -> str:
-    return _bytes(name, value).decode()
+    return value if isinstance(value, str) else _bytes(name, value).decode()  # str: a decoding client
 
 
 def _strs(name: str, values: Sequence[object]) -> list[str]:
