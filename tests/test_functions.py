@@ -24,7 +24,7 @@ async def login(
 
 
 async def inbox(p: Presence, user: str) -> list[dict[str, object]]:
-    entries = await p.redis.xrange(p.inbox_key(APP, user))
+    entries = await p.redis.xrange(p.keys.user(APP, user).inbox)
     out = []
     for _, fields in entries:
         e = {k.decode(): v.decode() for k, v in fields.items()}
@@ -54,7 +54,7 @@ async def test_fanout_skips_offline_recipients(presence: Presence) -> None:
     await login(presence, "bob")
     result = await login(presence, "alice")
     assert result.recipients == 2 and result.delivered == 1
-    assert not await presence.redis.exists(presence.inbox_key(APP, "carol"))
+    assert not await presence.redis.exists(presence.keys.user(APP, "carol").inbox)
 
 
 async def test_sync_4005_goes_to_other_sessions_only(presence: Presence) -> None:
@@ -202,7 +202,7 @@ async def test_doorbell_published_once_per_node(presence: Presence) -> None:
     await login(presence, "carol", node="n1")
     await login(presence, "dave", node="n2")
     pubsub = presence.redis.pubsub()
-    await pubsub.subscribe(presence.doorbell_channel("n1"), presence.doorbell_channel("n2"))
+    await pubsub.subscribe(presence.keys.doorbell("n1"), presence.keys.doorbell("n2"))
     for _ in range(2):
         await pubsub.get_message(timeout=1)  # subscribe confirmations
     await login(presence, "alice", node="n3")
@@ -213,8 +213,8 @@ async def test_doorbell_published_once_per_node(presence: Presence) -> None:
         got[msg["channel"].decode()] = set(json.loads(msg["data"]))  # a JSON array: no key byte can split it
     await pubsub.aclose()
     assert got == {
-        presence.doorbell_channel("n1"): {presence.inbox_key(APP, "bob"), presence.inbox_key(APP, "carol")},
-        presence.doorbell_channel("n2"): {presence.inbox_key(APP, "dave")},
+        presence.keys.doorbell("n1"): {presence.keys.user(APP, "bob").inbox, presence.keys.user(APP, "carol").inbox},
+        presence.keys.doorbell("n2"): {presence.keys.user(APP, "dave").inbox},
     }
 
 
@@ -226,9 +226,9 @@ async def test_inbox_is_trimmed(any_redis: Redis) -> None:
     await login(p, "bob")
     for i in range(300):
         await p.set_custom_status(APP, "alice", i, "")
-    length = await any_redis.xlen(p.inbox_key(APP, "bob"))
+    length = await any_redis.xlen(p.keys.user(APP, "bob").inbox)
     assert length < 300
-    assert await any_redis.pttl(p.inbox_key(APP, "bob")) > 0
+    assert await any_redis.pttl(p.keys.user(APP, "bob").inbox) > 0
 
 
 async def test_reaper_logs_out_sessions_of_a_dead_node(presence: Presence) -> None:
