@@ -37,6 +37,7 @@ log = logging.getLogger("presence.gateway")
 _CLIENT_EVENT_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 _UINT64_MAX = (1 << 64) - 1
 _doorbell_decoder = msgspec.json.Decoder(list[str])
+_new_tuple = tuple.__new__
 
 
 class EventId(NamedTuple):
@@ -51,11 +52,12 @@ class EventId(NamedTuple):
     @classmethod
     def parse(cls, value: str | bytes) -> EventId:
         """An id as Redis writes it (``ms-seq``; ``ms`` alone means ``ms-0``); ParamError for anything else."""
-        text = value.decode() if isinstance(value, bytes) else value
-        ms, _, seq = text.partition("-")
+        # Read for every inbox entry pushed: no decode (int() takes ASCII bytes), no NamedTuple __new__ call.
+        ms, _, seq = value.partition(b"-") if isinstance(value, bytes) else value.partition("-")
         try:
-            return cls(int(ms), int(seq or 0))
+            return _new_tuple(cls, (int(ms), int(seq or 0)))
         except ValueError:
+            text = value.decode(errors="replace") if isinstance(value, bytes) else value
             raise ParamError(f"{text!r} is not a stream id like 1700000000000-0") from None
 
     @classmethod
@@ -69,7 +71,7 @@ class EventId(NamedTuple):
         return cls(ms, seq) if ms <= _UINT64_MAX and seq <= _UINT64_MAX else None
 
     def __str__(self) -> str:
-        return f"{self.ms}-{self.seq}"
+        return "%d-%d" % self  # noqa: UP031  # the quickest form: formatted for every push (its ``eventId``)
 
 
 NO_EVENT = EventId(0, 0)  # before every entry: the cursor of an inbox never written
@@ -79,6 +81,7 @@ class InboxEntry(msgspec.Struct, frozen=True, gc=False):
     """One inbox entry, parsed once: which pack to push, and to which of the user's connections."""
 
     id: EventId
+    id_text: str  # the id as Redis wrote it: the push's ``eventId`` (kept, not formatted again per push)
     command: int
     data: bytes  # the pack's ``data`` JSON as the library wrote it (spliced into packs, never re-parsed)
     target: str | None = None  # ``t``: only the connection with this id gets it
@@ -87,15 +90,35 @@ class InboxEntry(msgspec.Struct, frozen=True, gc=False):
     @classmethod
     def parse(cls, entry_id: bytes | str, fields: Mapping[bytes, bytes]) -> InboxEntry:
         """An entry from its id and fields; KeyError/ValueError when ``c`` or ``d`` is missing or bad."""
-        target = fields.get(b"t")
-        exclude = fields.get(b"x")
-        return cls(
-            EventId.parse(entry_id),
-            int(fields[b"c"]),
-            fields[b"d"],
-            None if target is None else target.decode(),
-            None if exclude is None else exclude.decode(),
-        )
+        return _entry(entry_id, fields[b"c"], fields[b"d"], fields.get(b"t"), fields.get(b"x"))
+
+    @classmethod
+    def parse_flat(cls, entry_id: bytes | str, flat: list[bytes]) -> InboxEntry:
+        """An entry from its id and its fields as XREAD sends them: ``[field, value, ...]``."""
+        # Read for every entry pushed: the library's own layout (c, d, then t or x) without building a dict.
+        size = len(flat)
+        if (size == 4 or size == 6) and flat[0] == b"c" and flat[2] == b"d":
+            if size == 4:
+                return _entry(entry_id, flat[1], flat[3], None, None)
+            if flat[4] == b"t":
+                return _entry(entry_id, flat[1], flat[3], flat[5], None)
+            if flat[4] == b"x":
+                return _entry(entry_id, flat[1], flat[3], None, flat[5])
+        return cls.parse(entry_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+
+
+def _entry(
+    entry_id: bytes | str, command: bytes, data: bytes, target: bytes | None, exclude: bytes | None
+) -> InboxEntry:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return InboxEntry(
+        EventId.parse(text),
+        text,
+        int(command),
+        data,
+        None if target is None else target.decode(),
+        None if exclude is None else exclude.decode(),
+    )
 
 
 InboxRead = tuple[str, list[InboxEntry]]  # an inbox key and its entries after the cursor, oldest first
@@ -212,13 +235,7 @@ def _parse_raw_xread(reply: Any) -> list[InboxRead]:
     if not reply:
         return []
     items = reply.items() if isinstance(reply, dict) else reply
-    return [
-        (
-            key.decode(),
-            [InboxEntry.parse(entry_id, dict(zip(flat[::2], flat[1::2], strict=True))) for entry_id, flat in entries],
-        )
-        for key, entries in items
-    ]
+    return [(key.decode(), [InboxEntry.parse_flat(i, flat) for i, flat in entries]) for key, entries in items]
 
 
 class DoorbellSubscription:

@@ -298,7 +298,7 @@ class Delivery(Generic[C]):
                 if exclude is not None and exclude == recipient.conn_id:
                     continue
                 if message is None:
-                    message = Encoded(entry.command, entry.data, owner.app_id, owner.user_id, event_id)
+                    message = Encoded(entry.command, entry.data, owner.app_id, owner.user_id, entry.id_text)
                 frames = out.get(recipient)
                 if frames is None:
                     out[recipient] = [recipient.frame(message)]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import struct
 
 from presence.gateway.codec import SERVER_HEADER, encode_tcp, pack_head
-from presence.inbox import EventId
 
 # WebSocket frame headers (RFC 6455 5.2: FIN + opcode, then the 7-bit, 16-bit or 64-bit length form), and
 # the same followed by the seed's 8-byte server header (command, length), packed in one call per frame.
@@ -40,13 +39,13 @@ class Encoded:
     connection's own ``pack_tail`` (encoded once per connection): per recipient only the lengths,
     two small headers and one join.
 
-    ``event_id`` is the inbox entry's id (the pack's ``eventId``, which lets a WebSocket client resume);
-    None for a reply.
+    ``event_id`` is the inbox entry's id as Redis wrote it (``InboxEntry.id_text``): the pack's ``eventId``,
+    which lets a WebSocket client resume. None for a reply.
     """
 
     __slots__ = ("_head", "_tcp", "app_id", "command", "data", "event_id", "user_id")
 
-    def __init__(self, command: int, data: bytes, app_id: int, user_id: str, event_id: EventId | None) -> None:
+    def __init__(self, command: int, data: bytes, app_id: int, user_id: str, event_id: str | None) -> None:
         self.command, self.data, self.app_id, self.user_id, self.event_id = command, data, app_id, user_id, event_id
         self._tcp: bytes | None = None
         self._head: bytes | None = None
@@ -60,8 +59,9 @@ class Encoded:
     def head(self) -> bytes:
         """The pack up to the recipient's fields."""
         if self._head is None:
-            event_id = None if self.event_id is None else str(self.event_id)
-            self._head = pack_head(self.command, self.data, app_id=self.app_id, user_id=self.user_id, event_id=event_id)
+            self._head = pack_head(
+                self.command, self.data, app_id=self.app_id, user_id=self.user_id, event_id=self.event_id
+            )
         return self._head
 
     def pack(self, tail: bytes) -> bytes:

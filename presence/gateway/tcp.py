@@ -70,7 +70,7 @@ class TcpConnection(ClientConnection, asyncio.Protocol):
     def write(self, data: bytes) -> None:
         """The one write path of a TCP connection (replies and pushes)."""
         transport = self._transport
-        if transport is None or not self.session.writable or transport.is_closing():
+        if transport is None or transport.is_closing():  # closing the session closes the transport at once
             return
         transport.write(data)
 
