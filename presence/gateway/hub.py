@@ -30,7 +30,7 @@ from presence.inbox import NO_EVENT, EventId, Inboxes
 from presence.metrics import CONNECTIONS, LOGIN_TIMEOUTS, LOGINS, LOGOUTS
 from presence.models import ChangeResult
 from presence.nodes import NodeKeeper
-from presence.service import Presence, new_conn_id
+from presence.service import Presence, new_conn_id, parse_node_member
 from presence.sockets import SocketGate
 
 log = logging.getLogger("presence.gateway")
@@ -408,7 +408,7 @@ class Hub:
         out: set[SessionId] = set()
         for member in await self.presence.node_session_members(self.node_id):
             try:
-                out.add(SessionId.from_member(member))
+                out.add(SessionId(*parse_node_member(member)))
             except ValueError:
                 log.error("node %s: ignoring %r in its session set: not a session member", self.node_id, member)
         return out

@@ -21,7 +21,6 @@ from presence.gateway.outbound import Encoded
 from presence.ids import check_imei, check_user_id
 from presence.inbox import EventId
 from presence.models import PullUserOnlineStatusReq, ResponseVO, SubscribeUserOnlineStatusReq
-from presence.service import parse_node_member
 
 _json = msgspec.json.Encoder()
 
@@ -54,11 +53,6 @@ class SessionId(NamedTuple):
     client_type: int
     imei: str
     conn_id: str
-
-    @classmethod
-    def from_member(cls, member: str) -> SessionId:
-        """From its member of a node's session set (``appId|userId|clientType|imei|connId``); ValueError if bad."""
-        return cls(*parse_node_member(member))
 
 
 class LoginRequest(msgspec.Struct, frozen=True, kw_only=True):
