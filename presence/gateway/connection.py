@@ -29,7 +29,6 @@ from presence.gateway.session import (
     Query,
     QuerySubscriptionsRequest,
     Session,
-    State,
     SubscribeRequest,
 )
 from presence.models import ResponseVO
@@ -50,10 +49,6 @@ class ClientConnection(abc.ABC):
         self.last_active = time.monotonic()  # the last frame received (the heartbeat check reads it)
         self._queue: deque[Frame | FrameError] = deque()
         self._serving: asyncio.Task[None] | None = None
-
-    @property
-    def state(self) -> State:
-        return self.session.state
 
     @property
     def heartbeat_timeout(self) -> float:
