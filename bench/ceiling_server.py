@@ -21,7 +21,7 @@ import signal
 from aiohttp import WSMsgType, web
 
 from presence.gateway.codec import pack_head, pack_tail
-from presence.gateway.hub import websocket_header
+from presence.gateway.outbound import websocket_header
 
 APP = 10000
 LOGINACK = '{"command":9001,"appId":10000,"data":{"userId":"ceiling"}}'

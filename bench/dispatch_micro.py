@@ -1,10 +1,10 @@
-"""Micro-benchmark of the gateway's per-delivery encode cost: ``Hub.dispatch`` alone, no Redis, no sockets.
+"""Micro-benchmark of the gateway's per-delivery encode cost: ``Delivery.dispatch`` alone, no Redis, no sockets.
 
 ``python bench/dispatch_micro.py [--inboxes 1000] [--devices 1] [--rounds 30]``. One push fans out to N
 friends, each its own inbox with D connections (the friend's devices; D = 1 in the fan-out benchmark), on
 each transport: WebSocket text, WebSocket binary, TCP. The connections' transports only count bytes.
 Prints deliveries per second (best of three runs) per transport. Run as a file, so that
-``PYTHONPATH=<another checkout>`` measures that checkout's code instead.
+``PYTHONPATH=<another checkout>`` measures that checkout's code instead (this one's API: issue 11 on).
 """
 
 from __future__ import annotations
@@ -16,10 +16,17 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
+import fakeredis
+
 from presence.config import Settings
-from presence.gateway.hub import Hub
+from presence.gateway.codec import pack_tail
+from presence.gateway.delivery import Delivery
+from presence.gateway.session import SessionId
 from presence.gateway.tcp import TcpConnection
 from presence.gateway.ws import WsConnection
+from presence.inbox import EventId, InboxEntry, Inboxes
+from presence.keys import KeySchema
+from presence.store import Store
 
 DATA = json.dumps(
     {
@@ -60,35 +67,47 @@ class CountingTransport:
     def get_write_buffer_size(self) -> int:
         return 0
 
+    def get_extra_info(self, name: str) -> None:
+        return None
 
-def make_connections(kind: str, n: int, devices: int) -> tuple[Any, dict[str, dict[str, Any]]]:
-    hub = SimpleNamespace(settings=Settings(), by_inbox={}, _spawn=lambda coro: coro.close())
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+
+def make_delivery(kind: str, n: int, devices: int) -> tuple[Delivery[Any], list[str]]:
+    settings = Settings()
+    # The connections' hub: only what a transport asks of it before its LOGIN.
+    hub: Any = SimpleNamespace(settings=settings, closing=False, gate=SimpleNamespace(tcp_open=0))
+    hub.has_room, hub.opened = (lambda transport: True), (lambda conn: None)
+    inboxes = Inboxes(Store.wrap(fakeredis.FakeAsyncRedis()), KeySchema())  # never called: dispatch reads nothing
+    delivery: Delivery[Any] = Delivery(inboxes, "bench", settings, spawn=lambda coro: coro.close(), end_kicked=None)  # type: ignore[arg-type]
+    names: list[str] = []
     for j in range(n * devices):
         i = j // devices
+        session = SessionId(10000, f"friend-{i:05d}", 2, f"phone-{j:05d}", f"c{j}")
+        conn: Any
         if kind == "tcp":
-            conn: Any = TcpConnection(hub)  # type: ignore[arg-type]
+            conn = TcpConnection(hub)
+            conn.connection_made(CountingTransport())
         else:
-            conn = WsConnection(hub, SimpleNamespace(closed=False), None)  # type: ignore[arg-type]
-            conn.text_mode = kind == "ws-text"
-        conn.transport = CountingTransport()
-        conn.conn_id, conn.app_id, conn.user_id = f"c{j}", 10000, f"friend-{i:05d}"
-        conn.client_type, conn.imei, conn.logged_in = 2, f"phone-{j:05d}", True
-        if hasattr(conn, "pack_tail"):  # the per-recipient tail, where the code has one
-            from presence.gateway.codec import pack_tail
-
-            conn.pack_tail = pack_tail(conn.client_type, conn.imei)
-        hub.by_inbox.setdefault(f"inbox:{i}", {})[conn.conn_id] = conn
-    return hub, hub.by_inbox
+            conn = WsConnection(hub, SimpleNamespace(closed=False), CountingTransport())  # type: ignore[arg-type]
+            conn.receive_mode(text=kind == "ws-text")
+        conn.session.pack_tail = pack_tail(session.client_type, session.imei)
+        delivery.attach(conn, session, EventId(0, 0))
+        if j % devices == 0:
+            names.append(inboxes.key(session.app_id, session.user_id))
+    return delivery, names
 
 
 def run(kind: str, inboxes: int, devices: int, rounds: int) -> float:
-    hub, by_inbox = make_connections(kind, inboxes, devices)
-    names = list(by_inbox)
+    delivery, names = make_delivery(kind, inboxes, devices)
     start = time.perf_counter()
     for r in range(1, rounds + 1):
-        entry = [(f"1700000000000-{r}".encode(), [b"c", b"4004", b"d", DATA])]
+        entry_id, flat = f"1700000000000-{r}".encode(), [b"c", b"4004", b"d", DATA]
         for inbox in names:
-            Hub.dispatch(hub, inbox, entry)  # type: ignore[arg-type]
+            # Each inbox's read parses its own entries (Inboxes.read): counted here, as dispatch once did it.
+            entry = InboxEntry.parse_flat(entry_id, flat)
+            delivery.dispatch(inbox, [entry])
     elapsed = time.perf_counter() - start
     return inboxes * devices * rounds / elapsed
 

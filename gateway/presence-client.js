@@ -3,7 +3,7 @@
  * presence-client.js: a browser client for the presence gateway.
  *
  * One ES module, no build step, no dependencies. It speaks the gateway's WebSocket JSON text mode
- * (gateway/PROTOCOL-frames.md): LOGIN, PING on an interval, a watchdog that drops a silent socket,
+ * (gateway/PROTOCOL.md, section 2.2): LOGIN, PING on an interval, a watchdog that drops a silent socket,
  * reconnection with jittered exponential backoff, resume from the last seen eventId, and
  * SUBSCRIBE / PULL requests over the socket. API reference: gateway/PROTOCOL.md, section 8.
  *

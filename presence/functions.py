@@ -664,16 +664,3 @@ class Functions:
         pending = batch.command(key, *args)
         await batch.run()
         return pending.result()
-
-    async def run_commands(self, commands: Sequence[Command], *, raise_errors: bool = True) -> list[Any]:
-        """``Store.run`` of prepared commands with the same mapping (the first error raised, mapped, with
-        ``raise_errors``; else errors are the replies)."""
-        try:
-            replies = await self.store.run(commands)
-        except RedisUnavailable as exc:
-            raise UnavailableError("redis is unavailable") from exc
-        if raise_errors:
-            for reply in replies:
-                if isinstance(reply, BaseException):
-                    raise_mapped(reply)
-        return replies

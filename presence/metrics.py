@@ -17,7 +17,13 @@ LOGINS = Counter("presence_logins_total", "Successful socket logins", ["transpor
 LOGOUTS = Counter("presence_logouts_total", "Sessions ended, by reason", ["reason"], registry=REGISTRY)
 STATUS_CHANGES = Counter("presence_status_changes_total", "Status changes by kind", ["kind"], registry=REGISTRY)
 FANOUT_ENTRIES = Counter("presence_fanout_entries_total", "Inbox entries written by fan-out", registry=REGISTRY)
-DELIVERIES = Counter("presence_deliveries_total", "Pushes written to client connections", registry=REGISTRY)
+# Pushes written to client sockets: one per inbox entry per local connection it reaches. Not the inbox entries
+# a change wrote (FANOUT_ENTRIES, a status change's ``delivered``: one per recipient user, whatever its devices).
+PUSHES_WRITTEN = Counter(
+    "presence_deliveries_total",
+    "Pushes written to client connections (one per entry per connection)",
+    registry=REGISTRY,
+)
 DOORBELLS = Counter("presence_doorbells_total", "Doorbell messages received by gateways", registry=REGISTRY)
 REAPED_SESSIONS = Counter("presence_reaped_sessions_total", "Sessions logged out for dead nodes", registry=REGISTRY)
 REDIS_LATENCY = Histogram(

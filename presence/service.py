@@ -20,7 +20,6 @@ from typing import Any
 import msgspec
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.exceptions import ResponseError
 
 from presence import functions
 from presence.config import Settings
@@ -34,7 +33,6 @@ from presence.functions import (
     Pending,
     StatusChange,
     WriteOptions,
-    fcall,
 )
 from presence.ids import check_imei, check_user_id
 from presence.keys import KeySchema, UserKeys, doorbell_message
@@ -50,7 +48,7 @@ from presence.models import (
 )
 from presence.nodes import NodeRegistry, node_member
 from presence.resolver import Resolver
-from presence.store import Command, RedisUnavailable, Store
+from presence.store import Store
 
 log = logging.getLogger("presence.service")
 _pack_json = msgspec.json.Encoder()
@@ -118,9 +116,6 @@ class Presence:
         self.nodes = NodeRegistry(self.fn, self.keys, self.logout)
         # Change calls that gave up with an unknown outcome, replayed (same op id) once Redis answers.
         self.resolver = Resolver()
-        if isinstance(redis, Redis):
-            self._raw_reader = Redis(connection_pool=redis.connection_pool)
-            self._raw_reader.set_response_callback("XREAD", lambda response, **_: response)
 
     async def start(self) -> bool:
         """Make sure the library on every primary is ours; True when it had to load it somewhere."""
@@ -631,105 +626,9 @@ class Presence:
             for group in self.store.group([p[0] for p in pairs])
         ]
 
-    # --- inboxes (read by the gateway) ---
-
-    def inbox_key(self, app_id: int, user_id: str) -> str:
-        return self.user(app_id, user_id).inbox
-
-    def doorbell_channel(self, node_id: str) -> str:
-        return self.keys.doorbell(node_id)
-
-    async def read_inboxes(self, cursors: dict[str, str], count: int = 100) -> list[tuple[str, list[RawEntry]]]:
-        """Entries after each cursor, fields as a flat list: one XREAD for all inboxes on one server; on a
-        cluster one XREAD per slot (XREAD may name one slot only), pipelined per primary, primaries in parallel.
-
-        Read (off a cluster) through a client that shares the pool but skips redis-py's reply parsing: the
-        gateway reads every push through here, and turning each entry into a dict cost more than the read.
-        """
-        if not cursors:
-            return []
-        if not self._cluster:
-            try:
-                reply = await self.store.retrying(lambda: self._raw_reader.xread(cursors, count=count))
-            except RedisUnavailable as exc:
-                raise UnavailableError("redis is unavailable") from exc
-            return _flat_streams(reply)
-        keys = list(cursors)
-        commands: list[Command] = []
-        for group in self.store.group(keys):
-            names = [keys[i] for i in group]
-            commands.append((names[0], ["XREAD", "COUNT", count, "STREAMS", *names, *(cursors[k] for k in names)]))
-        out: list[tuple[str, list[RawEntry]]] = []
-        for reply in await self._run(commands):
-            items = reply.items() if isinstance(reply, dict) else reply or []
-            for k, entries in items:
-                name = k.decode() if isinstance(k, bytes) else k
-                out.append((name, [(i, [x for kv in fields.items() for x in kv]) for i, fields in entries]))
-        return out
-
-    async def trim_inboxes(self, cursors: dict[str, str], window_ms: int, batch: int = 500) -> None:
-        """presence_inbox_trim for each inbox up to its cursor (entries older than ``window_ms`` only),
-        one pipeline per primary per ``batch`` inboxes."""
-        items = list(cursors.items())
-        for start in range(0, len(items), batch):
-            commands: list[Command] = [
-                (inbox, fcall("presence_inbox_trim", [inbox], [window_ms, cursor]))
-                for inbox, cursor in items[start : start + batch]
-            ]
-            await self._run(commands, raise_errors=False)
-
-    async def inbox_resume(self, inbox: str, last_id: str) -> bool:
-        """Whether an inbox still holds every entry after ``last_id`` (else the client must re-pull).
-
-        Call it only for a device whose session survived (a reconnect within the grace); entries
-        are never written for a user that was offline, so a lost session always means re-pull.
-        """
-        after = _id_tuple(last_id)
-        try:
-            (info,) = await self.store.run([(inbox, ["XINFO STREAM", inbox])])
-        except RedisUnavailable as exc:
-            raise UnavailableError("redis is unavailable") from exc
-        if isinstance(info, ResponseError):  # no such key: nothing was written since
-            return True
-        if isinstance(info, BaseException):
-            raise info
-        deleted = info.get("max-deleted-entry-id")
-        if deleted is not None:  # Redis 7: the newest entry trimmed or deleted, whatever trimmed it
-            return _id_tuple(_text(deleted)) <= after
-        trimmed = int(info["entries-added"]) - int(info["length"])
-        first = info.get("first-entry")
-        return trimmed == 0 or (first is not None and _id_tuple(first[0].decode()) <= after)
-
     # --- helpers ---
-
-    async def _run(self, commands: Sequence[Command], *, raise_errors: bool = True) -> list[Any]:
-        """``Store.run`` with the call layer's error mapping (the inbox reads above use it)."""
-        return await self.fn.run_commands(commands, raise_errors=raise_errors)
 
     def _check_session(self, client_type: int, imei: str) -> None:
         if isinstance(client_type, bool) or client_type not in CLIENT_TYPES:
             raise ParamError("clientType must be 0..5")
         check_imei("imei", imei)
-
-
-RawEntry = tuple[bytes, list[bytes]]
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _flat_streams(reply: Any) -> list[tuple[str, list[RawEntry]]]:
-    """A raw XREAD reply (a map on RESP3, pairs on RESP2) as [(inbox, [(id, [field, value, ...])])]."""
-    if not reply:
-        return []
-    items = reply.items() if isinstance(reply, dict) else reply
-    return [(key.decode(), [(entry[0], entry[1]) for entry in entries]) for key, entries in items]
-
-
-def _id_tuple(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    try:
-        return int(ms), int(seq or 0)
-    except ValueError:
-        raise ParamError(f"lastEventId {entry_id!r} is not a stream id like 1700000000000-0") from None

@@ -32,7 +32,7 @@ from presence.gateway.codec import (
 )
 
 LOGIN_DATA = {"userId": "alice", "userSign": "x"}
-# The login frame documented in gateway/PROTOCOL-frames.md, written out by hand so the layout is pinned.
+# The login frame documented in gateway/PROTOCOL.md (2.1), written out by hand so the layout is pinned.
 LOGIN_HEADER_HEX = (
     "00002328"  # command 9000
     "00000001"  # version 1
@@ -118,6 +118,13 @@ def test_login_frame_bytes() -> None:
     assert encoded[:28].hex() == LOGIN_HEADER_HEX
     assert encoded == LOGIN_FRAME
     assert len(encoded) == 28 + 6 + 33
+
+
+def test_protocol_md_login_frame_example_is_what_the_codec_writes() -> None:
+    doc = (Path(__file__).resolve().parent.parent / "gateway" / "PROTOCOL.md").read_text()
+    spaced = " ".join(LOGIN_HEADER_HEX[i : i + 8] for i in range(0, len(LOGIN_HEADER_HEX), 8))
+    assert f"As one hex string (header only):\n`{spaced}`." in doc
+    assert f"body `{LOGIN_FRAME[34:].decode()}` ({len(LOGIN_FRAME) - 34} bytes). {len(LOGIN_FRAME)} bytes in all" in doc
 
 
 def test_login_frame_decodes() -> None:

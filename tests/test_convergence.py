@@ -22,7 +22,7 @@ from tests.conftest import MakeNode, free_port
 
 
 async def last_entry(facade: Presence, user: str) -> tuple[str, dict[bytes, bytes]] | None:
-    inbox = facade.inbox_key(APP, user)
+    inbox = facade.keys.user(APP, user).inbox
     entries = await facade.store.one(inbox, "XREVRANGE", inbox, "+", "-", "COUNT", 1)
     if not entries:
         return None

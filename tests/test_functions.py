@@ -34,7 +34,7 @@ async def login(
 
 
 async def inbox(p: Presence, user: str) -> list[dict[str, object]]:
-    entries = await p.redis.xrange(p.inbox_key(APP, user))
+    entries = await p.redis.xrange(p.keys.user(APP, user).inbox)
     out = []
     for _, fields in entries:
         e = {k.decode(): v.decode() for k, v in fields.items()}
@@ -64,7 +64,7 @@ async def test_fanout_skips_offline_recipients(presence: Presence) -> None:
     await login(presence, "bob")
     result = await login(presence, "alice")
     assert result.recipients == 2 and result.delivered == 1
-    assert not await presence.redis.exists(presence.inbox_key(APP, "carol"))
+    assert not await presence.redis.exists(presence.keys.user(APP, "carol").inbox)
 
 
 async def test_sync_4005_goes_to_other_sessions_only(presence: Presence) -> None:
@@ -212,7 +212,7 @@ async def test_doorbell_published_once_per_node(presence: Presence) -> None:
     await login(presence, "carol", node="n1")
     await login(presence, "dave", node="n2")
     pubsub = presence.redis.pubsub()
-    await pubsub.subscribe(presence.doorbell_channel("n1"), presence.doorbell_channel("n2"))
+    await pubsub.subscribe(presence.keys.doorbell("n1"), presence.keys.doorbell("n2"))
     for _ in range(2):
         await pubsub.get_message(timeout=1)  # subscribe confirmations
     await login(presence, "alice", node="n3")
@@ -223,8 +223,8 @@ async def test_doorbell_published_once_per_node(presence: Presence) -> None:
         got[msg["channel"].decode()] = set(json.loads(msg["data"]))  # a JSON array: no key byte can split it
     await pubsub.aclose()
     assert got == {
-        presence.doorbell_channel("n1"): {presence.inbox_key(APP, "bob"), presence.inbox_key(APP, "carol")},
-        presence.doorbell_channel("n2"): {presence.inbox_key(APP, "dave")},
+        presence.keys.doorbell("n1"): {presence.keys.user(APP, "bob").inbox, presence.keys.user(APP, "carol").inbox},
+        presence.keys.doorbell("n2"): {presence.keys.user(APP, "dave").inbox},
     }
 
 
@@ -242,7 +242,7 @@ async def test_inbox_is_trimmed(any_redis: Redis) -> None:
     node_entries = 100  # Redis's default stream-node-max-entries: the most MAXLEN ~ may leave beyond maxlen
     assert 10 <= len(kept) <= 10 + node_entries
     assert kept == list(range(300 - len(kept), 300)), "the newest entries, in order; the oldest were dropped"
-    assert await any_redis.pttl(p.inbox_key(APP, "bob")) > 0
+    assert await any_redis.pttl(p.keys.user(APP, "bob").inbox) > 0
 
 
 async def test_reaper_logs_out_sessions_of_a_dead_node(presence: Presence) -> None:
@@ -366,7 +366,7 @@ async def test_library_json_is_the_models_json(presence: Presence) -> None:
     }
     seen = set()
     for user in ("alice", "bob"):
-        for _, fields in await presence.redis.xrange(presence.inbox_key(APP, user)):
+        for _, fields in await presence.redis.xrange(presence.keys.user(APP, user).inbox):
             command, data = fields[b"c"].decode(), fields[b"d"]
             assert msgspec.json.encode(msgspec.json.decode(data, type=models[command])) == data, command
             seen.add(command)

@@ -10,6 +10,8 @@ import pytest
 from redis.asyncio import Redis
 
 from presence.gateway.codec import HEADER, Command, encode_client_frame
+from presence.gateway.hub import CLOCK_PROBE_MAX_RTT_S
+from presence.inbox import EventId
 from presence.server import Running
 from presence.service import Presence
 from tests.clients import APP, TcpClient, WsClient, expect, sign
@@ -284,18 +286,21 @@ async def test_resume_replays_missed_entries_within_grace(make_node: MakeNode, f
     await facade.add_friend(APP, "alice", "bob")
     bob = await WsClient.connect(node.ws_port, imei="bob-tab")
     ack = await bob.login("bob", lastEventId=None)
-    first = ack.data["lastEventId"]
+    first = EventId.parse(ack.data["lastEventId"])  # the cursor: pushes come after it
     await facade.set_custom_status(APP, "alice", 1, "one")
     seen = await expect(bob, Command.CUSTOM_NOTIFY)
+    assert EventId.parse(seen.pack["eventId"]) > first
     await bob.close()  # dropped: bob stays online for the grace
     await facade.set_custom_status(APP, "alice", 1, "two")
     await facade.set_custom_status(APP, "alice", 1, "three")
     bob = await WsClient.connect(node.ws_port, imei="bob-tab")
     ack = await bob.login("bob", lastEventId=seen.pack["eventId"])
-    assert ack.data["resumed"] is True
-    assert [(await expect(bob, Command.CUSTOM_NOTIFY)).data["customText"] for _ in range(2)] == ["two", "three"]
+    assert ack.data["resumed"] is True and ack.data["lastEventId"] == seen.pack["eventId"]
+    missed = [await expect(bob, Command.CUSTOM_NOTIFY) for _ in range(2)]
+    assert [m.data["customText"] for m in missed] == ["two", "three"]  # what it missed, not "one" again
+    ids = [EventId.parse(m.pack["eventId"]) for m in missed]
+    assert EventId.parse(seen.pack["eventId"]) < ids[0] < ids[1]
     await bob.close()
-    assert first
 
 
 async def test_resume_after_the_session_ended_asks_for_a_pull(make_node: MakeNode, facade: Presence) -> None:
@@ -332,13 +337,20 @@ async def test_anti_flap_reconnect_within_grace_is_invisible_to_friends(make_nod
 
 
 async def test_drop_without_reconnect_is_announced_after_the_grace(make_node: MakeNode, facade: Presence) -> None:
-    node = await make_node(offline_grace=0.5)
+    """Friends hear of the drop once the grace is over, and lastSeen is the drop (the evidence), not then.
+
+    Both times are on the Redis clock: the push's eventId is when the logout was written, lastSeen the drop.
+    """
+    grace_ms = 500
+    node = await make_node(offline_grace=grace_ms / 1000)
     bob, alice = await friends_online(node, facade)
-    loop = asyncio.get_running_loop()
-    dropped = loop.time()
     await alice.close()
     msg = await expect(bob, Command.NOTIFY)
-    assert msg.data["status"] == 2 and loop.time() - dropped >= 0.45
+    assert msg.data["userId"] == "alice" and msg.data["status"] == 2
+    announced_ms = EventId.parse(msg.pack["eventId"]).ms
+    last_seen = (await facade.query_users(APP, ["alice"]))["alice"].lastSeen
+    # The drop's time is placed on the Redis clock within half a quick TIME round trip (hub.CLOCK_PROBE_MAX_RTT_S).
+    assert announced_ms - last_seen >= grace_ms - CLOCK_PROBE_MAX_RTT_S * 1000 / 2
     await bob.close()
 
 

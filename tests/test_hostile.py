@@ -36,7 +36,6 @@ from presence.gateway.codec import (
     decode_text_message,
     encode_client_frame,
 )
-from presence.gateway.hub import doorbell_inboxes
 from presence.http.app import MALFORMED_LOG_INTERVAL, EnvelopeRequestHandler, create_app
 from presence.ids import check_imei, check_user_id
 from presence.metrics import REGISTRY
@@ -261,7 +260,7 @@ async def test_webapi_sessions_are_capped_and_the_new_login_is_refused(
 async def test_session_cap_is_per_app_and_atomic_in_the_function(presence: Presence) -> None:
     for i in range(3):
         await presence.login(APP, "alice", WEBAPI, f"api-{i}", max_sessions=3)
-    inbox = presence.inbox_key(APP, "alice")
+    inbox = presence.keys.user(APP, "alice").inbox
     entries = await presence.redis.xlen(inbox)
     with pytest.raises(LimitError) as info:
         await presence.login(APP, "alice", 3, "phone", max_sessions=3, login_model=1)
@@ -519,12 +518,6 @@ async def test_newline_user_id_is_refused_everywhere(
     assert error.command == Command.ERROR and "imei must not contain '|'" in error.data["msg"]
 
 
-def test_doorbell_is_json_framed() -> None:
-    keys = ["presence:{1:a b}:inbox", "presence:{1:日本}:inbox", 'presence:{1:x"y}:inbox']
-    assert doorbell_inboxes(json.dumps(keys).encode()) == keys
-    assert doorbell_inboxes(b"k1\nk2") == ["k1", "k2"]  # a library loaded before the JSON framing
-
-
 # --- the fuzz target, briefly (make fuzz runs it for a minute) -----------------------------------------
 
 
@@ -599,10 +592,10 @@ async def test_followup_a_an_unreadable_inbox_does_not_block_other_users_pushes(
     await bob.login("bob")
     # Alice's inbox turns into something XREAD refuses (WRONGTYPE, like an id Redis calls invalid), and a
     # doorbell makes the delivery loop read it: every batch holding it used to fail, bob's pushes too.
-    inbox = node.presence.inbox_key(APP, "alice")
+    inbox = node.presence.keys.user(APP, "alice").inbox
     await store_redis.delete(inbox)
     await store_redis.set(inbox, "not a stream")
-    await store_redis.publish(node.presence.doorbell_channel(node.hub.node_id), json.dumps([inbox]))
+    await store_redis.publish(node.presence.keys.doorbell(node.hub.node_id), json.dumps([inbox]))
     error = await expect(alice, Command.ERROR)
     assert error.data == {"code": Code.SYSTEM_ERROR, "msg": "system error", "requestId": error.data["requestId"]}
     await facade.set_custom_status(APP, "carol", 1, "still here")

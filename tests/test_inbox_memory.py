@@ -48,7 +48,7 @@ async def test_delivered_entries_resume_within_the_window_then_cost_no_memory(
     await bob.login("bob", lastEventId=None)
     await facade.set_custom_status(APP, "alice", 1, "one")
     seen = await expect(bob, Command.CUSTOM_NOTIFY)
-    await node.hub.trim_inboxes()  # delivered, but younger than the window: kept
+    await node.hub.delivery.trim_inboxes()  # delivered, but younger than the window: kept
     await bob.close()  # dropped: the session stays for the grace
     await facade.set_custom_status(APP, "alice", 1, "two")
     bob = await WsClient.connect(node.ws_port, imei="bob-tab")

@@ -82,7 +82,7 @@ async def test_round_trips_per_status_change_and_query_do_not_grow(store_redis: 
     for i, name in enumerate(online):
         await presence.login(APP, name, IOS, "d", node_id=f"n{i % 2}")
     pubsub = presence.redis.pubsub()
-    await pubsub.subscribe(presence.doorbell_channel("n0"), presence.doorbell_channel("n1"))
+    await pubsub.subscribe(presence.keys.doorbell("n0"), presence.keys.doorbell("n1"))
     for _ in range(2):
         await pubsub.get_message(timeout=2)  # subscribe confirmations
     await presence.set_custom_status(APP, "alice", 0, "warm up")  # every primary's connection exists now

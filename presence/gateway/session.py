@@ -1,168 +1,179 @@
-"""One client connection's protocol logic, shared by the TCP and WebSocket transports.
+"""One client connection's protocol, sans I/O: decoded frames in; requests to serve and replies out.
 
-Frames are handled strictly in order, one at a time (a LOGIN must finish before the PING behind it
-is answered). Transports only move bytes: they call ``feed`` and implement ``_write``/``_shutdown``.
+No sockets, no asyncio, no Redis (the websockets model): ``connection.ClientConnection`` serves the requests
+(against the hub and the presence facade) and writes the replies; the transports (tcp.py, ws.py) own the
+sockets. Frames are handled strictly in order, one at a time (a LOGIN must finish before the PING behind it
+is answered). Replies are ``Encoded`` messages: the transport frames them in its wire format.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import re
-import secrets
-import time
-from collections import deque
-from typing import Any
+import enum
+from typing import Any, ClassVar, NamedTuple
 
 import msgspec
 
 from presence.auth import verify_user_sign
-from presence.errors import AuthError, Code, ParamError, PresenceError
-from presence.gateway.codec import Command, Frame, FrameError, pack_tail, unserved_reason
-from presence.gateway.hub import Encoded, EventId, Hub
+from presence.config import Settings
+from presence.errors import AuthError, Code, ParamError
+from presence.gateway.codec import Command, Frame, pack_tail, unserved_reason
+from presence.gateway.outbound import Encoded
 from presence.ids import check_imei, check_user_id
+from presence.inbox import EventId
 from presence.models import PullUserOnlineStatusReq, ResponseVO, SubscribeUserOnlineStatusReq
 
-log = logging.getLogger("presence.gateway")
-
-MAX_WRITE_BUFFER = 1 << 20
-# ASCII digits only (\d also takes other scripts' digits), the whole string (``$`` allows a trailing "\n").
-_EVENT_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
-_UINT64_MAX = (1 << 64) - 1
 _json = msgspec.json.Encoder()
 
 
-def is_event_id(value: object) -> bool:
-    """Whether ``value`` is a Redis stream id ``ms-seq``: both parts unsigned 64-bit integers."""
-    found = _EVENT_ID.fullmatch(value) if isinstance(value, str) else None
-    return found is not None and int(found[1]) <= _UINT64_MAX and int(found[2]) <= _UINT64_MAX
+class State(enum.IntEnum):
+    """Where one client connection is; it only moves forward (``Session.state``).
+
+    - ``AWAITING_LOGIN``: open, no session; commands other than LOGIN and PING are refused; the hub's login
+      deadline runs.
+    - ``LOGGING_IN``: a LOGIN is being served.
+    - ``LOGGED_IN``: the connection holds a session; pushes flow once the hub activates it.
+    - ``ENDED``: the hub ended it (LOGOUT, the socket gone, a logout after a failed request): no more requests
+      are served; only the close may still be written.
+    - ``CLOSING``: the server began closing it (an error, a kick, a timeout, a shutdown): no more requests are
+      served and nothing more is written.
+    """
+
+    AWAITING_LOGIN = 1
+    LOGGING_IN = 2
+    LOGGED_IN = 3
+    ENDED = 4
+    CLOSING = 5
 
 
-class ClientConnection:
-    """Transport-independent state and handlers of one socket."""
+class SessionId(NamedTuple):
+    """One session: the device (app, user, clientType, imei) and the id of the connection that holds it."""
 
-    transport_name = "?"
+    app_id: int
+    user_id: str
+    client_type: int
+    imei: str
+    conn_id: str
 
-    def __init__(self, hub: Hub) -> None:
-        self.hub = hub
-        self.conn_id = ""
+
+class LoginRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """A valid LOGIN: the session to log in, and what logging it in again (re-asserting it) repeats."""
+
+    command: ClassVar[int] = Command.LOGIN
+    app_id: int
+    user_id: str
+    client_type: int
+    imei: str
+    version: int
+    login_model: int  # the app's multi-login model (1..4)
+    max_sessions: int  # the app's most live sessions per user
+    resume_after: EventId | None = None  # the client's lastEventId: it asks to resume after that entry
+    report_cursor: bool = False  # the LOGIN carried lastEventId (an id or null): the LOGINACK reports the cursor
+    pong: bool = False  # the client wants its PINGs answered (binary and TCP clients; text mode always is)
+
+
+class LoginOutcome(NamedTuple):
+    """What the hub made of a LOGIN."""
+
+    session: SessionId
+    cursor: EventId  # pushes start after it: the inbox's last entry, or the one the client resumed after
+    resumed: bool | None  # whether the resume worked (None when the client did not ask)
+
+
+class LogoutRequest(msgspec.Struct, frozen=True):
+    command: ClassVar[int] = Command.LOGOUT
+
+
+class SubscribeRequest(msgspec.Struct, frozen=True):
+    command: ClassVar[int] = Command.SUBSCRIBE
+    body: SubscribeUserOnlineStatusReq
+
+
+class PullRequest(msgspec.Struct, frozen=True):
+    command: ClassVar[int] = Command.PULL
+    users: list[str] | None  # None: the caller's friends
+
+
+class QuerySubscriptionsRequest(msgspec.Struct, frozen=True):
+    command: ClassVar[int] = Command.QUERY_SUBSCRIPTIONS
+
+
+Request = LoginRequest | LogoutRequest | SubscribeRequest | PullRequest | QuerySubscriptionsRequest
+Query = SubscribeRequest | PullRequest | QuerySubscriptionsRequest  # answered like REST answers them
+
+
+class Session:
+    """The protocol state of one connection: what it may do next, who it is, and the replies it owes."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state = State.AWAITING_LOGIN
+        self.id: SessionId | None = None  # once logged in
         self.app_id = 0
         self.user_id = ""
-        self.client_type = 0
-        self.imei = ""
         # The recipient fields every pack to this connection ends with (the LOGIN's, once logged in).
         self.pack_tail = pack_tail(0, "")
         # WebSocket text mode (ours): always answered PING. Binary/TCP clients only when LOGIN asked ("pong").
         self.text_mode = False
         self.pong = False
-        self.heartbeat_timeout = hub.settings.heartbeat_timeout
-        self.logged_in = False
-        self.ended = False
-        self.cursor: EventId = (0, 0)
-        self.last_active = time.monotonic()
-        self._inbox: deque[Frame | FrameError] = deque()
-        self._busy = False
-        self._task: asyncio.Future[None] | None = None
-        self.transport: asyncio.WriteTransport | None = None
-        self.login_deadline: asyncio.TimerHandle | None = None  # set by the hub; closes a silent newcomer
+        self.heartbeat_timeout = settings.heartbeat_timeout  # s of silence before the hub closes it; 0 = never
+        self._replies: list[Encoded] = []
 
-    # --- transport hooks ---
+    @property
+    def serving(self) -> bool:
+        """Whether requests are still served (neither ended nor closing)."""
+        return self.state < State.ENDED
 
-    def frame(self, message: Encoded) -> bytes:
-        """The message in this connection's wire format (shared, encoded once per format)."""
-        raise NotImplementedError
-
-    def write(self, data: bytes) -> None:
-        """Write whole frames without waiting; a client far behind is dropped, not buffered without end."""
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        transport.write(data)
-        if transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
-            log.warning("dropping slow %s client %s", self.transport_name, self.user_id)
-            transport.abort()
-
-    def send(self, message: Encoded) -> None:
-        self.write(self.frame(message))
-
-    def close(self, code: int, reason: str) -> None:
-        raise NotImplementedError
+    @property
+    def writable(self) -> bool:
+        """Whether anything may still be written (the close has not begun)."""
+        return self.state < State.CLOSING
 
     # --- input ---
 
-    def feed(self, frames: list[Frame], error: FrameError | None = None) -> None:
-        """Queue decoded frames (and the decoding error that followed them, if any)."""
-        self.last_active = time.monotonic()
-        self._inbox.extend(frames)
-        if error is not None:
-            self._inbox.append(error)
-        if not self._busy and self._inbox:
-            self._busy = True
-            self._task = asyncio.ensure_future(self._drain())
+    def receive(self, frame: Frame) -> Request | None:
+        """What a frame asks for: a request to serve, or None when it was answered here (``replies``).
 
-    async def _drain(self) -> None:
-        try:
-            while self._inbox and not self.ended:
-                item = self._inbox.popleft()
-                if isinstance(item, FrameError):
-                    await self.fail(item.code, item.message)
-                    return
-                try:
-                    await self.handle(item)
-                except PresenceError as exc:
-                    if exc.http_status >= 500:  # its message may quote Redis: only the log gets it
-                        await self.fail_system(f"frame {item.command} failed: {exc.message}", item)
-                    else:
-                        await self.fail(exc.code, exc.message)
-                except Exception as exc:
-                    await self.fail_system(f"frame {item.command} failed: {type(exc).__name__}", item, exc_info=True)
-        finally:
-            self._busy = False
-
-    async def handle(self, frame: Frame) -> None:
+        Raises PresenceError (AuthError, ParamError) for a frame that ends the connection: the caller answers
+        it with an ERROR (9100) and closes.
+        """
         command = frame.command
-        if not self.logged_in:
+        if self.state < State.LOGGED_IN:
             self.pack_tail = pack_tail(frame.clientType, frame.imei)
         reason = unserved_reason(command)
         if reason is not None:
             # A seed client also sends chat commands (1103, ...) on this socket: say no, keep the connection.
-            self.reply(Command.ERROR, _json.encode({"code": Code.PARAMETER_ERROR, "msg": reason, "command": command}))
-        elif command == Command.PING:
+            self.error(Code.PARAMETER_ERROR, reason, command=command)
+            return None
+        if command == Command.PING:
             # The seed never answered PING and its clients break on a reply (web.html evals every 9999).
             if self.text_mode or self.pong:
-                self.reply(Command.PING, b"{}", frame)
-        elif command == Command.LOGIN:
-            await self._login(frame)
-        elif not self.logged_in:
-            await self.fail(Code.PARAMETER_ERROR, f"command {command} needs a LOGIN (9000) first")
-        elif command == Command.LOGOUT:
-            # Logged out before the close: a client that reconnects at once finds the session gone.
-            await self.hub.end(self, "logout")
-            self.close(1000, "logged out")
-        elif command in (Command.SUBSCRIBE, Command.PULL, Command.QUERY_SUBSCRIPTIONS):
-            # A bad request is answered like REST answers it; the connection stays up.
-            try:
-                if command == Command.SUBSCRIBE:
-                    result = await self._subscribe(msgspec.convert(frame.data, SubscribeUserOnlineStatusReq))
-                elif command == Command.QUERY_SUBSCRIPTIONS:
-                    result = await self.hub.presence.subscriptions(self.app_id, self.user_id)
-                else:
-                    result = await self._pull(frame.data)
-            except msgspec.ValidationError as exc:
-                self.reply(command, _json.encode(ResponseVO(Code.PARAMETER_ERROR, str(exc))))
-            except ParamError as exc:
-                self.reply(command, _json.encode(ResponseVO(exc.code, exc.message)))
-            else:
-                self.reply(command, _json.encode(ResponseVO(data=result)))
+                self._reply(Command.PING, b"{}", frame)
+            return None
+        if command == Command.LOGIN:
+            return self._login(frame)
+        if self.state < State.LOGGED_IN:
+            raise ParamError(f"command {command} needs a LOGIN (9000) first")
+        if command == Command.LOGOUT:
+            return LogoutRequest()
+        # A bad request is answered like REST answers it; the connection stays up.
+        try:
+            if command == Command.SUBSCRIBE:
+                return SubscribeRequest(msgspec.convert(frame.data, SubscribeUserOnlineStatusReq))
+            if command == Command.QUERY_SUBSCRIPTIONS:
+                return QuerySubscriptionsRequest()
+            if "userList" in frame.data:
+                return PullRequest(msgspec.convert(frame.data, PullUserOnlineStatusReq).userList)
+            return PullRequest(None)
+        except msgspec.ValidationError as exc:
+            self.answer(command, ResponseVO(Code.PARAMETER_ERROR, str(exc)))
+            return None
 
-    # --- handlers ---
-
-    async def _login(self, frame: Frame) -> None:
-        if self.logged_in:
+    def _login(self, frame: Frame) -> LoginRequest:
+        if self.state >= State.LOGGED_IN:
             raise ParamError("this connection is already logged in")
         data = frame.data
         user_id, user_sign, last = data.get("userId"), data.get("userSign"), data.get("lastEventId")
-        app = self.hub.settings.app(frame.appId)
+        app = self.settings.app(frame.appId)
         if app is None:
             raise AuthError(f"unknown appId {frame.appId}", Code.APP_ID_MISSING)
         if not isinstance(user_id, str) or not user_id:
@@ -171,83 +182,86 @@ class ClientConnection:
         check_imei("imei", frame.imei)
         if not (user_sign is None and app.unsigned_login):
             verify_user_sign(user_sign if isinstance(user_sign, str) else "", frame.appId, app.private_key, user_id)
-        if last is not None and not is_event_id(last):
-            raise ParamError("lastEventId must be a stream id like 1700000000000-0 (both parts 0..2^64-1)")
+        resume_after = None
+        if last is not None:
+            resume_after = EventId.from_client(last)
+            if resume_after is None:
+                raise ParamError("lastEventId must be a stream id like 1700000000000-0 (both parts 0..2^64-1)")
         pong = data.get("pong", False)
         if not isinstance(pong, bool):
             raise ParamError("data.pong must be true or false")
-        # A login in progress is not a silent newcomer: however long Redis takes (bounded by the retry
-        # window), the login deadline must not answer it with a client error (90001).
-        self.hub.login_started(self)
-        cursor, resumed = await self.hub.login(
-            self,
-            frame.appId,
-            user_id,
-            frame.clientType,
-            frame.imei,
-            frame.version,
-            app.login_model,
-            last,
+        self.state = State.LOGGING_IN
+        return LoginRequest(
+            app_id=frame.appId,
+            user_id=user_id,
+            client_type=frame.clientType,
+            imei=frame.imei,
+            version=frame.version,
+            login_model=app.login_model,
             max_sessions=app.max_sessions,
+            resume_after=resume_after,
+            report_cursor="lastEventId" in data,
+            pong=pong,
         )
-        if self.ended:
-            return
-        self.pong = pong
-        self.heartbeat_timeout = self.hub.settings.heartbeat_timeout_for(frame.appId)
+
+    # --- outcomes ---
+
+    def logged_in(self, request: LoginRequest, outcome: LoginOutcome) -> None:
+        """The hub logged the session in: acknowledge it (LOGINACK 9001)."""
+        self.id = outcome.session
+        self.app_id, self.user_id = request.app_id, request.user_id
+        self.state = max(self.state, State.LOGGED_IN)
+        self.pong = request.pong
+        self.heartbeat_timeout = self.settings.heartbeat_timeout_for(request.app_id)
         # The seed's LOGINACK is {"userId"} exactly, and its clients read it by that size: our cursor and
         # resume outcome only for a LOGIN that carries lastEventId (a stream id, or null for "none yet").
-        ack: dict[str, Any] = {"userId": user_id}
-        if "lastEventId" in data:
-            ack["lastEventId"] = cursor
-            if resumed is not None:
-                ack["resumed"] = resumed
-        self.reply(Command.LOGINACK, _json.encode(ack), frame)
-        self.hub.activate(self)
+        ack: dict[str, Any] = {"userId": request.user_id}
+        if request.report_cursor:
+            ack["lastEventId"] = str(outcome.cursor)
+            if outcome.resumed is not None:
+                ack["resumed"] = outcome.resumed
+        self._reply(Command.LOGINACK, _json.encode(ack))
 
-    async def _subscribe(self, req: SubscribeUserOnlineStatusReq) -> object:
-        return await self.hub.presence.subscribe(self.app_id, self.user_id, req.subUserId, req.subTime)
+    def answer(self, command: int, response: ResponseVO) -> None:
+        """Answer a request (SUBSCRIBE, PULL, QUERY_SUBSCRIPTIONS) with the seed's envelope."""
+        self._reply(command, _json.encode(response))
 
-    async def _pull(self, data: dict[str, Any]) -> object:
-        presence = self.hub.presence
-        if "userList" in data:
-            req = msgspec.convert(data, PullUserOnlineStatusReq)
-            return await presence.query_users(self.app_id, req.userList)
-        return await presence.query_friends(self.app_id, self.user_id)
+    def error(
+        self,
+        code: int,
+        message: str,
+        *,
+        request_id: str | None = None,
+        command: int | None = None,
+        frame: Frame | None = None,
+    ) -> None:
+        """An ERROR (9100): the code, the reason, the request id (when logged) and the command it answers."""
+        data: dict[str, Any] = {"code": int(code), "msg": message}
+        if request_id is not None:
+            data["requestId"] = request_id
+        if command is not None:
+            data["command"] = command
+        self._reply(Command.ERROR, _json.encode(data), frame)
+
+    def ended(self) -> None:
+        """The hub ended the session: serve nothing more."""
+        self.state = max(self.state, State.ENDED)
+
+    def begin_close(self) -> bool:
+        """The server closes the connection: write nothing more. False when it already began."""
+        if self.state >= State.CLOSING:
+            return False
+        self.state = State.CLOSING
+        return True
 
     # --- output ---
 
-    def reply(self, command: int, data_json: bytes, frame: Frame | None = None) -> None:
+    def replies(self) -> list[Encoded]:
+        """The replies owed, oldest first, handed over once."""
+        out, self._replies = self._replies, []
+        return out
+
+    def _reply(self, command: int, data_json: bytes, frame: Frame | None = None) -> None:
         user = self.user_id or (frame.data.get("userId") if frame else "") or ""
         app = self.app_id or (frame.appId if frame else 0)
-        self.send(Encoded(command, data_json, app, str(user), None))
-
-    async def fail(self, code: int, message: str, request_id: str | None = None) -> None:
-        """The connection's last word: an ERROR (9100) frame with the code, reason and request id, then close."""
-        rid = request_id or secrets.token_hex(8)
-        if request_id is None:
-            log.debug("request %s: %s connection of %s: %s %s", rid, self.transport_name, self.user_id, code, message)
-        self.reply(Command.ERROR, _json.encode({"code": int(code), "msg": message, "requestId": rid}))
-        self.close(4001, message[:120])
-        await self.hub.end(self, "error")
-
-    async def fail_system(self, detail: str, frame: Frame | None = None, *, exc_info: bool = False) -> None:
-        """90000 ``system error`` to the client; the detail (maybe naming Redis internals) only to the log.
-
-        Not the client's fault (Redis away past the retry window, a bug): a logged-in connection stays open
-        and its session with it; the ERROR names the command. A LOGIN that failed so closes the connection
-        after the ERROR (the client reconnects with backoff and logs in again: 90000 is retried).
-        """
-        rid = secrets.token_hex(8)
-        log.error(
-            "request %s: %s connection of %s: %s",
-            rid,
-            self.transport_name,
-            self.user_id or "?",
-            detail,
-            exc_info=exc_info,
-        )
-        if self.logged_in and frame is not None and frame.command != Command.LOGIN:
-            data = {"code": int(Code.SYSTEM_ERROR), "msg": "system error", "requestId": rid, "command": frame.command}
-            self.reply(Command.ERROR, _json.encode(data), frame)
-            return
-        await self.fail(Code.SYSTEM_ERROR, "system error", rid)
+        self._replies.append(Encoded(command, data_json, app, str(user), None))

@@ -8,47 +8,62 @@ from aiohttp import WSMsgType, web
 
 from presence.appkeys import HUB
 from presence.gateway.codec import HEADER, MAX_BODY, MAX_IMEI, FrameError, decode_binary_message, decode_text_message
-from presence.gateway.hub import Encoded, Hub
-from presence.gateway.session import ClientConnection
+from presence.gateway.connection import MAX_WRITE_BUFFER, ClientConnection
+from presence.gateway.hub import Hub
+from presence.gateway.outbound import Encoded
 
 
 class WsConnection(ClientConnection):
-    """Pushes are written as ready-made WebSocket frames straight to the transport.
+    """Messages are written as ready-made WebSocket frames to the request's transport (``write``).
 
-    A push's pack is encoded once (``Encoded.head``) and framed per connection with the connection's
-    own ``clientType``/``imei`` tail (``Encoded.ws_text_frame`` / ``ws_binary_frame``); aiohttp's writer
-    is only used for the close handshake. This is safe because the response is created without
-    compression (no per-connection state in frames).
+    Why not ``WebSocketResponse.send_bytes``/``send_str``: they are coroutines that frame one payload
+    each, so a push to N connections would cost N awaits (tasks, from the synchronous delivery loop) and
+    N copies of the pack. A push's pack is encoded once (``Encoded.head``) and framed per connection with
+    the connection's own ``clientType``/``imei`` tail (``Encoded.ws_text_frame`` / ``ws_binary_frame``),
+    and a connection's backlog goes out in one write. This is safe because the response is created without
+    compression (no per-connection state in frames) and aiohttp writes each of its own frames (pongs, the
+    close) with synchronous transport writes, so frames never interleave. aiohttp's writer is only used for
+    the close handshake. aiohttp's protocol gets the transport's ``pause_writing``, not us: back-pressure
+    is the buffer size, checked after each write.
     """
 
     transport_name = "ws"
 
     def __init__(self, hub: Hub, ws: web.WebSocketResponse, transport: asyncio.Transport | None) -> None:
         super().__init__(hub)
-        self.ws = ws
-        self.transport = transport
-        self._closer: asyncio.Future[bool] | None = None
+        self._ws = ws
+        self._transport = transport
+        self._close_handshake: asyncio.Future[bool] | None = None
 
     def frame(self, message: Encoded) -> bytes:
-        if self.text_mode:
-            return message.ws_text_frame(self.pack_tail)
-        return message.ws_binary_frame(self.pack_tail)
+        if self.session.text_mode:
+            return message.ws_text_frame(self.session.pack_tail)
+        return message.ws_binary_frame(self.session.pack_tail)
 
     def write(self, data: bytes) -> None:
-        if self._closer is None:  # nothing after the close handshake has begun
-            super().write(data)
+        """The one write path of a WebSocket connection (replies and pushes): whole frames, below aiohttp's
+        writer (see the class docstring); a client more than ``MAX_WRITE_BUFFER`` bytes behind is dropped."""
+        transport = self._transport
+        if transport is None or not self.session.writable or transport.is_closing():
+            return
+        transport.write(data)
+        if transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+            self.drop_slow(transport)
 
     def close(self, code: int, reason: str) -> None:
-        if self._closer is None and not self.ws.closed:
-            self._closer = asyncio.ensure_future(self.ws.close(code=code, message=reason.encode()[:120]))
+        if self.session.begin_close() and not self._ws.closed:
+            self._close_handshake = asyncio.ensure_future(self._ws.close(code=code, message=reason.encode()[:120]))
+
+    def receive_mode(self, text: bool) -> None:
+        """The client's last message was text (JSON) or binary (seed frames): answer in the same mode."""
+        self.session.text_mode = text
 
     async def settle(self) -> None:
         """Let queued frames finish: an ERROR or a kick goes out before the socket does."""
-        if self._task is not None and not self._task.done():
-            await asyncio.shield(self._task)
-        if self._closer is not None:
+        await super().settle()
+        if self._close_handshake is not None:
             try:
-                await asyncio.shield(self._closer)
+                await asyncio.shield(self._close_handshake)
             except (ConnectionError, RuntimeError):
                 pass
 
@@ -70,10 +85,10 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
             try:
                 # The mode is set before decoding, so even a malformed message is answered in its own mode.
                 if msg.type == WSMsgType.BINARY:
-                    conn.text_mode = False
+                    conn.receive_mode(text=False)
                     frame = decode_binary_message(msg.data)
                 elif msg.type == WSMsgType.TEXT:
-                    conn.text_mode = True
+                    conn.receive_mode(text=True)
                     frame = decode_text_message(msg.data)
                 else:
                     break
