@@ -204,7 +204,8 @@ async def decode_body(request: web.Request, decoder: msgspec.json.Decoder[T]) ->
         raise ParamError("JSON is nested too deeply") from None
     # JSON Schema (and the seed's Jackson) take 3.0 as the integer 3; strict msgspec does not. Slow path only.
     try:
-        return msgspec.convert(_integral(_ANY.decode(raw)), decoder.type)
+        converted: T = msgspec.convert(_integral(_ANY.decode(raw)), decoder.type)  # Decoder.type is typed Any
+        return converted
     except msgspec.ValidationError as exc:  # another field is wrong too
         raise ParamError(str(exc)) from None
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
