@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import msgspec
 
 from presence.config import Settings, with_dev_app
-from presence.server import Running, announce, default_node_id, serve, start
+from presence.server import Running, announce, default_node_id, run_event_loop, serve, start
 
 log = logging.getLogger("presence.workers")
 
@@ -194,12 +194,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = msgspec.json.decode(sys.stdin.buffer.read(), type=Settings)
-    try:
-        import uvloop  # type: ignore[import-not-found]
-
-        uvloop.run(serve(settings, reuse_port=True))
-    except ImportError:
-        asyncio.run(serve(settings, reuse_port=True))
+    run_event_loop(serve(settings, reuse_port=True))
 
 
 if __name__ == "__main__":
