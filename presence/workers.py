@@ -148,9 +148,7 @@ class Supervisor:
                 await proc.wait()
 
         await asyncio.gather(*(one(w) for w in self.workers))
-        for worker in self.workers:
-            if worker.drain is not None:
-                worker.drain.cancel()
+        await _cancel([w.drain for w in self.workers if w.drain is not None])
 
     async def run(self) -> None:
         s = self.settings
@@ -178,9 +176,15 @@ class Supervisor:
         finally:
             self.stopping = True
             await self.stop_workers()
-            for task in watchers:
-                task.cancel()
+            await _cancel(watchers)
             await self.running.stop()
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait until they are done (their errors were logged or do not matter now)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def supervise(settings: Settings) -> None:
