@@ -57,12 +57,14 @@ FUZZ_SECONDS ?= 60
 fuzz: install
 	$(PY) fuzz/fuzz_presence.py -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1
 
+# ruff (lint and format) and mypy (strict on presence/, the suite against its API: [tool.mypy] in pyproject.toml).
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache build dist
+	rm -rf $(VENV) .pytest_cache .mypy_cache build dist
 
 # Benchmarks (bench/, results in BENCHMARKS.md and bench/results/): a private redis-server, real `presence serve`
 # and seed-gateway processes, WebSocket clients in separate processes. bench-quick takes about 2-3 minutes.

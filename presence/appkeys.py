@@ -1,4 +1,5 @@
-"""Typed aiohttp application keys, in one place for every aiohttp app of the service."""
+"""Typed aiohttp application keys that more than one module reads (the REST app, the demo routes, the WebSocket
+app and the node app of ``presence.server``); a key only one module uses is declared there."""
 
 from __future__ import annotations
 

@@ -31,7 +31,8 @@ def json_depth(raw: bytes | bytearray | memoryview | str) -> int:
     if not brackets:
         return 0
     # After i brackets, depth = openers - closers = (2 * openers) - i: running sums, all in C.
-    return max(0, max(map(operator.sub, accumulate(brackets), count(1))))
+    deepest: int = max(map(operator.sub, accumulate(brackets), count(1)))  # operator.sub is typed Any -> Any
+    return max(0, deepest)
 
 
 def too_deep(raw: bytes | bytearray | memoryview | str, limit: int = MAX_JSON_DEPTH) -> bool:

@@ -25,14 +25,7 @@ The log says which mode was picked and the topology seen.
 """
 
 
-def _serve_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "serve",
-        help="run gateway (TCP + WebSocket) and REST in one process",
-        description="Run gateway (TCP + WebSocket) and REST in one process.",
-        epilog=REDIS_URLS,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def _serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis", dest="redis_url", help="Redis URL (see below) [PRESENCE_REDIS_URL, REDIS_URL]")
     p.add_argument("--host", help="bind address [PRESENCE_HOST] (default 127.0.0.1)")
     p.add_argument("--tcp-port", type=int, help="TCP gateway port, 0 = disabled [PRESENCE_TCP_PORT] (9000)")
@@ -75,7 +68,15 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="presence", description="Redis-native presence service")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    _serve_parser(sub)
+    _serve_options(
+        sub.add_parser(
+            "serve",
+            help="run gateway (TCP + WebSocket) and REST in one process",
+            description="Run gateway (TCP + WebSocket) and REST in one process.",
+            epilog=REDIS_URLS,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
 
     s = sub.add_parser("sign", help="print a userSign")
     s.add_argument("--app-id", type=int, required=True)

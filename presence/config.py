@@ -94,46 +94,50 @@ def check_webhook_urls(urls: Sequence[str]) -> None:
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Every setting of a node. Each field but ``apps`` and ``dev_mode`` is also a setting of the TOML file, an
+    environment variable (``PRESENCE_<NAME>``) and maybe a flag; its type, bounds included, is what they are
+    decoded to (constructing Settings directly skips the bounds, as msgspec constructors do)."""
+
     redis_url: str | None = None
     host: str = "127.0.0.1"
-    tcp_port: int = 9000
-    ws_port: int = 19000
-    http_port: int = 8000
+    tcp_port: _Port = 9000
+    ws_port: _Port = 19000
+    http_port: _Port = 8000
     node_id: str | None = None
-    heartbeat_timeout: float = 30.0
-    node_ttl: float = 10.0
-    offline_grace: float = 3.0
+    heartbeat_timeout: _Seconds = 30.0
+    node_ttl: _Seconds = 10.0
+    offline_grace: _Seconds = 3.0
     # A connection that has not logged in this many seconds after it opened is closed (0 = never).
-    login_timeout: float = 10.0
+    login_timeout: _Seconds = 10.0
     # Most client connections at once; 0 = as many as the file descriptor limit allows minus fd_reserve.
-    max_connections: int = 0
+    max_connections: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] = 0
     # Descriptors kept free of client connections: Redis pool, REST and /healthz, listeners, logs.
-    fd_reserve: int = 128
-    prefix: str = "presence"
-    inbox_maxlen: int = 100
-    inbox_ttl: float = 86400.0
+    fd_reserve: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 128
+    prefix: Annotated[str, msgspec.Meta(min_length=1)] = "presence"
+    inbox_maxlen: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 100
+    inbox_ttl: Annotated[float, msgspec.Meta(ge=0, le=365 * DAY)] = 86400.0
     # Seconds a delivered inbox entry is kept so a reconnecting client can resume after it; then the gateway
     # trims it, and drops an inbox left empty. At least offline_grace and node_ttl plus a second; resume
     # after a silently dead socket needs heartbeat_timeout + offline_grace (30 + 3 by default).
-    resume_window: float = 60.0
+    resume_window: Annotated[float, msgspec.Meta(ge=1, le=DAY)] = 60.0
     # Gateway processes of `presence serve` (SO_REUSEPORT on the TCP and WebSocket ports, REST once).
-    workers: int = 1
+    workers: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
     # Seconds a Redis reply may take before the call counts as failed (and is retried; its outcome is
     # resolved by the library's operation ids), and seconds calls are retried before the backplane counts
     # as unavailable (REST 503, LOGIN 90000).
-    redis_timeout: float = 5.0
-    redis_retry_for: float = 30.0
+    redis_timeout: Annotated[float, msgspec.Meta(gt=0, le=DAY)] = 5.0
+    redis_retry_for: _Seconds = 30.0
     # The change feed: partitions per app (a user's entries all go to one) and entries kept per partition.
-    feed_shards: int = 4
-    feed_maxlen: int = 100_000
+    feed_shards: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 4
+    feed_maxlen: Annotated[int, msgspec.Meta(ge=1, le=100_000_000)] = 100_000
     # Webhooks: attempts per entry before the dead-letter stream, first retry delay (s, doubling), POST timeout (s).
-    webhook_attempts: int = 8
-    webhook_backoff: float = 0.5
-    webhook_timeout: float = 5.0
+    webhook_attempts: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 8
+    webhook_backoff: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 0.5
+    webhook_timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] = 5.0
     apps: Mapping[int, AppConfig] = msgspec.field(default_factory=dict)
     dev_mode: bool = False
     # Dev mode's key for app 10000 (None: a new random one at each start, which invalidates old userSigns).
-    dev_key: str | None = None
+    dev_key: Annotated[str, msgspec.Meta(min_length=1)] | None = None
 
     def app(self, app_id: int) -> AppConfig | None:
         return self.apps.get(app_id)
@@ -144,74 +148,38 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return self.heartbeat_timeout if app is None or app.heartbeat_timeout is None else app.heartbeat_timeout
 
 
-class _Layer(msgspec.Struct, forbid_unknown_fields=True):
-    """The settings one layer (file, environment, flags) may set; UNSET = not set there."""
-
-    redis_url: str | msgspec.UnsetType | None = msgspec.UNSET
-    host: str | msgspec.UnsetType = msgspec.UNSET
-    tcp_port: _Port | msgspec.UnsetType = msgspec.UNSET
-    ws_port: _Port | msgspec.UnsetType = msgspec.UNSET
-    http_port: _Port | msgspec.UnsetType = msgspec.UNSET
-    node_id: str | msgspec.UnsetType | None = msgspec.UNSET
-    heartbeat_timeout: _Seconds | msgspec.UnsetType = msgspec.UNSET
-    node_ttl: _Seconds | msgspec.UnsetType = msgspec.UNSET
-    offline_grace: _Seconds | msgspec.UnsetType = msgspec.UNSET
-    login_timeout: _Seconds | msgspec.UnsetType = msgspec.UNSET
-    max_connections: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] | msgspec.UnsetType = msgspec.UNSET
-    fd_reserve: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] | msgspec.UnsetType = msgspec.UNSET
-    prefix: Annotated[str, msgspec.Meta(min_length=1)] | msgspec.UnsetType = msgspec.UNSET
-    inbox_maxlen: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | msgspec.UnsetType = msgspec.UNSET
-    inbox_ttl: Annotated[float, msgspec.Meta(ge=0, le=365 * DAY)] | msgspec.UnsetType = msgspec.UNSET
-    resume_window: Annotated[float, msgspec.Meta(ge=1, le=DAY)] | msgspec.UnsetType = msgspec.UNSET
-    workers: Annotated[int, msgspec.Meta(ge=1, le=256)] | msgspec.UnsetType = msgspec.UNSET
-    feed_shards: Annotated[int, msgspec.Meta(ge=1, le=1024)] | msgspec.UnsetType = msgspec.UNSET
-    feed_maxlen: Annotated[int, msgspec.Meta(ge=1, le=100_000_000)] | msgspec.UnsetType = msgspec.UNSET
-    webhook_attempts: Annotated[int, msgspec.Meta(ge=1, le=1000)] | msgspec.UnsetType = msgspec.UNSET
-    webhook_backoff: Annotated[float, msgspec.Meta(ge=0, le=3600)] | msgspec.UnsetType = msgspec.UNSET
-    webhook_timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] | msgspec.UnsetType = msgspec.UNSET
-    dev_key: Annotated[str, msgspec.Meta(min_length=1)] | msgspec.UnsetType | None = msgspec.UNSET
-    redis_timeout: Annotated[float, msgspec.Meta(gt=0, le=DAY)] | msgspec.UnsetType = msgspec.UNSET
-    redis_retry_for: _Seconds | msgspec.UnsetType = msgspec.UNSET
-
-    def values(self) -> dict[str, Any]:
-        return {f: v for f in self.__struct_fields__ if (v := getattr(self, f)) is not msgspec.UNSET}
+# What one layer (file, environment, flags) may set: the fields of Settings as they are typed there, each
+# UNSET unless the layer sets it. Apps have their own syntax in each layer; dev_mode is decided, not set.
+_Layer = msgspec.defstruct(
+    "_Layer",
+    [
+        (f.name, f.type | msgspec.UnsetType, msgspec.UNSET)
+        for f in msgspec.structs.fields(Settings)
+        if f.name not in ("apps", "dev_mode")
+    ],
+    forbid_unknown_fields=True,
+    module=__name__,
+)
+# The environment variable of each setting: PRESENCE_<NAME>; the Redis URL also from the usual REDIS_URL.
+_ENV: dict[str, tuple[str, ...]] = {name: (f"PRESENCE_{name.upper()}",) for name in _Layer.__struct_fields__}
+_ENV["redis_url"] += ("REDIS_URL",)
 
 
-_ENV = {
-    "redis_url": ("PRESENCE_REDIS_URL", "REDIS_URL"),
-    "host": ("PRESENCE_HOST",),
-    "tcp_port": ("PRESENCE_TCP_PORT",),
-    "ws_port": ("PRESENCE_WS_PORT",),
-    "http_port": ("PRESENCE_HTTP_PORT",),
-    "node_id": ("PRESENCE_NODE_ID",),
-    "heartbeat_timeout": ("PRESENCE_HEARTBEAT_TIMEOUT",),
-    "node_ttl": ("PRESENCE_NODE_TTL",),
-    "offline_grace": ("PRESENCE_OFFLINE_GRACE",),
-    "login_timeout": ("PRESENCE_LOGIN_TIMEOUT",),
-    "max_connections": ("PRESENCE_MAX_CONNECTIONS",),
-    "fd_reserve": ("PRESENCE_FD_RESERVE",),
-    "prefix": ("PRESENCE_PREFIX",),
-    "inbox_maxlen": ("PRESENCE_INBOX_MAXLEN",),
-    "inbox_ttl": ("PRESENCE_INBOX_TTL",),
-    "resume_window": ("PRESENCE_RESUME_WINDOW",),
-    "workers": ("PRESENCE_WORKERS",),
-    "redis_timeout": ("PRESENCE_REDIS_TIMEOUT",),
-    "redis_retry_for": ("PRESENCE_REDIS_RETRY_FOR",),
-    "feed_shards": ("PRESENCE_FEED_SHARDS",),
-    "feed_maxlen": ("PRESENCE_FEED_MAXLEN",),
-    "webhook_attempts": ("PRESENCE_WEBHOOK_ATTEMPTS",),
-    "webhook_backoff": ("PRESENCE_WEBHOOK_BACKOFF",),
-    "webhook_timeout": ("PRESENCE_WEBHOOK_TIMEOUT",),
-    "dev_key": ("PRESENCE_DEV_KEY",),
-}
+def _decode_layer(value: Mapping[str, Any], where: str, *, strict: bool = True) -> dict[str, Any]:
+    """The settings ``value`` sets, decoded; ParamError naming ``where`` and the setting otherwise."""
+    layer = _decode(value, _Layer, where, "", strict=strict, unknown="unknown setting")
+    return {name: v for name, v in msgspec.structs.asdict(layer).items() if v is not msgspec.UNSET}
 
 
-def _decode(value: Any, kind: type[Any], where: str, path: str, *, strict: bool = True) -> Any:
+def _decode(
+    value: Any, kind: type[Any], where: str, path: str, *, strict: bool = True, unknown: str = "unknown field"
+) -> Any:
     """msgspec.convert with the error rewritten to name ``where`` (file, variable, flag) and the field path."""
     try:
         return msgspec.convert(value, kind, strict=strict)
     except msgspec.ValidationError as exc:
         message = str(exc).replace("`$.", f"`{path}." if path else "`").replace("`$", f"`{path}")
+        message = message.replace("Object contains unknown field", unknown)
         if path and " - at `" not in message:  # msgspec names no path for an error at the top
             message += f" - at `{path}`"
         raise ParamError(f"{where}: {message}") from None
@@ -293,23 +261,16 @@ def load_settings(
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ParamError(f"{where}: {exc}") from None
         apps.update(_apps_from_toml(data.pop("apps", {}), where))
-        try:
-            values.update(msgspec.convert(data, _Layer, strict=True).values())
-        except msgspec.ValidationError as exc:
-            message = str(exc).replace("`$.", "`").replace("Object contains unknown field", "unknown setting")
-            raise ParamError(f"{where}: {message}") from None
+        values.update(_decode_layer(data, where))
     for name, names in _ENV.items():
-        for var in names:
-            if env.get(var):
-                values.update(
-                    _decode({name: env[var]}, _Layer, f"environment variable {var}", "", strict=False).values()
-                )
-                break
+        # Variables are text: "30" counts as 30 there, "true" as a boolean (strict=False).
+        if var := next((var for var in names if env.get(var)), None):
+            values.update(_decode_layer({name: env[var]}, f"environment variable {var}", strict=False))
     if env.get("PRESENCE_APPS"):
         apps.update(parse_apps_env(env["PRESENCE_APPS"]))
     for name, value in overrides.items():
         if value is not None:
-            values.update(_decode({name: value}, _Layer, f"option --{name.replace('_', '-')}", "").values())
+            values.update(_decode_layer({name: value}, f"option --{name.replace('_', '-')}"))
     settings = Settings(**values, apps=apps)
     floor = max(settings.offline_grace, settings.node_ttl) + 1
     if settings.resume_window < floor:

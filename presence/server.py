@@ -1,4 +1,8 @@
-"""``presence serve``: gateway (TCP + WebSocket) and REST in one process and event loop."""
+"""``presence serve``: gateway (TCP + WebSocket) and REST in one process and event loop.
+
+A node is an aiohttp application (``create_node_app``) whose ``cleanup_ctx`` owns its resources; ``start``
+sets it up and returns ``Running``, whose ``stop`` releases them in the reverse order.
+"""
 
 from __future__ import annotations
 
@@ -11,20 +15,21 @@ import resource
 import secrets
 import signal
 import socket
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
+from presence.appkeys import HUB, PRESENCE, SETTINGS
 from presence.auth import generate_user_sign
 from presence.config import DEV_APP_ID, Settings, describe_apps, with_dev_app
-from presence.errors import ParamError
 from presence.gateway.hub import Hub
 from presence.gateway.tcp import start_tcp_server
 from presence.gateway.ws import create_ws_app
 from presence.service import Presence
 from presence.sockets import MAX_SPARE, SocketGate
-from presence.store import open_store
+from presence.store import Store, open_store
 from presence.webhooks import WebhookWorker, pin_feed_shards
 
 log = logging.getLogger("presence.server")
@@ -72,70 +77,206 @@ def connection_capacity(settings: Settings) -> int:
     return capacity
 
 
-@dataclass
-class Running:
-    """What a started server exposes: its ports (real ones when 0 was asked) and the hub."""
-
-    settings: Settings
-    presence: Presence
-    hub: Hub
-    tcp_port: int = 0
-    ws_port: int = 0
-    http_port: int = 0
-    _servers: list[asyncio.Server] = field(default_factory=list)
-    _runners: list[web.AppRunner] = field(default_factory=list)
-    embedded: bool = False
-    webhooks: WebhookWorker | None = None
-    node_id: str = ""
-
-    async def stop(self, *, handover: float = 0.0) -> None:
-        """Stop; ``handover`` seconds > 0 keeps sessions that long for their devices to reconnect elsewhere."""
-        for server in self._servers:
-            server.close()  # stop accepting first
-        await self.hub.stop(handover=handover)
-        if self.webhooks is not None:  # after the hub: the sessions' last logouts are in the feed by now
-            await self.webhooks.stop()
-        for runner in self._runners:  # closes the HTTP and WebSocket connections
-            await runner.cleanup()
-        for server in self._servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 2)
-        await self.presence.resolver.close()
-        await self.presence.store.aclose()
-
-
 HTTP_IDLE_DEFAULT = 75.0  # s an HTTP connection may wait for a complete request when login_timeout is 0
 
 
-async def _site(
-    app: web.Application,
-    host: str,
-    port: int,
-    gate: SocketGate,
-    transport: str,
-    idle: float,
-    reuse_port: bool = False,
-) -> tuple[web.AppRunner, asyncio.Server]:
-    """An aiohttp app on its own listener, every accepted socket counted by ``gate``.
+@dataclass
+class NodeOptions:
+    """What a node is started with besides its Settings."""
 
-    ``keepalive_timeout`` closes a connection that has no complete request ``idle`` s after it opened
-    (or after its last answer): idle or trickling sockets cannot hold descriptors for ever.
+    node_id: str
+    # SO_REUSEPORT on the TCP and WebSocket listeners (``--workers``: other processes share the ports).
+    reuse_port: bool = False
+    # Seconds the hub keeps sessions at shutdown for their devices to reconnect elsewhere (set by ``stop``).
+    handover: float = 0.0
+
+
+@dataclass
+class Listeners:
+    """The node's listening sockets, their real ports (0 = that listener is off), and the aiohttp runners of
+    the WebSocket and REST apps behind two of them."""
+
+    tcp_port: int = 0
+    ws_port: int = 0
+    http_port: int = 0
+    ws_runner: web.AppRunner | None = None
+    http_runner: web.AppRunner | None = None
+    servers: list[asyncio.Server] = field(default_factory=list)
+
+
+NODE = web.AppKey("node", NodeOptions)
+STORE = web.AppKey("store", Store)
+WEBHOOKS = web.AppKey("webhooks", WebhookWorker)  # only when an app has webhook_urls
+LISTENERS = web.AppKey("listeners", Listeners)
+
+
+def create_node_app(settings: Settings, options: NodeOptions) -> web.Application:
+    """One node as an aiohttp application that serves nothing itself: its ``cleanup_ctx`` owns every
+    resource, started in this order by ``AppRunner.setup()`` and released in the reverse one by
+    ``AppRunner.cleanup()``:
+
+    1. ``_store_ctx``: the Redis store (closed last);
+    2. ``_presence_ctx``: the Presence facade, the library loaded and the feed shards pinned;
+    3. ``_gateway_ctx``: the hub (not started) sized from the descriptor limit, the WebSocket and REST apps'
+       runners; at the end it closes their connections, after everything below has stopped;
+    4. ``_webhooks_ctx``: the webhook worker and its delivery tasks;
+    5. ``_hub_ctx``: the hub's background tasks (doorbells, delivery, node heartbeat and reaper, ...);
+       stopping it hands sessions over or logs them out, before the webhook worker stops, so their
+       last logouts are delivered;
+    6. ``_listeners_ctx``: the TCP, WebSocket and REST listeners; the first to stop accepting.
     """
+    app = web.Application()
+    app[SETTINGS] = settings
+    app[NODE] = options
+    app.cleanup_ctx.extend((_store_ctx, _presence_ctx, _gateway_ctx, _webhooks_ctx, _hub_ctx, _listeners_ctx))
+    return app
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    app[STORE] = await open_store(
+        settings.redis_url, retry_for=settings.redis_retry_for, socket_timeout=settings.redis_timeout
+    )
+    yield
+    await app[STORE].aclose()
+
+
+async def _presence_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    presence = Presence(app[STORE], settings)
+    try:
+        if await presence.start():
+            log.info("loaded the presence function library into Redis")
+        await pin_feed_shards(presence, settings)
+        app[PRESENCE] = presence
+        yield
+    finally:
+        await presence.resolver.close()
+
+
+async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings, presence = app[SETTINGS], app[PRESENCE]
+    hub = Hub(presence, settings, app[NODE].node_id, node_host=settings.host)
+    hub.capacity = connection_capacity(settings)
+    hub.gate.spare = min(MAX_SPARE, settings.fd_reserve // 4)
+    app[HUB] = hub
+    listeners = app[LISTENERS] = Listeners()
+    try:
+        if _enabled(settings.ws_port):
+            listeners.ws_runner = await _runner(create_ws_app(hub), settings)
+        if _enabled(settings.http_port):
+            from presence.http.app import create_app
+
+            listeners.http_runner = await _runner(create_app(presence, settings), settings)
+        yield
+    finally:
+        for runner in (listeners.ws_runner, listeners.http_runner):
+            if runner is not None:  # closes the HTTP and WebSocket connections still open
+                await runner.cleanup()
+        for server in listeners.servers:  # closed by _listeners_ctx; their connections are gone by now
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 2)
+
+
+async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    if not WebhookWorker.enabled(settings):
+        yield
+        return
+    worker = app[WEBHOOKS] = WebhookWorker(app[PRESENCE], settings, app[NODE].node_id)
+    await worker.start()
+    try:
+        yield
+    finally:
+        await worker.stop()
+
+
+async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
+    await app[HUB].start()
+    yield
+    await app[HUB].stop(handover=app[NODE].handover)
+
+
+async def _listeners_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings, hub, listeners = app[SETTINGS], app[HUB], app[LISTENERS]
+    host, reuse_port = settings.host, app[NODE].reuse_port
+    try:
+        if _enabled(settings.tcp_port):
+            server = await start_tcp_server(hub, host, settings.tcp_port, reuse_port=reuse_port)
+            listeners.tcp_port = _listen(listeners, server)
+        if listeners.ws_runner is not None:
+            server = await _serve_runner(listeners.ws_runner, settings, settings.ws_port, hub.gate, "ws", reuse_port)
+            listeners.ws_port = _listen(listeners, server)
+        if listeners.http_runner is not None:
+            server = await _serve_runner(listeners.http_runner, settings, settings.http_port, hub.gate, "http")
+            listeners.http_port = _listen(listeners, server)
+        yield
+    finally:
+        for server in listeners.servers:
+            server.close()  # stop accepting first
+
+
+def _listen(listeners: Listeners, server: asyncio.Server) -> int:
+    """Record ``server``; its port as bound (the real one when 0 was asked)."""
+    listeners.servers.append(server)
+    port: int = server.sockets[0].getsockname()[1]
+    return port
+
+
+def _handler_options(settings: Settings) -> dict[str, Any]:
+    """Options of the aiohttp connection handler. ``keepalive_timeout`` closes a connection that has no
+    complete request that many seconds after it opened (or after its last answer): idle or trickling
+    sockets cannot hold descriptors for ever."""
+    return {"access_log": None, "keepalive_timeout": settings.login_timeout or HTTP_IDLE_DEFAULT}
+
+
+async def _runner(app: web.Application, settings: Settings) -> web.AppRunner:
+    runner = web.AppRunner(app, handle_signals=False, **_handler_options(settings))
+    await runner.setup()
+    return runner
+
+
+async def _serve_runner(
+    runner: web.AppRunner, settings: Settings, port: int, gate: SocketGate, transport: str, reuse_port: bool = False
+) -> asyncio.Server:
+    """``runner``'s app on its own listener, every accepted socket counted by ``gate`` (hence not a
+    ``web.TCPSite``, whose protocol factory cannot be wrapped)."""
     from presence.http.app import EnvelopeRequestHandler
 
-    options: dict[str, Any] = {"access_log": None, "keepalive_timeout": idle}
-    runner = web.AppRunner(app, handle_signals=False, **options)
-    await runner.setup()
-    manager, loop = runner.server, asyncio.get_running_loop()
-    assert manager is not None
+    manager, loop, options = runner.server, asyncio.get_running_loop(), _handler_options(settings)
+    assert manager is not None, "the runner is set up"
 
     def handler() -> EnvelopeRequestHandler:  # what ``manager()`` makes, answering malformed HTTP our way
         return EnvelopeRequestHandler(manager, loop=loop, **options)
 
-    server = await loop.create_server(
-        gate.http_protocol(handler, transport), host, port, reuse_address=True, reuse_port=reuse_port or None
+    return await loop.create_server(
+        gate.http_protocol(handler, transport),
+        settings.host,
+        port,
+        reuse_address=True,
+        reuse_port=reuse_port or None,
     )
-    return runner, server
+
+
+@dataclass
+class Running:
+    """A started node: its settings (dev mode applied), resources and ports (real ones when 0 was asked)."""
+
+    settings: Settings
+    presence: Presence
+    hub: Hub
+    node_id: str
+    runner: web.AppRunner  # of the node app: ``cleanup()`` releases every resource
+    tcp_port: int = 0
+    ws_port: int = 0
+    http_port: int = 0
+    embedded: bool = False
+    webhooks: WebhookWorker | None = None
+
+    async def stop(self, *, handover: float = 0.0) -> None:
+        """Stop; ``handover`` seconds > 0 keeps sessions that long for their devices to reconnect elsewhere."""
+        self.runner.app[NODE].handover = handover  # the options object, not the (frozen) app, changes
+        await self.runner.cleanup()
 
 
 async def start(settings: Settings, *, reuse_port: bool = False, ready_line: bool = True) -> Running:
@@ -144,49 +285,30 @@ async def start(settings: Settings, *, reuse_port: bool = False, ready_line: boo
     settings = with_dev_app(settings)
     for line in describe_apps(settings):
         log.info("%s", line)
-    capacity = connection_capacity(settings)
-    store = await open_store(
-        settings.redis_url, retry_for=settings.redis_retry_for, socket_timeout=settings.redis_timeout
-    )
-    embedded = store.mode == "embedded"
-    presence = Presence(store, settings)
-    if await presence.start():
-        log.info("loaded the presence function library into Redis")
-    try:
-        await pin_feed_shards(presence, settings)
-    except ParamError:
-        await store.aclose()
-        raise
     node_id = settings.node_id or default_node_id()
-    hub = Hub(presence, settings, node_id, node_host=settings.host)
-    hub.capacity = capacity
-    hub.gate.spare = min(MAX_SPARE, settings.fd_reserve // 4)
-    await hub.start()
-    running = Running(settings, presence, hub, embedded=embedded)
-    if WebhookWorker.enabled(settings):
-        running.webhooks = WebhookWorker(presence, settings, node_id)
-        await running.webhooks.start()
-    idle = settings.login_timeout or HTTP_IDLE_DEFAULT
-    if _enabled(settings.tcp_port):
-        server = await start_tcp_server(hub, settings.host, settings.tcp_port, reuse_port=reuse_port)
-        running._servers.append(server)
-        running.tcp_port = server.sockets[0].getsockname()[1]
-    if _enabled(settings.ws_port):
-        runner, server = await _site(
-            create_ws_app(hub), settings.host, settings.ws_port, hub.gate, "ws", idle, reuse_port
-        )
-        running._runners.append(runner)
-        running._servers.append(server)
-        running.ws_port = server.sockets[0].getsockname()[1]
-    if _enabled(settings.http_port):
-        from presence.http.app import create_app
-
-        app = create_app(presence, settings)
-        runner, server = await _site(app, settings.host, settings.http_port, hub.gate, "http", idle)
-        running._runners.append(runner)
-        running._servers.append(server)
-        running.http_port = server.sockets[0].getsockname()[1]
-    running.node_id = node_id
+    app = create_node_app(settings, NodeOptions(node_id, reuse_port=reuse_port))
+    runner = web.AppRunner(app, handle_signals=False)
+    try:
+        await runner.setup()
+    except BaseException:
+        try:
+            await runner.cleanup()  # what did start, in reverse
+        except Exception:  # the reason the start failed is what the caller must see
+            log.warning("releasing a node that failed to start failed too", exc_info=True)
+        raise
+    listeners = app[LISTENERS]
+    running = Running(
+        settings,
+        app[PRESENCE],
+        app[HUB],
+        node_id,
+        runner,
+        tcp_port=listeners.tcp_port,
+        ws_port=listeners.ws_port,
+        http_port=listeners.http_port,
+        embedded=app[STORE].mode == "embedded",
+        webhooks=app.get(WEBHOOKS),
+    )
     if ready_line:
         announce(running, node_id)
     return running
@@ -247,9 +369,14 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
 
 
 def run(settings: Settings) -> None:
-    try:
-        import uvloop  # type: ignore[import-not-found]
+    run_event_loop(serve(settings))
 
-        uvloop.run(serve(settings))
+
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on uvloop when it is installed (the ``speed`` extra), else on asyncio's loop."""
+    try:
+        import uvloop
     except ImportError:
-        asyncio.run(serve(settings))
+        asyncio.run(main)
+        return
+    uvloop.run(main)

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import cast
 
 from presence.metrics import CONNECTIONS_REFUSED
 
@@ -31,7 +32,7 @@ class _Refused(asyncio.Protocol):
     """The protocol of a socket accepted over capacity: closed at once, its descriptor given back."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.abort()
+        cast(asyncio.WriteTransport, transport).abort()  # a listener's transport; asyncio types it as the base
 
 
 class _Counted(asyncio.Protocol):

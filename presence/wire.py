@@ -9,21 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from hiredis import pack_command
 from redis.asyncio.connection import Connection
-
-try:
-    from hiredis import pack_command as _pack
-except ImportError:  # pragma: no cover - hiredis is a declared dependency
-    _pack = None
 
 
 class HiredisPackingConnection(Connection):
     """``pack_command`` in C; the same bytes on the wire as redis-py's (str as UTF-8, numbers as text)."""
 
     def pack_command(self, *args: Any) -> list[bytes]:
-        if _pack is None:
-            return super().pack_command(*args)
         command = args[0]
         if isinstance(command, str) and " " in command:  # 'XINFO STREAM': the server wants two arguments
             args = (*command.split(), *args[1:])
-        return [_pack(args)]
+        return [pack_command(args)]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import msgspec
 
 from presence.config import Settings, with_dev_app
-from presence.server import Running, announce, default_node_id, serve, start
+from presence.server import Running, announce, default_node_id, run_event_loop, serve, start
 
 log = logging.getLogger("presence.workers")
 
@@ -148,9 +148,7 @@ class Supervisor:
                 await proc.wait()
 
         await asyncio.gather(*(one(w) for w in self.workers))
-        for worker in self.workers:
-            if worker.drain is not None:
-                worker.drain.cancel()
+        await _cancel([w.drain for w in self.workers if w.drain is not None])
 
     async def run(self) -> None:
         s = self.settings
@@ -178,9 +176,15 @@ class Supervisor:
         finally:
             self.stopping = True
             await self.stop_workers()
-            for task in watchers:
-                task.cancel()
+            await _cancel(watchers)
             await self.running.stop()
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait until they are done (their errors were logged or do not matter now)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def supervise(settings: Settings) -> None:
@@ -194,12 +198,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = msgspec.json.decode(sys.stdin.buffer.read(), type=Settings)
-    try:
-        import uvloop  # type: ignore[import-not-found]
-
-        uvloop.run(serve(settings, reuse_port=True))
-    except ImportError:
-        asyncio.run(serve(settings, reuse_port=True))
+    run_event_loop(serve(settings, reuse_port=True))
 
 
 if __name__ == "__main__":

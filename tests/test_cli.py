@@ -10,6 +10,7 @@ from redis import Redis
 
 from presence.auth import verify_user_sign
 from presence.library import library_source
+from tests.redis_servers import Cluster
 from tests.test_auth import JAVA_KEY, JAVA_VECTORS
 
 
@@ -57,7 +58,7 @@ def test_functions_load_without_url_explains() -> None:
     assert out.returncode == 2 and "needs --redis URL" in out.stderr
 
 
-def test_functions_load_and_show_on_every_cluster_primary(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_functions_load_and_show_on_every_cluster_primary(cluster: Cluster) -> None:
     cluster.flush()
     first = run("functions", "load", "--redis", cluster.url)  # one node's URL: the cluster is found
     assert first.returncode == 0 and "loaded library presence" in first.stdout, first.stderr

@@ -15,6 +15,16 @@ from presence.errors import ParamError
 from presence.webhooks import group_name
 
 
+def toml_error(tmp_path: Path, toml: str) -> str:
+    """What load_settings refuses a settings file holding ``toml`` with; the message names the file."""
+    conf = tmp_path / "presence.toml"
+    conf.write_text(toml)
+    with pytest.raises(ParamError) as info:
+        load_settings(conf, env={})
+    assert str(conf) in info.value.message
+    return info.value.message
+
+
 def test_defaults_match_the_design() -> None:
     s = load_settings(env={})
     assert (s.tcp_port, s.ws_port, s.http_port) == (9000, 19000, 8000)
@@ -39,6 +49,47 @@ def test_precedence_toml_env_flags(tmp_path: Path) -> None:
     assert (s.tcp_port, s.ws_port, s.node_ttl, s.redis_url) == (1, 20, 7, "redis://a")
     assert s.apps[10001].admins == ("root",) and s.apps[10001].login_model == 1 and s.apps[10001].unsigned_login
     assert s.apps[10000].private_key == "k0" and s.apps[10000].login_model == 3
+
+
+def test_every_setting_reads_its_documented_environment_variable() -> None:
+    """The README's table: each setting from ``PRESENCE_<NAME>``, text decoded to the setting's type."""
+    env = {
+        "PRESENCE_REDIS_URL": "redis://h:1/0",
+        "PRESENCE_HOST": "0.0.0.0",
+        "PRESENCE_TCP_PORT": "1",
+        "PRESENCE_WS_PORT": "2",
+        "PRESENCE_HTTP_PORT": "3",
+        "PRESENCE_NODE_ID": "n1",
+        "PRESENCE_HEARTBEAT_TIMEOUT": "12",
+        "PRESENCE_NODE_TTL": "4",
+        "PRESENCE_OFFLINE_GRACE": "0.5",
+        "PRESENCE_LOGIN_TIMEOUT": "0",
+        "PRESENCE_MAX_CONNECTIONS": "100",
+        "PRESENCE_FD_RESERVE": "64",
+        "PRESENCE_PREFIX": "p",
+        "PRESENCE_INBOX_MAXLEN": "50",
+        "PRESENCE_INBOX_TTL": "600",
+        "PRESENCE_RESUME_WINDOW": "30",
+        "PRESENCE_WORKERS": "2",
+        "PRESENCE_REDIS_TIMEOUT": "2.5",
+        "PRESENCE_REDIS_RETRY_FOR": "7",
+        "PRESENCE_FEED_SHARDS": "8",
+        "PRESENCE_FEED_MAXLEN": "500",
+        "PRESENCE_WEBHOOK_ATTEMPTS": "3",
+        "PRESENCE_WEBHOOK_BACKOFF": "1",
+        "PRESENCE_WEBHOOK_TIMEOUT": "9",
+        "PRESENCE_DEV_KEY": "dk",
+    }
+    s = load_settings(env=env)
+    assert (s.redis_url, s.host, s.tcp_port, s.ws_port, s.http_port, s.node_id) == (
+        "redis://h:1/0", "0.0.0.0", 1, 2, 3, "n1"
+    )  # fmt: skip
+    assert (s.heartbeat_timeout, s.node_ttl, s.offline_grace, s.login_timeout) == (12, 4, 0.5, 0)
+    assert (s.max_connections, s.fd_reserve, s.prefix, s.inbox_maxlen, s.inbox_ttl) == (100, 64, "p", 50, 600)
+    assert (s.resume_window, s.workers, s.redis_timeout, s.redis_retry_for) == (30, 2, 2.5, 7)
+    assert (s.feed_shards, s.feed_maxlen, s.webhook_attempts, s.webhook_backoff, s.webhook_timeout) == (8, 500, 3, 1, 9)
+    assert s.dev_key == "dk" and not s.dev_mode
+    assert load_settings(env={"REDIS_URL": "redis://r"}).redis_url == "redis://r"
 
 
 @pytest.mark.parametrize(
@@ -105,11 +156,7 @@ def test_dev_mode_only_without_apps() -> None:
     ],
 )
 def test_wrong_type_in_toml_names_field_and_file(tmp_path: Path, toml: str, message: str) -> None:
-    conf = tmp_path / "presence.toml"
-    conf.write_text(toml)
-    with pytest.raises(ParamError) as info:
-        load_settings(conf, env={})
-    assert str(conf) in info.value.message and message in info.value.message
+    assert message in toml_error(tmp_path, toml)
 
 
 def test_presence_apps_states_admins() -> None:
@@ -195,11 +242,7 @@ def test_bad_app_heartbeat_timeout(tmp_path: Path, value: str, message: str) -> 
     ],
 )
 def test_followup_bad_app_ids_admins_and_numbers_in_toml(tmp_path: Path, toml: str, message: str) -> None:
-    conf = tmp_path / "presence.toml"
-    conf.write_text(toml)
-    with pytest.raises(ParamError) as info:
-        load_settings(conf, env={})
-    assert str(conf) in info.value.message and message in info.value.message
+    assert message in toml_error(tmp_path, toml)
 
 
 @pytest.mark.parametrize(

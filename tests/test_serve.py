@@ -1,20 +1,24 @@
-"""`presence serve` as a process: crash and shutdown leave no ghost presence; embedded mode works."""
+"""`presence serve` as a process: crash and shutdown leave no ghost presence; embedded mode works; a node
+releases what it started when it stops or fails to start."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 from typing import Any
 
 import aiohttp
 import pytest
 
+from presence.config import AppConfig, Settings
 from presence.gateway.codec import Command
 from presence.keys import KeySchema
+from presence.server import start
 from presence.service import Presence
 from presence.store import open_store
 from tests.clients import APP, KEY, TcpClient, WsClient, expect, sign
-from tests.conftest import MakeNode
+from tests.conftest import MakeNode, free_port
 from tests.serve_process import ServeProcess
 
 
@@ -145,3 +149,49 @@ async def test_two_gateways_on_a_cluster_from_one_node_url(cluster: Any, cluster
         two.kill()
         one.signal(signal.SIGTERM)
         assert one.wait() == 0
+
+
+def _new_tasks(before: set[asyncio.Task[Any]]) -> set[asyncio.Task[Any]]:
+    """Tasks started since ``before`` that are still running (this test's own task aside)."""
+    return {t for t in asyncio.all_tasks() if t not in before and t is not asyncio.current_task() and not t.done()}
+
+
+def _refused(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _node_settings(redis_url: str, **overrides: Any) -> Settings:
+    apps = {APP: AppConfig(private_key=KEY, webhook_urls=("http://127.0.0.1:9/hook",))}  # a webhook worker too
+    ports = {"tcp_port": free_port(), "ws_port": free_port(), "http_port": free_port()}
+    return Settings(redis_url=redis_url, offline_grace=0, apps=apps, **{**ports, **overrides})
+
+
+async def test_stop_closes_the_listeners_and_ends_every_background_task(real_redis: Any, redis_url: str) -> None:
+    """The node app's cleanup_ctx releases what it started: listeners, hub and webhook tasks, the store."""
+    before = set(asyncio.all_tasks())
+    node = await start(_node_settings(redis_url), ready_line=False)
+    assert node.webhooks is not None and _new_tasks(before), "a started node runs background tasks"
+    alice = await TcpClient.connect(node.tcp_port)
+    await alice.login("alice")
+    await node.stop()
+    assert await asyncio.wait_for(alice.reader.read(), 5) == b"", "the hub closed its connection"
+    assert all(_refused(port) for port in (node.tcp_port, node.ws_port, node.http_port))
+    assert not _new_tasks(before)
+    assert (await Presence(real_redis).query_users(APP, ["alice"]))["alice"].status == 2, "logged out at stop"
+
+
+async def test_a_start_that_fails_releases_what_it_had_started(real_redis: Any, redis_url: str) -> None:
+    """REST's port is taken: the start fails with the listener's error after TCP, WebSocket, the hub and the
+    webhook worker started, and those are released again (the TCP port is free, no task is left)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = _node_settings(redis_url, http_port=taken.getsockname()[1])
+        before = set(asyncio.all_tasks())
+        with pytest.raises(OSError):
+            await start(settings, ready_line=False)
+    assert not _new_tasks(before)
+    assert _refused(settings.tcp_port) and _refused(settings.ws_port)
+    with socket.socket() as again:  # not held by a listener left behind
+        again.bind(("127.0.0.1", settings.tcp_port))

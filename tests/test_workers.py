@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import time
+from typing import cast
 
 import aiohttp
 from redis.asyncio import Redis
@@ -27,6 +28,11 @@ async def _line(proc: ServeProcess, pattern: str, timeout: float = 15.0) -> re.M
     raise AssertionError(f"no line matching {pattern!r} in:\n{proc.output()}")
 
 
+async def _node_ids(redis: Redis) -> set[str]:
+    """The node ids recorded in ``presence:nodes`` (the client returns bytes)."""
+    return {n.decode() for n in cast(list[bytes], await redis.zrange("presence:nodes", 0, -1))}
+
+
 async def _status(presence: Presence, users: list[str]) -> set[int]:
     return {s.status for s in (await presence.query_users(APP, users)).values()}
 
@@ -41,8 +47,7 @@ async def test_workers_share_ports_and_a_crashed_worker_is_reaped_and_replaced(
         pids = {}
         for i in range(2):
             pids[i] = int((await _line(proc, rf"worker {i} started: node multi-w{i}, pid (\d+)")).group(1))
-        nodes = {n.decode() for n in await real_redis.zrange("presence:nodes", 0, -1)}
-        assert {"multi-rest", "multi-w0", "multi-w1"} <= nodes
+        assert {"multi-rest", "multi-w0", "multi-w1"} <= await _node_ids(real_redis)
         async with aiohttp.ClientSession() as http:  # REST is served once, by the supervisor
             async with http.get(f"http://127.0.0.1:{proc.http_port}/healthz") as resp:
                 assert resp.status == 200
@@ -63,7 +68,7 @@ async def test_workers_share_ports_and_a_crashed_worker_is_reaped_and_replaced(
         assert await _status(presence, on[1]) == {1}
         await _line(proc, r"worker 0 started: node multi-w0\.2")
         assert await presence.nodes.session_count("multi-w0") == 0
-        assert "multi-w0.2" in {n.decode() for n in await real_redis.zrange("presence:nodes", 0, -1)}
+        assert "multi-w0.2" in await _node_ids(real_redis)
         late = await WsClient.connect(proc.ws_port, imei="late")
         await late.login("late")
         clients.append(late)
@@ -72,11 +77,7 @@ async def test_workers_share_ports_and_a_crashed_worker_is_reaped_and_replaced(
         proc.signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 30) == 0
         assert await _status(presence, [*on[1], "late"]) == {2}, "SIGTERM left sessions online"
-        assert not {n.decode() for n in await real_redis.zrange("presence:nodes", 0, -1)} & {
-            "multi-rest",
-            "multi-w0.2",
-            "multi-w1",
-        }
+        assert not await _node_ids(real_redis) & {"multi-rest", "multi-w0.2", "multi-w1"}
     finally:
         proc.kill()
         for client in clients:

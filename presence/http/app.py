@@ -14,6 +14,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 from urllib.parse import unquote_to_bytes
 
@@ -54,7 +55,16 @@ HEALTH_TIMEOUT_S = 2.0
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _APP_ID = re.compile(r"[0-9]{1,18}")
 GAUGE_REFRESH_S = 5.0
-GAUGES_READ_AT = web.AppKey("gauges_read_at", list[float])
+
+
+@dataclass
+class GaugeClock:
+    """When ``/metrics`` last read the online gauges from Redis (monotonic seconds)."""
+
+    read_at: float = -GAUGE_REFRESH_S
+
+
+GAUGE_CLOCK = web.AppKey("gauge_clock", GaugeClock)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 T = TypeVar("T")
@@ -204,7 +214,8 @@ async def decode_body(request: web.Request, decoder: msgspec.json.Decoder[T]) ->
         raise ParamError("JSON is nested too deeply") from None
     # JSON Schema (and the seed's Jackson) take 3.0 as the integer 3; strict msgspec does not. Slow path only.
     try:
-        return msgspec.convert(_integral(_ANY.decode(raw)), decoder.type)
+        converted: T = msgspec.convert(_integral(_ANY.decode(raw)), decoder.type)  # Decoder.type is typed Any
+        return converted
     except msgspec.ValidationError as exc:  # another field is wrong too
         raise ParamError(str(exc)) from None
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
@@ -491,9 +502,9 @@ async def refresh_online_gauges(presence: Presence, apps: Iterable[int]) -> None
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     # The online gauges are read from Redis at most every GAUGE_REFRESH_S (a cluster has a counter per slot).
-    now = time.monotonic()
-    if now - request.app[GAUGES_READ_AT][0] >= GAUGE_REFRESH_S:
-        request.app[GAUGES_READ_AT][0] = now
+    now, clock = time.monotonic(), request.app[GAUGE_CLOCK]
+    if now - clock.read_at >= GAUGE_REFRESH_S:
+        clock.read_at = now
         try:
             await refresh_online_gauges(request.app[PRESENCE], request.app[SETTINGS].apps)
         except PresenceError as exc:
@@ -539,7 +550,7 @@ def create_app(presence: Presence, settings: Settings) -> web.Application:
     app = web.Application(middlewares=[metrics_middleware, error_middleware], client_max_size=MAX_BODY_BYTES)
     app[PRESENCE] = presence
     app[SETTINGS] = settings
-    app[GAUGES_READ_AT] = [-GAUGE_REFRESH_S]
+    app[GAUGE_CLOCK] = GaugeClock()
     # Read once at start: a missing contract fails the start, not the first request for it.
     app[OPENAPI_SPEC] = resource_path("http/openapi.yaml").read_bytes()
     app.add_routes(routes)
