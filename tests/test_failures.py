@@ -134,6 +134,17 @@ async def test_debug_sleep_longer_than_the_client_timeout_still_tells_friends(
     await bob.close()
 
 
+async def test_a_login_slowed_by_a_stall_is_not_closed_for_silence(make_node: MakeNode, stall: Stall) -> None:
+    """The client waits on us while its LOGIN is served: a Redis stall longer than the heartbeat timeout
+    answers the LOGIN (no close for silence); the silence after the LOGINACK still closes the connection."""
+    node = await make_node(heartbeat_timeout=0.3, redis_timeout=5)
+    await stall(1.5)
+    alice = await TcpClient.connect(node.tcp_port)
+    ack = await alice.login("alice")
+    assert ack.command == Command.LOGINACK
+    assert await alice.closed(timeout=3), "the heartbeat timeout still applies once logged in"
+
+
 async def test_a_login_told_failed_during_a_stall_leaves_no_session(
     make_node: MakeNode, facade: Presence, stall: Stall
 ) -> None:

@@ -84,6 +84,7 @@ class _Registered:
     session: SessionId | None = None  # once logged in
     login: LoginRequest | None = None  # the LOGIN, repeated to re-assert the session
     cursor: EventId = NO_EVENT  # where pushes start once it is activated
+    logging_in: bool = False  # a LOGIN is being served: the client waits on us, so silence is not its fault
 
 
 class Hub:
@@ -263,6 +264,9 @@ class Hub:
         """Log the connection's session in; None when the connection ended meanwhile (its session is then
         logged out again). Raises what the facade raises (the client is told the login failed)."""
         session = SessionId(request.app_id, request.user_id, request.client_type, request.imei, new_conn_id())
+        record = self._registry.get(conn)
+        if record is not None:
+            record.logging_in = True
         try:
             result = await self._presence_login(session, request)
         except Exception as exc:
@@ -271,6 +275,9 @@ class Hub:
                 # make sure no session of this connection stays behind (the logout is conditional on it).
                 self._spawn(self._do_logout(session, "login-failed"))
             raise
+        finally:
+            if record is not None:
+                record.logging_in = False
         cursor = EventId.parse(result.inbox_last_id)
         resumed: bool | None = None
         asked = request.resume_after
@@ -469,7 +476,11 @@ class Hub:
         while not self.closing:
             await asyncio.sleep(interval)
             now = time.monotonic()
-            idle = [c for c in self._registry if 0 < c.heartbeat_timeout < now - c.last_active]
+            idle = [
+                c
+                for c, r in self._registry.items()
+                if 0 < c.heartbeat_timeout < now - c.last_active and not r.logging_in
+            ]
             for conn in idle:
                 conn.close(4000, "heartbeat timeout")
                 await self.end(conn, "timeout")
