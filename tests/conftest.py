@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -166,16 +167,24 @@ async def make_node(store_redis: Any, store_url: str) -> AsyncIterator[MakeNode]
         overrides.setdefault("offline_grace", 0)
         overrides.setdefault("http_port", 0)
         overrides.setdefault("apps", {APP: AppConfig(private_key=KEY, login_model=login_model)})
-        settings = Settings(
-            redis_url=redis_url,
-            tcp_port=free_port(),
-            ws_port=free_port(),
-            node_id=node_id,
-            **overrides,
-        )
-        node = await start(settings)
-        running.append(node)
-        return node
+        for attempt in range(3):
+            settings = Settings(
+                redis_url=redis_url,
+                tcp_port=free_port(),
+                ws_port=free_port(),
+                node_id=node_id,
+                **overrides,
+            )
+            try:
+                node = await start(settings)
+            except OSError as exc:
+                # free_port() is a probe: another process (a parallel suite) may bind the port before we do.
+                if exc.errno != errno.EADDRINUSE or attempt == 2:
+                    raise
+                continue
+            running.append(node)
+            return node
+        raise AssertionError("unreachable")
 
     yield make
     for node in running:
