@@ -57,7 +57,7 @@ FUZZ_SECONDS ?= 60
 fuzz: install
 	$(PY) fuzz/fuzz_presence.py -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1
 
-# ruff (lint and format) and mypy (strict on presence/, the suite against its API: [tool.mypy] in pyproject.toml).
+# ruff (lint and format) and mypy (strict on presence/; tests/, bench/, fuzz/ against its API: pyproject.toml).
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

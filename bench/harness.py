@@ -6,12 +6,12 @@ import asyncio
 import resource
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from bench.procs import APP, CLK_TCK, Worker, cpu_seconds, log
 
-Change = Callable[[int, int], Awaitable[Any]]
+Change = Callable[[int, int], Coroutine[Any, Any, Any]]  # a coroutine: run as a task
 STALL_S = 20.0
 
 

@@ -70,9 +70,10 @@ class RedisServer:
     """A private redis-server: free port, no persistence, its own temporary directory."""
 
     def __init__(self) -> None:
-        self.binary = shutil.which("redis-server")
-        if not self.binary:
+        binary = shutil.which("redis-server")
+        if not binary:
             raise SystemExit("redis-server is not on PATH (make bench installs it through the redis-server target)")
+        self.binary = binary
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="presence-bench-redis-")
         self.proc: subprocess.Popen[bytes] | None = None

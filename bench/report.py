@@ -159,7 +159,7 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         "query_500",
         "query of 500 users: Redis time <= 1 ms, p99 <= 5 ms, 1 round trip",
         f"Redis {_n(qr, 2)} ms, p99 {_n(qp, 2)} ms, {_n(qt, 0)} round trip(s)",
-        None if qp is None or qr is None else qr <= 1 and qp <= 5 and qt <= 1,
+        None if qp is None or qr is None or qt is None else qr <= 1 and qp <= 5 and qt <= 1,
     )
     m = r.get("memory") or {}
     steady, mb = m.get("redis_bytes_per_online_user_steady"), m.get("redis_bytes_per_online_user")

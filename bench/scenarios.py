@@ -443,6 +443,7 @@ async def _largest_call(ctx: Context, change: Change, tracker: Any, window: int)
         entries = await admin.slowlog_get(100_000)
     finally:
         for k, v in before.items():
+            assert k is not None and v is not None  # CONFIG GET names and values (redis-py types them Optional)
             await admin.config_set(k, v)
     calls = [e for e in entries if not _text(e["command"]).upper().startswith(("SLOWLOG", "CONFIG"))]
     top = max(calls, key=lambda e: e["duration"], default=None)
@@ -465,6 +466,7 @@ async def _profile(ctx: Context, server: Server, pool: Pool, presence: Presence,
     """py-spy on the gateway while the fan-out runs flat out (an extra run, not one of the measured ones)."""
     from bench import profile
 
+    assert isinstance(presence.redis, Redis)  # the bench's one redis-server
     change = _change_fn("ours", presence, SeedLogic(presence.redis), changers(f"c{friends}", friends))
     tracker = pool.tracker
     assert tracker is not None
@@ -747,7 +749,9 @@ async def memory(ctx: Context) -> dict[str, Any]:
     await pool.start()
     client = Redis.from_url(ctx.redis_server.url)
     presence = Presence(client, Settings())
-    node_max = int((await ctx.admin.config_get("stream-node-max-bytes"))["stream-node-max-bytes"])
+    node_max_bytes = (await ctx.admin.config_get("stream-node-max-bytes"))["stream-node-max-bytes"]
+    assert node_max_bytes is not None
+    node_max = int(node_max_bytes)
     out: dict[str, Any] = {"stream_node_max_bytes": node_max, "resume_window_s": MEMORY_RESUME_WINDOW_S}
     try:
         out.update(await _memory_group(ctx, server, pool, presence, "m", ctx.mode.memory_users))

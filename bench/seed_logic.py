@@ -11,7 +11,7 @@ SMEMBERS), which only flatters the baseline. The seed's bugs (subscription key t
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 from redis.asyncio import Redis
@@ -96,10 +96,11 @@ class SeedLogic:
     # ImUserStatusServiceImpl.dispatcher
     async def dispatcher(self, pack: dict[str, Any], user_id: str, app_id: int, command: int) -> int:
         sent = 0
-        for fid in await self.redis.smembers(friends_key(app_id, user_id)):
+        # A bytes client (decode_responses=False): redis-py types replies for either setting (bytes | str).
+        for fid in cast("set[bytes]", await self.redis.smembers(friends_key(app_id, user_id))):
             sent += await self.send_to_user(fid.decode(), command, pack, app_id)
         key = subscribe_key(app_id, user_id)
-        for field in await self.redis.hkeys(key):
+        for field in cast("list[bytes]", await self.redis.hkeys(key)):
             expire = int(await self.redis.hget(key, field) or 0)
             if expire > 0 and expire > int(time.time() * 1000):
                 sent += await self.send_to_user(field.decode(), command, pack, app_id)

@@ -188,7 +188,8 @@ class Store:
         """One command on one node (a ``ClusterNode`` from ``primaries()``, or None off a cluster)."""
         if node is None:
             return await self.client.execute_command(*args)
-        return await self.node_client(node).execute_command(*args)
+        # redis-py leaves Redis.execute_command unannotated (its cluster client's is typed).
+        return await self.node_client(node).execute_command(*args)  # type: ignore[no-untyped-call]
 
     def any_primary(self, avoid: str | None = None) -> ClusterNode | None:
         """A cluster primary other than ``avoid`` (None off a cluster, or when there is no other)."""
@@ -228,7 +229,8 @@ class Store:
         if not done:
             self._abandon(task)
             raise TimeoutError("the retry window ended during an attempt")
-        return _outcome(task)
+        result: T = _outcome(task)  # the outcome of send(): a T (typed here, no check on the hot path)
+        return result
 
     def _abandon(self, task: asyncio.Future[Any]) -> None:
         """Cancel an attempt without waiting for it: redis-py may hold a cancel until the socket times out."""
@@ -329,7 +331,8 @@ class Store:
 
     def _node_name(self, key: str | None) -> str | None:
         if isinstance(self.client, RedisCluster) and key is not None:
-            return self.client.get_node_from_key(key).name
+            # redis-py types the node Optional for replica=True; a primary is always returned (or it raises).
+            return self.client.get_node_from_key(key).name  # type: ignore[union-attr]
         return None
 
     async def refresh(self, deadline: float | None = None, avoid: str | None = None) -> None:
@@ -353,7 +356,7 @@ class Store:
         if len(commands) == 1:
             _, args = commands[0]
             try:
-                return [await client.execute_command(*args)]
+                return [await client.execute_command(*args)]  # type: ignore[no-untyped-call]  # as in on_node
             except rex.ResponseError as exc:
                 return [exc]
         async with client.pipeline(transaction=False) as pipe:
@@ -370,7 +373,10 @@ class Store:
         await cluster.initialize()
         by_node: dict[str, tuple[ClusterNode, list[int]]] = {}
         for i, (key, _) in enumerate(commands):
-            node = cluster.get_node_from_key(key) if key is not None else cluster.get_default_node()
+            # Optional in redis-py's annotation for replica=True only (see _node_name).
+            node: ClusterNode = (
+                cluster.get_node_from_key(key) if key is not None else cluster.get_default_node()  # type: ignore[assignment]
+            )
             by_node.setdefault(node.name, (node, []))[1].append(i)
         results: list[Any] = [None] * len(commands)
 
@@ -465,8 +471,9 @@ def parse_sentinel_url(url: str, env: Mapping[str, str] | None = None) -> Sentin
         db=int(path[1]) if len(path) == 2 else 0,
         username=unquote(user) if user else env.get("PRESENCE_REDIS_USERNAME") or None,
         password=unquote(password) if password else env.get("PRESENCE_REDIS_PASSWORD") or None,
-        sentinel_username=(query.get("sentinel_username") or [env.get("PRESENCE_SENTINEL_USERNAME")])[0] or None,
-        sentinel_password=(query.get("sentinel_password") or [env.get("PRESENCE_SENTINEL_PASSWORD")])[0] or None,
+        # parse_qs drops blank values: a name in the query has a non-empty first value.
+        sentinel_username=query.get("sentinel_username", [""])[0] or env.get("PRESENCE_SENTINEL_USERNAME") or None,
+        sentinel_password=query.get("sentinel_password", [""])[0] or env.get("PRESENCE_SENTINEL_PASSWORD") or None,
         ssl=parts.scheme == "rediss+sentinel",
     )
 
@@ -552,7 +559,9 @@ async def _open_sentinel(
         sentinel_kwargs["password"] = conf.sentinel_password
     if conf.sentinel_username:
         sentinel_kwargs["username"] = conf.sentinel_username
-    sentinel = Sentinel(conf.sentinels, sentinel_kwargs=sentinel_kwargs, socket_timeout=socket_timeout)
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves Sentinel.__init__ unannotated
+        conf.sentinels, sentinel_kwargs=sentinel_kwargs, socket_timeout=socket_timeout
+    )
     client = sentinel.master_for(
         conf.master,
         db=conf.db,

@@ -1,10 +1,11 @@
-"""Real protocol clients for tests: raw TCP speaking seed frames, aiohttp WebSocket (binary or text)."""
+"""Real protocol clients for tests: raw TCP speaking seed frames, aiohttp WebSocket (binary or text); typed views
+of the replies tests read (a WebSocket pack, a Redis stream range)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 
@@ -157,3 +158,23 @@ async def expect(client: TcpClient | WsClient, command: int, timeout: float = TI
     msg = await client.recv(timeout)
     assert msg.command == command, f"expected {command}, got {msg}"
     return msg
+
+
+def ws_pack(msg: Msg) -> dict[str, Any]:
+    """The whole pack of a message received over a WebSocket (a TCP frame carries the data alone)."""
+    assert msg.pack is not None, f"{msg} has no pack: not received over a WebSocket"
+    return msg.pack
+
+
+def stream_entries(reply: object) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """An XRANGE/XREVRANGE reply as the suite's clients get it (``decode_responses=False``): ids and fields bytes.
+
+    redis-py types the reply for every client setting (``... | None``, ``bytes | str``, fields ``None``).
+    """
+    assert isinstance(reply, list), f"not a stream range reply: {reply!r}"
+    entries = []
+    for entry_id, fields in reply:
+        assert isinstance(entry_id, bytes) and isinstance(fields, dict), (entry_id, fields)
+        assert all(isinstance(k, bytes) and isinstance(v, bytes) for k, v in fields.items()), fields
+        entries.append((entry_id, cast("dict[bytes, bytes]", fields)))  # each key and value checked just above
+    return entries

@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 import pytest
 import redis
-from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
+from playwright.async_api import Browser, ConsoleMessage, Page, ViewportSize, async_playwright, expect
 
 from presence.gateway.codec import Command
 from tests.clients import WsClient
@@ -47,7 +47,7 @@ CHROMIUM_ARGS = [
 ]
 GRACE_S = 0.5
 PUSH_MS = 2000  # a push must show within this
-PHONE = {"width": 390, "height": 844}
+PHONE: ViewportSize = {"width": 390, "height": 844}
 CLOSED_BY_LOGOUT = {"code": 1000, "reason": "logged out", "reconnect": False, "delay": None}
 
 

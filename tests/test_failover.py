@@ -304,20 +304,20 @@ async def _traffic_through_failover(
         ("carol", carol, Command.CUSTOM_NOTIFY),
         ("alice", alice, Command.CUSTOM_NOTIFY_SYNC),
     ):
-        await listener.wait_for(
-            lambda listener=listener, command=command: set(applied) <= set(listener.customs(command)),
-            10,
-            f"{who} did not get every applied change {applied}",
-        )
+
+        def heard_all(listener: Listener = listener, command: int = command) -> bool:
+            return set(applied) <= set(listener.customs(command))
+
+        await listener.wait_for(heard_all, 10, f"{who} did not get every applied change {applied}")
     # No false offline, no ERROR, no close on any client.
     for listener in (bob, carol):
         assert not [m for m in listener.heard if m.command == Command.NOTIFY and m.data["status"] != 1]
     for listener in (bob, carol, alice):
         assert listener.closed is None and not [m for m in listener.heard if m.command == Command.ERROR]
         await listener.stop()
-    for client in (carol_tcp, alice_tcp, dave_tcp):
-        client.send(Command.PING)
-        await expect(client, Command.PING)
+    for tcp in (carol_tcp, alice_tcp, dave_tcp):
+        tcp.send(Command.PING)
+        await expect(tcp, Command.PING)
     await bob_ws.send(Command.PING)
     await expect(bob_ws, Command.PING)
     state = await facade.query_users(APP, ["alice", "bob", "carol", "dave"])

@@ -20,7 +20,7 @@ from presence.errors import UnavailableError
 from presence.gateway.codec import Command
 from presence.gateway.hub import HANDOVER_CODE
 from presence.service import Presence
-from tests.clients import APP, TcpClient, WsClient, expect, sign
+from tests.clients import APP, Msg, TcpClient, WsClient, expect, sign
 from tests.conftest import MakeNode, free_port
 from tests.redis_servers import Server
 from tests.serve_process import ServeProcess
@@ -77,7 +77,7 @@ async def messages_until(client: WsClient, done: Callable[[list[Any]], bool], ti
 async def marker_is_next(facade: Presence, friend: WsClient, user: str, text: str) -> list[Any]:
     """A custom status change of ``user`` as a barrier: every push to ``friend`` before it."""
     await facade.set_custom_status(APP, user, 77, text)
-    before = []
+    before: list[Msg] = []
     while True:
         msg = await friend.recv()
         if msg.command == Command.CUSTOM_NOTIFY and msg.data["customText"] == text:
@@ -496,7 +496,7 @@ async def test_last_seen_is_the_evidence(make_node: MakeNode, facade: Presence, 
         msg = await expect_data(bob, Command.NOTIFY, timeout=10)
         assert msg.data["status"] == 2
         last_seen = (await facade.query_users(APP, ["alice"]))["alice"].lastSeen
-        assert last_seen is not None and abs(last_seen - evidence) < 1000, (how, last_seen - evidence)
+        assert last_seen is not None and abs(last_seen - evidence) < 1000, (how, last_seen, evidence)
         await alice.close()
     finally:
         bob_pings.cancel()
@@ -522,7 +522,7 @@ async def test_last_seen_of_a_logout_during_a_stall_is_its_time_not_the_wake(
     msg = await expect_data(bob, Command.NOTIFY, timeout=10)
     assert msg.data["status"] == 2
     last_seen = (await facade.query_users(APP, ["alice"]))["alice"].lastSeen
-    assert last_seen is not None and abs(last_seen - evidence) < 1000, last_seen - evidence
+    assert last_seen is not None and abs(last_seen - evidence) < 1000, (last_seen, evidence)
     await alice.close()
     await bob.close()
 

@@ -18,7 +18,7 @@ from presence import functions
 from presence.config import Settings
 from presence.gateway.codec import Command
 from presence.service import Presence
-from tests.clients import APP, TcpClient, WsClient, expect, sign
+from tests.clients import APP, TcpClient, WsClient, expect, sign, stream_entries
 from tests.conftest import MakeNode, free_port
 from tests.serve_process import ServeProcess
 
@@ -34,7 +34,7 @@ async def entries(presence: Presence, user: str) -> list[dict[str, str]]:
     """The user's feed entries, in shard order, fields decoded."""
     shard = presence.keys.feed_shard(APP, presence.feed.shard_of(APP, user))
     out = []
-    for _, fields in await presence.redis.xrange(shard):
+    for _, fields in stream_entries(await presence.redis.xrange(shard)):
         entry = {_s(k): _s(v) for k, v in fields.items()}
         if entry["userId"] == user:
             out.append(entry)

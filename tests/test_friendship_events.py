@@ -11,7 +11,7 @@ import aiohttp
 
 from presence.gateway.codec import Command
 from presence.service import Presence
-from tests.clients import APP, TcpClient, WsClient, expect, sign
+from tests.clients import APP, TcpClient, WsClient, expect, sign, ws_pack
 from tests.conftest import MakeNode, free_port
 
 IOS = 2
@@ -43,7 +43,7 @@ async def test_add_import_and_delete_friend_push_4010_to_both_sides_with_status(
     assert bob_now["status"] == 1 and bob_now["customText"] == "hi"
     assert bob_now["session"][0]["imei"] == "bob-phone"
     assert to_bob.data["action"] == "add" and to_bob.data["friends"]["alice"]["status"] == 1
-    assert to_alice.pack["userId"] == "alice"  # the WebSocket pack names its recipient
+    assert ws_pack(to_alice)["userId"] == "alice"  # the WebSocket pack names its recipient
 
     # import: the owner gets one entry naming every new friend (offline ones too), each online new friend one
     # entry; alice, already bob's friend, is not re-announced (nothing changed for her)

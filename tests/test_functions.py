@@ -22,6 +22,7 @@ from presence.models import (
     UserStatusChangeNotifyPack,
 )
 from presence.service import Presence
+from tests.clients import stream_entries
 
 APP = 10000
 WEBAPI, WEB, IOS, ANDROID, WINDOWS, MAC = range(6)
@@ -33,11 +34,11 @@ async def login(
     return await p.login(APP, user, ct, imei, conn_id=conn or f"c-{user}-{ct}-{imei}", node_id=node, login_model=model)
 
 
-async def inbox(p: Presence, user: str) -> list[dict[str, object]]:
-    entries = await p.redis.xrange(p.keys.user(APP, user).inbox)
+async def inbox(p: Presence, user: str) -> list[dict[str, Any]]:
+    entries = stream_entries(await p.redis.xrange(p.keys.user(APP, user).inbox))
     out = []
     for _, fields in entries:
-        e = {k.decode(): v.decode() for k, v in fields.items()}
+        e: dict[str, Any] = {k.decode(): v.decode() for k, v in fields.items()}
         e["d"] = json.loads(e["d"])
         out.append(e)
     return out
@@ -168,7 +169,7 @@ async def test_resubscribe_overwrites_expiry(presence: Presence) -> None:
     second = await presence.subscribe(APP, "carol", ["alice"], 1_000)
     assert second.expireAt < first.expireAt and second.liveSubscriptions == 1
     score = await presence.redis.zscore(presence.user(APP, "alice").subscribers, "carol")
-    assert int(score) == second.expireAt
+    assert score is not None and int(score) == second.expireAt
 
 
 async def test_live_subscription_cap_is_enforced_in_lua(any_redis: Redis, presence: Presence) -> None:
@@ -327,7 +328,7 @@ async def test_status_changes_reply_in_one_layout(presence: Presence) -> None:
 
     await raw(log_in(IOS, "phone", "c-phone"))
     login = await raw(log_in(WINDOWS, "pc", "c-pc"))  # the phone's session gets a 4005: the newest inbox entry
-    (newest,) = await presence.redis.xrevrange(keys.inbox, count=1)
+    (newest,) = stream_entries(await presence.redis.xrevrange(keys.inbox, count=1))
     assert login[0] == 1 and login[2:4] == [2, 1] and login[4] == newest[0] and login[5:] == [0, b"bob"]
     relogin = await raw(log_in(WINDOWS, "pc", "c-pc-2"))  # a reconnect: no change for others, the old one kicked
     assert relogin[0] == 0 and relogin[2:4] == [2, 1] and relogin[5:] == [1]
@@ -366,7 +367,7 @@ async def test_library_json_is_the_models_json(presence: Presence) -> None:
     }
     seen = set()
     for user in ("alice", "bob"):
-        for _, fields in await presence.redis.xrange(presence.keys.user(APP, user).inbox):
+        for _, fields in stream_entries(await presence.redis.xrange(presence.keys.user(APP, user).inbox)):
             command, data = fields[b"c"].decode(), fields[b"d"]
             assert msgspec.json.encode(msgspec.json.decode(data, type=models[command])) == data, command
             seen.add(command)

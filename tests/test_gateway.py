@@ -14,7 +14,7 @@ from presence.gateway.hub import CLOCK_PROBE_MAX_RTT_S
 from presence.inbox import EventId
 from presence.server import Running
 from presence.service import Presence
-from tests.clients import APP, TcpClient, WsClient, expect, sign
+from tests.clients import APP, TcpClient, WsClient, expect, sign, ws_pack
 from tests.conftest import MakeNode
 
 WEB, IOS, ANDROID, WINDOWS, MAC = 1, 2, 3, 4, 5
@@ -56,7 +56,7 @@ async def test_friend_fanout_reaches_websocket_and_tcp(make_node: MakeNode, faca
         assert msg.data["client"][0]["imei"] == "alice-phone"
     pack = (await asyncio.gather(alice.close(), expect(bob, Command.NOTIFY)))[1]
     assert pack.data["status"] == 2 and pack.data["client"] == []
-    assert pack.pack["userId"] == "bob" and pack.pack["eventId"]
+    assert ws_pack(pack)["userId"] == "bob" and ws_pack(pack)["eventId"]
     await bob.close()
     await carol.close()
 
@@ -289,17 +289,17 @@ async def test_resume_replays_missed_entries_within_grace(make_node: MakeNode, f
     first = EventId.parse(ack.data["lastEventId"])  # the cursor: pushes come after it
     await facade.set_custom_status(APP, "alice", 1, "one")
     seen = await expect(bob, Command.CUSTOM_NOTIFY)
-    assert EventId.parse(seen.pack["eventId"]) > first
+    assert EventId.parse(ws_pack(seen)["eventId"]) > first
     await bob.close()  # dropped: bob stays online for the grace
     await facade.set_custom_status(APP, "alice", 1, "two")
     await facade.set_custom_status(APP, "alice", 1, "three")
     bob = await WsClient.connect(node.ws_port, imei="bob-tab")
-    ack = await bob.login("bob", lastEventId=seen.pack["eventId"])
-    assert ack.data["resumed"] is True and ack.data["lastEventId"] == seen.pack["eventId"]
+    ack = await bob.login("bob", lastEventId=ws_pack(seen)["eventId"])
+    assert ack.data["resumed"] is True and ack.data["lastEventId"] == ws_pack(seen)["eventId"]
     missed = [await expect(bob, Command.CUSTOM_NOTIFY) for _ in range(2)]
     assert [m.data["customText"] for m in missed] == ["two", "three"]  # what it missed, not "one" again
-    ids = [EventId.parse(m.pack["eventId"]) for m in missed]
-    assert EventId.parse(seen.pack["eventId"]) < ids[0] < ids[1]
+    ids = [EventId.parse(ws_pack(m)["eventId"]) for m in missed]
+    assert EventId.parse(ws_pack(seen)["eventId"]) < ids[0] < ids[1]
     await bob.close()
 
 
@@ -347,10 +347,10 @@ async def test_drop_without_reconnect_is_announced_after_the_grace(make_node: Ma
     await alice.close()
     msg = await expect(bob, Command.NOTIFY)
     assert msg.data["userId"] == "alice" and msg.data["status"] == 2
-    announced_ms = EventId.parse(msg.pack["eventId"]).ms
+    announced_ms = EventId.parse(ws_pack(msg)["eventId"]).ms
     last_seen = (await facade.query_users(APP, ["alice"]))["alice"].lastSeen
     # The drop's time is placed on the Redis clock within half a quick TIME round trip (hub.CLOCK_PROBE_MAX_RTT_S).
-    assert announced_ms - last_seen >= grace_ms - CLOCK_PROBE_MAX_RTT_S * 1000 / 2
+    assert last_seen is not None and announced_ms - last_seen >= grace_ms - CLOCK_PROBE_MAX_RTT_S * 1000 / 2
     await bob.close()
 
 

@@ -40,7 +40,7 @@ from presence.http.app import MALFORMED_LOG_INTERVAL, EnvelopeRequestHandler, cr
 from presence.ids import check_imei, check_user_id
 from presence.metrics import REGISTRY
 from presence.service import Presence
-from tests.clients import APP, KEY, TcpClient, WsClient, expect, sign
+from tests.clients import APP, KEY, TcpClient, WsClient, expect, sign, ws_pack
 from tests.conftest import MakeNode, free_port
 from tests.serve_process import ServeProcess
 
@@ -173,8 +173,9 @@ async def test_socket_body_of_30000_nested_brackets_gets_an_error_frame(make_nod
     node = await make_node()
     deep = b"[" * 30_000 + b"]" * 30_000
     if transport == "tcp":
-        client: TcpClient | WsClient = await TcpClient.connect(node.tcp_port)
-        client.send_raw(_frame_with_body(deep))
+        tcp = await TcpClient.connect(node.tcp_port)
+        tcp.send_raw(_frame_with_body(deep))
+        client: TcpClient | WsClient = tcp
     else:
         client = await WsClient.connect(node.ws_port, text=transport == "ws-text")
         if transport == "ws-text":
@@ -242,7 +243,7 @@ async def test_webapi_sessions_are_capped_and_the_new_login_is_refused(
         clients.append(client)
     extra = await TcpClient.connect(node.tcp_port, client_type=WEBAPI, imei="api-10")
     error = await extra.login("alice")
-    assert error.command == Command.ERROR and error.data["code"] == Code.SESSION_LIMIT == 90005
+    assert error.command == Command.ERROR and error.data["code"] == Code.SESSION_LIMIT.value == 90005
     assert "10 live sessions" in error.data["msg"]
     assert await extra.closed()
     sessions_key = facade.user(APP, "alice").sessions
@@ -571,7 +572,7 @@ async def test_followup_a_last_event_id_beyond_the_inbox_does_not_resume(make_no
     seen = await expect(client, Command.CUSTOM_NOTIFY)
     await client.close()
     client = await WsClient.connect(node.ws_port, imei="tab")
-    ms = int(seen.pack["eventId"].split("-")[0])
+    ms = int(ws_pack(seen)["eventId"].split("-")[0])
     future = f"{ms + 10**9}-0"  # an id the inbox never held
     ack = await client.login("alice", lastEventId=future)
     assert ack.command == Command.LOGINACK and ack.data["resumed"] is False

@@ -10,11 +10,11 @@ from redis.asyncio import Redis
 from presence.functions import fcall
 from presence.gateway.codec import Command
 from presence.service import Presence
-from tests.clients import APP, WsClient, expect
+from tests.clients import APP, WsClient, expect, stream_entries, ws_pack
 from tests.conftest import MakeNode
 
 
-async def _trim(redis: Redis, inbox: str, window_ms: int, upto: bytes) -> int:
+async def _trim(redis: Redis, inbox: str, window_ms: int, upto: bytes | str) -> int:
     return int(await redis.execute_command(*fcall("presence_inbox_trim", [inbox], [window_ms, upto])))
 
 
@@ -24,7 +24,7 @@ async def test_inbox_trim_keeps_entries_younger_than_the_window_and_after_the_cu
     assert await _trim(any_redis, inbox, 60_000, ids[-1]) == 3  # delivered, but within the window
     await asyncio.sleep(0.01)  # the entries are now older than a 1 ms window
     assert await _trim(any_redis, inbox, 1, ids[1]) == 1  # up to the cursor only: the undelivered one stays
-    assert [e[0] for e in await any_redis.xrange(inbox)] == [ids[2]]
+    assert [e[0] for e in stream_entries(await any_redis.xrange(inbox))] == [ids[2]]
     assert await _trim(any_redis, inbox, 1, ids[2]) == 0
     assert await any_redis.exists(inbox) == 0  # nothing undelivered left: the inbox is gone
     assert await _trim(any_redis, inbox, 1, ids[2]) == 0  # a repeat on the missing key changes nothing
@@ -52,7 +52,7 @@ async def test_delivered_entries_resume_within_the_window_then_cost_no_memory(
     await bob.close()  # dropped: the session stays for the grace
     await facade.set_custom_status(APP, "alice", 1, "two")
     bob = await WsClient.connect(node.ws_port, imei="bob-tab")
-    ack = await bob.login("bob", lastEventId=seen.pack["eventId"])
+    ack = await bob.login("bob", lastEventId=ws_pack(seen)["eventId"])
     assert ack.data["resumed"] is True
     assert (await expect(bob, Command.CUSTOM_NOTIFY)).data["customText"] == "two"
 

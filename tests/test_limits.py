@@ -17,9 +17,17 @@ APP = 10000
 IOS = 2
 
 
-def login(p: Presence, user: str, imei: str = "i", conn: str = "c", **extra: int) -> Call[StatusChange]:
+def login(p: Presence, user: str, imei: str = "i", conn: str = "c", login_model: int = 3) -> Call[StatusChange]:
     return functions.login(
-        p.user(APP, user), None, p.options, app_id=APP, user_id=user, conn_id=conn, client_type=IOS, imei=imei, **extra
+        p.user(APP, user),
+        None,
+        p.options,
+        app_id=APP,
+        user_id=user,
+        conn_id=conn,
+        client_type=IOS,
+        imei=imei,
+        login_model=login_model,
     )
 
 

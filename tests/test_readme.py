@@ -9,7 +9,7 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from presence.service import Presence
-from tests.clients import APP
+from tests.clients import APP, stream_entries
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -29,5 +29,5 @@ async def test_readme_redis_cli_example(real_redis: Redis, redis_url: str) -> No
     lines = out.stdout.split()
     assert lines[:1] == ["1"] and "bob" in lines
     assert lines[-2:] == ["1", "1"]  # one entry written, one doorbell
-    entry = (await real_redis.xrange(presence.keys.user(APP, "bob").inbox))[-1][1]
+    entry = stream_entries(await real_redis.xrange(presence.keys.user(APP, "bob").inbox))[-1][1]
     assert entry[b"c"] == b"4006" and b"in a meeting" in entry[b"d"]

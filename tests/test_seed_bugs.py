@@ -46,8 +46,8 @@ async def test_custom_status_has_its_own_commands(make_node: MakeNode, facade: P
     await alice.login("alice")
     await expect(bob, Command.NOTIFY)
     await facade.set_custom_status(APP, "alice", 1, "busy")
-    assert (await bob.recv()).command == Command.CUSTOM_NOTIFY == 4006
-    assert (await alice.recv()).command == Command.CUSTOM_NOTIFY_SYNC == 4007
+    assert (await bob.recv()).command == Command.CUSTOM_NOTIFY.value == 4006
+    assert (await alice.recv()).command == Command.CUSTOM_NOTIFY_SYNC.value == 4007
     await alice.close()
     await bob.close()
 

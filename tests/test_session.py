@@ -47,6 +47,11 @@ def replies(session: Session) -> list[tuple[int, dict[str, Any], dict[str, Any]]
     return out
 
 
+def state(session: Session) -> State:
+    """``session.state`` read afresh (mypy keeps an attribute narrowed by an assert across the calls that move it)."""
+    return session.state
+
+
 def logged_in(**data: Any) -> Session:
     session = Session(SETTINGS)
     request = session.receive(login_frame(**data))
@@ -73,7 +78,7 @@ def test_a_valid_login_is_a_request_and_the_state_moves_to_logging_in() -> None:
         report_cursor=True,
         pong=True,
     )
-    assert session.state is State.LOGGING_IN
+    assert state(session) is State.LOGGING_IN
     assert session.pack_tail == pack_tail(2, "phone")  # packs to this connection end with the LOGIN's device
     assert session.replies() == []
 
@@ -168,7 +173,7 @@ def test_the_state_only_moves_forward() -> None:
     session = logged_in()
     session.ended()  # LOGOUT: the hub ended it first; the close may still be written
     assert session.state is State.ENDED and not session.serving and session.writable
-    assert session.begin_close() and session.state is State.CLOSING and not session.writable
+    assert session.begin_close() and state(session) is State.CLOSING and not session.writable
     assert not session.begin_close()  # only once
     session.ended()
     assert session.state is State.CLOSING

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from redis.asyncio.connection import Connection
+from redis.typing import EncodableT
 
 from presence.wire import HiredisPackingConnection
 
@@ -19,7 +20,7 @@ from presence.wire import HiredisPackingConnection
         ("PING",),
     ],
 )
-def test_packs_the_same_bytes_as_redis_py(args: tuple[object, ...]) -> None:
+def test_packs_the_same_bytes_as_redis_py(args: tuple[EncodableT, ...]) -> None:
     ours = b"".join(HiredisPackingConnection().pack_command(*args))
     theirs = b"".join(bytes(chunk) for chunk in Connection().pack_command(*args))
     assert ours == theirs
