@@ -56,7 +56,7 @@ per-user limit is reached; the call changed nothing). presence/functions.py maps
 (90001) and LimitError (90005); any other error is Redis's own (a system error).
 ]]
 
-local VERSION = '4.0.0'
+local VERSION = '4.1.0'
 
 -- The library's limits. presence/limits.py holds the same values (tests/test_limits.py compares
 -- them with presence_limits and probes each one), so Python refuses what the library would refuse.
@@ -207,15 +207,35 @@ local function kick_pack(app_id, user_id, ct, imei)
   return json_object({'appId', app_id, 'userId', user_id, 'clientType', ct, 'imei', imei})
 end
 
--- Append one entry to an inbox and refresh its expiry; returns the entry id.
+--[[ Inbox removals. Every entry an inbox loses goes through inbox_drop_through, which removes the
+oldest entries up to and including `last`: XTRIM the ones before it, XDEL `last` itself. Redis
+records an XDEL in XINFO STREAM's max-deleted-entry-id but not a trim (XTRIM or XADD MAXLEN leave it
+at 0-0, 7.0 on), so the inbox itself tells a resume the newest entry it lost: a cursor before it
+missed something (presence/inbox.py, Inboxes.can_resume). Entries only ever go oldest first. ]]
+local function inbox_drop_through(inbox, last, more)
+  if more then redis.call('XTRIM', inbox, 'MINID', last) end
+  redis.call('XDEL', inbox, last)
+end
+
+-- Append one entry to an inbox, drop the oldest beyond maxlen (exactly: the drop is recorded) and
+-- refresh its expiry; returns the entry id.
 local function inbox_add(inbox, maxlen, ttl_ms, command, data, skip, target)
+  local keep = to_int(maxlen)
+  if keep == nil or keep < 0 then  -- refused as XADD refuses it: before anything is written
+    return redis.call('XADD', inbox, 'MAXLEN', maxlen, '*', 'c', command, 'd', data)
+  end
   local id
   if target then
-    id = redis.call('XADD', inbox, 'MAXLEN', '~', maxlen, '*', 'c', command, 'd', data, 't', target)
+    id = redis.call('XADD', inbox, '*', 'c', command, 'd', data, 't', target)
   elseif skip then
-    id = redis.call('XADD', inbox, 'MAXLEN', '~', maxlen, '*', 'c', command, 'd', data, 'x', skip)
+    id = redis.call('XADD', inbox, '*', 'c', command, 'd', data, 'x', skip)
   else
-    id = redis.call('XADD', inbox, 'MAXLEN', '~', maxlen, '*', 'c', command, 'd', data)
+    id = redis.call('XADD', inbox, '*', 'c', command, 'd', data)
+  end
+  local excess = redis.call('XLEN', inbox) - keep
+  if excess > 0 then
+    local oldest = redis.call('XRANGE', inbox, '-', '+', 'COUNT', excess)
+    inbox_drop_through(inbox, oldest[#oldest][1], excess > 1)
   end
   redis.call('PEXPIRE', inbox, ttl_ms)
   return id
@@ -965,10 +985,13 @@ KEYS[1] inbox STREAM
 ARGV[1] resume window ms (>= 1)   ARGV[2] the last entry id every local session of the user received
 Reply: entries left
   Drops the entries up to ARGV[2] that are older than the window (by their id, Redis clock): a client
-  reconnecting within the window still resumes from any id it saw. An inbox left empty is deleted (its
-  last id is older than the window, so the next entry's id is still after every cursor). Another gateway
-  with sessions of the user has read these entries unless it stalled for longer than the window, and a
-  window longer than node_ttl means such a gateway was reaped: its clients reconnect and re-pull.
+  reconnecting within the window still resumes from any id it saw. The newest entry dropped is
+  recorded (inbox_drop_through), so a device that had not received it (its session detached, another
+  device's cursor trimmed) is told to pull. An inbox left empty is deleted (its last id is older than
+  the window, so the next entry's id is still after every cursor; a missing inbox never resumes).
+  Another gateway with sessions of the user has read these entries unless it stalled for longer than
+  the window, and a window longer than node_ttl means such a gateway was reaped: its clients reconnect
+  and re-pull.
 Errors: PRESENCE_PARAM for a key count other than 1, a window below 1 ms, an entry id that is not
   <ms>-<seq>.
 ]]
@@ -981,7 +1004,8 @@ local function presence_inbox_trim(keys, args)
   local horizon = now_ms() - window
   local min_id = horizon .. '-0'
   if upto[1] <= horizon then min_id = string.format('%d-%d', upto[1], upto[2] + 1) end
-  redis.call('XTRIM', keys[1], 'MINID', min_id)
+  local last = redis.call('XREVRANGE', keys[1], '(' .. min_id, '-', 'COUNT', 1)  -- the newest to go
+  if #last > 0 then inbox_drop_through(keys[1], last[1][1], true) end
   local left = redis.call('XLEN', keys[1])
   if left == 0 then redis.call('DEL', keys[1]) end
   return left

@@ -207,21 +207,41 @@ class Inboxes:
     async def can_resume(self, app_id: int, user_id: str, after: EventId) -> bool:
         """Whether the user's inbox still holds every entry after ``after`` (else the client must re-pull).
 
-        Ask only for a device whose session survived (a reconnect within the grace); entries are never
-        written for a user that was offline, so a lost session always means re-pull.
+        For an inbox whose entries went only through the library (or XDEL): exact, and never True when an
+        entry after ``after`` is gone. Ask only for a device whose session survived (a reconnect within the
+        grace); entries are never written for a user that was offline, so a lost session always means re-pull.
+
+        The library removes the oldest entries first and ends every removal (``inbox_maxlen``, the gateway's
+        trim) with an XDEL of the newest one, which XINFO STREAM reports as ``max-deleted-entry-id``: Redis
+        records XDEL there but not XTRIM or XADD MAXLEN (7.0 on; redis/redis#13473 keeps it so), and the
+        count ``entries-added - length`` alone cannot say which entries went. So:
+
+        - nothing removed (``entries-added == length``): True;
+        - removals recorded (``max-deleted-entry-id`` above 0-0): True when that id is at or before ``after``
+          (every removed entry is older than the newest removed one);
+        - removals without a record (a library before 4.1.0, or an XTRIM by hand): True only when the first
+          entry left is at or before ``after`` (everything removed is older than it);
+        - an ``after`` beyond the last id the inbox generated: False (never sent);
+        - no inbox: False. It was never written, or was trimmed empty (then deleted) or expired, and the
+          missing key cannot tell which, so entries after ``after`` may have existed.
+
+        Raises UnavailableError when Redis stays away for the retry window.
         """
         inbox = self.key(app_id, user_id)
         (info,) = await self._run([(inbox, ["XINFO STREAM", inbox])], raise_errors=False)
-        if isinstance(info, ResponseError):  # no such key: nothing was written since
-            return True
+        if isinstance(info, ResponseError):  # no such key (or not a stream): nothing to show it
+            return False
         if isinstance(info, BaseException):
             raise info
-        deleted = info.get("max-deleted-entry-id")
-        if deleted is not None:  # Redis 7: the newest entry trimmed or deleted, whatever trimmed it
-            return EventId.parse(deleted) <= after
-        trimmed = int(info["entries-added"]) - int(info["length"])
+        if EventId.parse(info["last-generated-id"]) < after:
+            return False
+        if int(info["entries-added"]) == int(info["length"]):
+            return True
+        deleted = EventId.parse(info.get("max-deleted-entry-id") or "0-0")
+        if deleted != NO_EVENT:
+            return deleted <= after
         first = info.get("first-entry")
-        return trimmed == 0 or (first is not None and EventId.parse(first[0]) <= after)
+        return first is not None and EventId.parse(first[0]) <= after
 
     async def _run(self, commands: list[Command], *, raise_errors: bool) -> list[Any]:
         try:

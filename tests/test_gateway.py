@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import aiohttp
 import pytest
 from redis.asyncio import Redis
 
+from presence.config import Settings
 from presence.gateway.codec import HEADER, Command, encode_client_frame
 from presence.gateway.hub import CLOCK_PROBE_MAX_RTT_S
 from presence.inbox import EventId
@@ -301,6 +303,68 @@ async def test_resume_replays_missed_entries_within_grace(make_node: MakeNode, f
     ids = [EventId.parse(ws_pack(m)["eventId"]) for m in missed]
     assert EventId.parse(ws_pack(seen)["eventId"]) < ids[0] < ids[1]
     await bob.close()
+
+
+async def test_resume_after_more_changes_than_the_inbox_keeps_asks_for_a_pull(
+    make_node: MakeNode, store_redis: Any
+) -> None:
+    """More changes than ``inbox_maxlen`` while the device is away: the oldest it missed were dropped, so
+    LOGINACK says resumed:false (pull) and nothing old is replayed, although the session survived."""
+    node = await make_node(offline_grace=30, inbox_maxlen=3)
+    changes = Presence(store_redis, Settings(inbox_maxlen=3))
+    await changes.add_friend(APP, "alice", "bob")
+    bob = await WsClient.connect(node.ws_port, imei="bob-tab")
+    await bob.login("bob", lastEventId=None)
+    await changes.set_custom_status(APP, "alice", 1, "one")
+    seen = await expect(bob, Command.CUSTOM_NOTIFY)
+    await bob.close()  # dropped: bob stays online for the grace
+    for text in ("two", "three", "four", "five"):  # "two" is dropped from the inbox of 3
+        await changes.set_custom_status(APP, "alice", 1, text)
+    bob = await WsClient.connect(node.ws_port, imei="bob-tab")
+    ack = await bob.login("bob", lastEventId=seen.pack["eventId"])
+    assert ack.data["resumed"] is False and EventId.parse(ack.data["lastEventId"]) > EventId.parse(seen.pack["eventId"])
+    await changes.set_custom_status(APP, "alice", 1, "six")
+    assert (await expect(bob, Command.CUSTOM_NOTIFY)).data["customText"] == "six"  # no replay of "three".."five"
+    await bob.close()
+
+
+async def test_resume_after_the_trim_dropped_what_the_device_missed_asks_for_a_pull(
+    make_node: MakeNode, facade: Presence
+) -> None:
+    """bob's pc received what bob's tab missed, and the gateway's trim dropped it (entries every attached
+    session received): the tab, back within the grace, is told to pull. The pc, back after the same trim,
+    resumes with exactly what it missed."""
+    node = await make_node(offline_grace=30)
+    await facade.add_friend(APP, "alice", "bob")
+    tab = await WsClient.connect(node.ws_port, imei="bob-tab")
+    await tab.login("bob", lastEventId=None)
+    pc = await WsClient.connect(node.ws_port, imei="bob-pc")
+    await pc.login("bob", lastEventId=None)
+    await expect(tab, Command.NOTIFY_SYNC)  # the pc came online
+    await facade.set_custom_status(APP, "alice", 1, "one")
+    tab_seen = await expect(tab, Command.CUSTOM_NOTIFY)
+    await expect(pc, Command.CUSTOM_NOTIFY)
+    await tab.close()  # dropped: the tab's session stays for the grace
+    for text in ("two", "three"):
+        await facade.set_custom_status(APP, "alice", 1, text)
+    two, three = [await expect(pc, Command.CUSTOM_NOTIFY) for _ in range(2)]
+    await asyncio.sleep(0.01)  # "one" and "two" are now older than a 1 ms window
+    inbox = node.hub.inboxes.key(APP, "bob")
+    await node.hub.inboxes.trim({inbox: EventId.parse(two.pack["eventId"])}, window_ms=1)  # the pc's received
+    await pc.close()
+    await facade.set_custom_status(APP, "alice", 1, "four")
+
+    tab = await WsClient.connect(node.ws_port, imei="bob-tab")
+    ack = await tab.login("bob", lastEventId=tab_seen.pack["eventId"])
+    assert ack.data["resumed"] is False  # "two" is gone: the tab must pull
+    pc = await WsClient.connect(node.ws_port, imei="bob-pc")
+    ack = await pc.login("bob", lastEventId=two.pack["eventId"])
+    assert ack.data["resumed"] is True and ack.data["lastEventId"] == two.pack["eventId"]
+    missed = [await expect(pc, Command.CUSTOM_NOTIFY) for _ in range(2)]
+    assert [m.data["customText"] for m in missed] == ["three", "four"]
+    assert missed[0].pack["eventId"] == three.pack["eventId"]
+    await tab.close()
+    await pc.close()
 
 
 async def test_resume_after_the_session_ended_asks_for_a_pull(make_node: MakeNode, facade: Presence) -> None:

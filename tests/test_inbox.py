@@ -9,6 +9,7 @@ import msgspec
 import pytest
 from redis.asyncio import Redis
 
+from presence.config import Settings
 from presence.errors import ParamError
 from presence.inbox import NO_EVENT, DoorbellSubscription, EventId, InboxEntry, Inboxes, parse_doorbell
 from presence.service import Presence
@@ -107,7 +108,6 @@ async def test_read_returns_the_librarys_entries_typed_after_each_cursor(presenc
 
 async def test_resume_needs_every_entry_after_the_id_still_there(presence: Presence) -> None:
     inboxes = Inboxes(presence.store, presence.keys)
-    assert await inboxes.can_resume(APP, "bob", NO_EVENT)  # nothing was ever written
     await presence.add_friend(APP, "alice", "bob")
     cursor = await _online(presence, "bob", "phone")
     for text in ("one", "two", "three"):
@@ -118,6 +118,85 @@ async def test_resume_needs_every_entry_after_the_id_still_there(presence: Prese
     await presence.store.one(inbox, "XDEL", inbox, entries[1].id_text)
     assert not await inboxes.can_resume(APP, "bob", entries[0].id)  # the entry after it is gone
     assert await inboxes.can_resume(APP, "bob", entries[1].id)
+    assert not await inboxes.can_resume(APP, "bob", EventId(entries[2].id.ms + 1, 0))  # never written: no resume
+
+
+async def _changes(presence: Presence, inboxes: Inboxes, user: str, texts: list[str]) -> list[EventId]:
+    """alice's custom texts, each one entry of ``user``'s inbox: their ids, read as each is written."""
+    inbox = inboxes.key(APP, user)
+    ids = []
+    for text in texts:
+        await presence.set_custom_status(APP, "alice", 1, text)
+        ((newest, _),) = await presence.store.one(inbox, "XREVRANGE", inbox, "+", "-", "COUNT", 1)
+        ids.append(EventId.parse(newest))
+    return ids
+
+
+async def test_resume_is_refused_once_maxlen_dropped_an_entry_after_the_cursor(any_redis: Redis) -> None:
+    """XADD MAXLEN (and XTRIM) leave XINFO STREAM's max-deleted-entry-id alone: the library records what it
+    drops, so more changes than ``inbox_maxlen`` while a device is away cannot read as resumable."""
+    presence = Presence(any_redis, Settings(inbox_maxlen=3))
+    inboxes = Inboxes(presence.store, presence.keys)
+    await presence.add_friend(APP, "alice", "bob")
+    cursor = await _online(presence, "bob", "phone")
+    entries = await _changes(presence, inboxes, "bob", ["one", "two", "three", "four", "five", "six"])
+    kept = await presence.store.one(inboxes.key(APP, "bob"), "XRANGE", inboxes.key(APP, "bob"), "-", "+")
+    assert [EventId.parse(i) for i, _ in kept] == entries[-3:]  # the newest maxlen, exactly
+    assert not await inboxes.can_resume(APP, "bob", cursor)
+    assert not await inboxes.can_resume(APP, "bob", entries[0])
+    assert not await inboxes.can_resume(APP, "bob", entries[1])  # "three", after it, was dropped
+    assert await inboxes.can_resume(APP, "bob", entries[2])  # everything after "three" is still there
+    assert await inboxes.can_resume(APP, "bob", entries[5])
+
+
+async def test_resume_is_refused_once_the_trim_dropped_an_entry_after_the_cursor(presence: Presence) -> None:
+    """presence_inbox_trim drops entries up to another session's cursor: a device that had not received
+    them cannot resume; one that had, still can (exactly the entries after its cursor are kept)."""
+    inboxes = Inboxes(presence.store, presence.keys)
+    await presence.add_friend(APP, "alice", "bob")
+    cursor = await _online(presence, "bob", "phone")
+    entries = await _changes(presence, inboxes, "bob", ["one", "two", "three", "four"])
+    await asyncio.sleep(0.01)  # the entries are now older than a 1 ms window
+    await inboxes.trim({inboxes.key(APP, "bob"): entries[1]}, window_ms=1)  # "one" and "two" go
+    assert not await inboxes.can_resume(APP, "bob", cursor)
+    assert not await inboxes.can_resume(APP, "bob", entries[0])  # "two" is gone
+    assert await inboxes.can_resume(APP, "bob", entries[1])
+    assert await inboxes.can_resume(APP, "bob", entries[2])
+    more = await _changes(presence, inboxes, "bob", ["five"])  # later entries change nothing of that
+    assert not await inboxes.can_resume(APP, "bob", entries[0])
+    assert await inboxes.can_resume(APP, "bob", entries[1]) and await inboxes.can_resume(APP, "bob", more[0])
+
+
+async def test_a_missing_inbox_cannot_show_that_nothing_after_the_cursor_was_lost(presence: Presence) -> None:
+    """No inbox: never written, or written and then trimmed empty (deleted) or expired. The key cannot tell
+    which, so the answer is a re-pull, never a resume that might skip entries."""
+    inboxes = Inboxes(presence.store, presence.keys)
+    assert not await inboxes.can_resume(APP, "bob", NO_EVENT)
+    await presence.add_friend(APP, "alice", "bob")
+    cursor = await _online(presence, "bob", "phone")
+    entries = await _changes(presence, inboxes, "bob", ["one", "two"])
+    await asyncio.sleep(0.01)
+    await inboxes.trim({inboxes.key(APP, "bob"): entries[-1]}, window_ms=1)  # emptied: deleted
+    assert not await presence.store.one(inboxes.key(APP, "bob"), "EXISTS", inboxes.key(APP, "bob"))
+    assert not await inboxes.can_resume(APP, "bob", cursor)
+    assert not await inboxes.can_resume(APP, "bob", NO_EVENT)
+
+
+async def test_an_inbox_trimmed_without_a_record_resumes_only_from_its_first_entry_on(presence: Presence) -> None:
+    """An inbox trimmed by a library before 4.1.0 (XADD MAXLEN ~, XTRIM: nothing recorded) is judged by
+    what it still holds: only a cursor at or after its first entry is sure to have missed nothing."""
+    inboxes = Inboxes(presence.store, presence.keys)
+    await presence.add_friend(APP, "alice", "bob")
+    cursor = await _online(presence, "bob", "phone")
+    entries = await _changes(presence, inboxes, "bob", ["one", "two", "three"])
+    inbox = inboxes.key(APP, "bob")
+    assert await presence.store.one(inbox, "XTRIM", inbox, "MINID", str(entries[1])) == 1
+    assert not await inboxes.can_resume(APP, "bob", cursor)
+    assert not await inboxes.can_resume(APP, "bob", entries[0])  # maybe nothing was lost: it cannot tell
+    assert await inboxes.can_resume(APP, "bob", entries[1])
+    past_all = f"{entries[2].ms}-{entries[2].seq + 1}"
+    assert await presence.store.one(inbox, "XTRIM", inbox, "MINID", past_all) == 2  # emptied, the key kept
+    assert not await inboxes.can_resume(APP, "bob", entries[2])
 
 
 async def test_trim_drops_the_entries_up_to_each_cursor_older_than_the_window(presence: Presence) -> None:
