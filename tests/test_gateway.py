@@ -321,8 +321,10 @@ async def test_resume_after_more_changes_than_the_inbox_keeps_asks_for_a_pull(
     for text in ("two", "three", "four", "five"):  # "two" is dropped from the inbox of 3
         await changes.set_custom_status(APP, "alice", 1, text)
     bob = await WsClient.connect(node.ws_port, imei="bob-tab")
-    ack = await bob.login("bob", lastEventId=seen.pack["eventId"])
-    assert ack.data["resumed"] is False and EventId.parse(ack.data["lastEventId"]) > EventId.parse(seen.pack["eventId"])
+    ack = await bob.login("bob", lastEventId=ws_pack(seen)["eventId"])
+    assert ack.data["resumed"] is False and EventId.parse(ack.data["lastEventId"]) > EventId.parse(
+        ws_pack(seen)["eventId"]
+    )
     await changes.set_custom_status(APP, "alice", 1, "six")
     assert (await expect(bob, Command.CUSTOM_NOTIFY)).data["customText"] == "six"  # no replay of "three".."five"
     await bob.close()
@@ -350,19 +352,19 @@ async def test_resume_after_the_trim_dropped_what_the_device_missed_asks_for_a_p
     two, three = [await expect(pc, Command.CUSTOM_NOTIFY) for _ in range(2)]
     await asyncio.sleep(0.01)  # "one" and "two" are now older than a 1 ms window
     inbox = node.hub.inboxes.key(APP, "bob")
-    await node.hub.inboxes.trim({inbox: EventId.parse(two.pack["eventId"])}, window_ms=1)  # the pc's received
+    await node.hub.inboxes.trim({inbox: EventId.parse(ws_pack(two)["eventId"])}, window_ms=1)  # the pc's received
     await pc.close()
     await facade.set_custom_status(APP, "alice", 1, "four")
 
     tab = await WsClient.connect(node.ws_port, imei="bob-tab")
-    ack = await tab.login("bob", lastEventId=tab_seen.pack["eventId"])
+    ack = await tab.login("bob", lastEventId=ws_pack(tab_seen)["eventId"])
     assert ack.data["resumed"] is False  # "two" is gone: the tab must pull
     pc = await WsClient.connect(node.ws_port, imei="bob-pc")
-    ack = await pc.login("bob", lastEventId=two.pack["eventId"])
-    assert ack.data["resumed"] is True and ack.data["lastEventId"] == two.pack["eventId"]
+    ack = await pc.login("bob", lastEventId=ws_pack(two)["eventId"])
+    assert ack.data["resumed"] is True and ack.data["lastEventId"] == ws_pack(two)["eventId"]
     missed = [await expect(pc, Command.CUSTOM_NOTIFY) for _ in range(2)]
     assert [m.data["customText"] for m in missed] == ["three", "four"]
-    assert missed[0].pack["eventId"] == three.pack["eventId"]
+    assert ws_pack(missed[0])["eventId"] == ws_pack(three)["eventId"]
     await tab.close()
     await pc.close()
 
