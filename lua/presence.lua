@@ -56,7 +56,7 @@ per-user limit is reached; the call changed nothing). presence/functions.py maps
 (90001) and LimitError (90005); any other error is Redis's own (a system error).
 ]]
 
-local VERSION = '4.0.0'
+local VERSION = '4.1.0'
 
 -- The library's limits. presence/limits.py holds the same values (tests/test_limits.py compares
 -- them with presence_limits and probes each one), so Python refuses what the library would refuse.
@@ -989,19 +989,33 @@ end
 
 
 --[[ presence_node_heartbeat
-KEYS[1] nodes ZSET   ARGV[1] node id
-Reply: {1 if the node was already registered else 0, now ms}
-  0 after the first beat means a reaper logged this node's sessions out meanwhile.
-Errors: PRESENCE_PARAM for a key count other than 1 or an empty node id.
+KEYS[1] nodes ZSET (node id -> last beat ms)
+KEYS[2] incarnations HASH (node id -> incarnation of its last beat; same slot as KEYS[1])  [optional]
+ARGV[1] node id   ARGV[2] incarnation: a random id of the beating process  [with KEYS[2] only]
+Reply: {1 if the node was already registered else 0, now ms, previous beat ms (0 when not registered),
+        previous incarnation ('' when not registered, or none was recorded)}
+  0 after the first beat means a reaper logged this node's sessions out meanwhile. A previous
+  incarnation other than ARGV[2] means another process beats the same node id. A starting process
+  compares the previous beat and incarnation with what it read before: anything else beat meanwhile.
+  Without KEYS[2] (callers before 4.1) no incarnation is read or written.
+Errors: PRESENCE_PARAM for a key count other than 1 or 2, an empty node id, or KEYS[2] without an
+  incarnation (or an incarnation without KEYS[2]).
 ]]
 local function presence_node_heartbeat(keys, args)
-  if #keys ~= 1 or args[1] == nil or args[1] == '' then
-    return param_error('presence_node_heartbeat takes 1 key and a node id')
+  local node, incarnation = args[1], args[2]
+  if (#keys ~= 1 and #keys ~= 2) or node == nil or node == ''
+      or (#keys == 2) ~= (incarnation ~= nil and incarnation ~= '') then
+    return param_error('presence_node_heartbeat takes 1 key and a node id, or 2 keys, a node id and an incarnation')
   end
   local now = now_ms()
-  local was = redis.call('ZSCORE', keys[1], args[1])
-  redis.call('ZADD', keys[1], now, args[1])
-  return {was and 1 or 0, now}
+  local was = redis.call('ZSCORE', keys[1], node)
+  local previous = ''
+  if #keys == 2 then
+    if was then previous = redis.call('HGET', keys[2], node) or '' end
+    redis.call('HSET', keys[2], node, incarnation)
+  end
+  redis.call('ZADD', keys[1], now, node)
+  return {was and 1 or 0, now, was and tonumber(was) or 0, previous}
 end
 
 --[[ presence_nodes_expired  (no-writes)
