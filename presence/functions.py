@@ -112,13 +112,15 @@ class FeedAppendReply(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True):
-    """presence_node_heartbeat: whether the node was registered before this beat, now (ms, Redis clock), and
-    the beat this one replaced: its time (ms, 0 when not registered) and incarnation ('' when none)."""
+    """presence_node_heartbeat: whether the node was registered before this beat, now (ms, Redis clock), the
+    beat there before: its time (ms, 0 when not registered) and incarnation ('' when none), and whether this
+    beat was written (False only for a claim that found another beat than the one it named)."""
 
     was_registered: bool
     now_ms: int
     previous_ms: int = 0
     previous_incarnation: str = ""
+    written: bool = True
 
 
 class WriteOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -475,10 +477,15 @@ def inbox_trim(inbox: str, window_ms: int, upto: str | bytes) -> Call[int]:
 
 
 def node_heartbeat(
-    nodes_key: str, node_id: str, incarnations_key: str | None = None, incarnation: str = ""
+    nodes_key: str,
+    node_id: str,
+    incarnations_key: str | None = None,
+    incarnation: str = "",
+    claim: int | None = None,
 ) -> Call[Heartbeat]:
     """presence_node_heartbeat of gateway ``node_id`` into the nodes ZSET; with ``incarnations_key`` (the
-    HASH in its slot) and ``incarnation`` it records which process beat, and replies the previous one."""
+    HASH in its slot) and ``incarnation`` it records which process beat, and replies the previous one.
+    ``claim``: write only if the last beat is still this one (ms; 0 = the node is not registered)."""
     name = "presence_node_heartbeat"
 
     def parse(reply: object) -> Heartbeat:
@@ -488,11 +495,13 @@ def node_heartbeat(
             now_ms=_int(name, items[1]),
             previous_ms=_int(name, items[2]) if len(items) > 2 else 0,
             previous_incarnation=_str(name, items[3]) if len(items) > 3 else "",
+            written=_int(name, items[4]) == 1 if len(items) > 4 else True,
         )
 
     if incarnations_key is None:
         return Call(name, [nodes_key], [node_id], parse)
-    return Call(name, [nodes_key, incarnations_key], [node_id, incarnation], parse)
+    args: list[Arg] = [node_id, incarnation] if claim is None else [node_id, incarnation, claim]
+    return Call(name, [nodes_key, incarnations_key], args, parse)
 
 
 def nodes_expired(nodes_key: str, ttl_ms: int) -> Call[list[str]]:

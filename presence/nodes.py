@@ -128,10 +128,12 @@ class NodeRegistry:
         beat = await self.fn.call(functions.node_heartbeat(self.keys.nodes, node_id))
         return beat.was_registered
 
-    async def beat(self, node_id: str, incarnation: str) -> Heartbeat:
-        """Beat as process ``incarnation``; the reply names the beat this one replaced and its incarnation."""
+    async def beat(self, node_id: str, incarnation: str, claim: int | None = None) -> Heartbeat:
+        """Beat as process ``incarnation``; the reply names the beat this one replaced and its incarnation.
+        ``claim``: beat only if the last beat is still this one (ms; 0: the node is not registered)."""
         keys = self.keys
-        return await self.fn.call(functions.node_heartbeat(keys.nodes, node_id, keys.node_incarnations, incarnation))
+        call = functions.node_heartbeat(keys.nodes, node_id, keys.node_incarnations, incarnation, claim)
+        return await self.fn.call(call)
 
     async def last_record(self, node_id: str) -> tuple[BeatRecord | None, int]:
         """The node's last beat (None when it is not registered) and now (ms, Redis clock): one round trip."""
@@ -285,12 +287,11 @@ class NodeKeeper:
 
         A beat older than ``claim_window`` is a dead process's; a more recent one is watched until it is
         that old (a restart right after a crash waits at most ``claim_window``): if it changes, another
-        process is alive. The first beat is checked to have replaced exactly the beat watched, so two
-        processes starting at once cannot both win. Returns the predecessor (the dead process that beat
-        last); a second call returns it again without beating.
+        process is alive. The first beat is written only if it replaces exactly the beat watched (one
+        library call), so of two processes starting at once one wins and the other writes nothing.
+        Returns the predecessor (the dead process that beat last); a second call returns it again.
 
-        Raises NodeIdInUseError while another process beats the id (nothing of the node is touched but
-        that first beat's record of the incarnation, which tells the live process that a namesake tried).
+        Raises NodeIdInUseError while another process beats the id; nothing of the node was written then.
         """
         if self._predecessor is not None:
             return self._predecessor
@@ -318,11 +319,11 @@ class NodeKeeper:
                 seen = None
             elif again != seen:
                 raise NodeIdInUseError(self._in_use(again, now))
-        beat = await nodes.beat(node_id, self.incarnation)
-        # Gone since (a peer reaped the dead predecessor, or it left) is no beat; another one is.
-        replaced = BeatRecord(beat.previous_ms, beat.previous_incarnation)
-        if beat.was_registered and replaced != seen:
-            raise NodeIdInUseError(self._in_use(replaced, beat.now_ms))
+        beat = await nodes.beat(node_id, self.incarnation, claim=0 if seen is None else seen.at_ms)
+        if not beat.written and not beat.was_registered:  # gone since: a peer reaped the predecessor, or it left
+            beat = await nodes.beat(node_id, self.incarnation, claim=0)
+        if not beat.written:  # another process beat it since we looked (or started at the same moment)
+            raise NodeIdInUseError(self._in_use(BeatRecord(beat.previous_ms, beat.previous_incarnation), beat.now_ms))
         self._beaten = True
         self._beat_ok()
         self._predecessor = predecessor
