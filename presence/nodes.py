@@ -306,8 +306,8 @@ class NodeKeeper:
         )
         if seen is not None and now - seen.at_ms < window_ms:
             log.info(
-                "node %s: its last heartbeat is %.1f s old; starting once it is %.1f s old (a live process "
-                "with this node id beats before that)",
+                "node %s: its last heartbeat is %.1f s old; waiting until it is %.1f s old to tell a dead "
+                "predecessor from a live process with this node id",
                 node_id,
                 predecessor.age_s,
                 self.claim_window,

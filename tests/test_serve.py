@@ -303,7 +303,7 @@ async def test_a_restart_right_after_a_kill_waits_out_the_last_beat_and_logs_out
         second = ServeProcess(args)
         msg = await expect(bob, Command.NOTIFY, timeout=2.0)  # at its start, not after node_ttl
         assert msg.data["userId"] == "alice" and msg.data["status"] == 2
-        second.wait_for_line(r"its last heartbeat is [0-9.]+ s old; starting once it is 3\.0 s old")
+        second.wait_for_line(r"its last heartbeat is [0-9.]+ s old; waiting until it is 3\.0 s old")
         second.wait_for_line(r"new incarnation; 1 sessions of the predecessor")
         record, _ = await facade.nodes.last_record("twin")
         assert dead is not None and record is not None and record.incarnation != dead.incarnation
