@@ -9,11 +9,11 @@ The reaper is what makes a crashed gateway's users go offline: any node (or the 
 every session still recorded for a node whose last heartbeat is older than ``node_ttl``.
 
 Incarnations: every process draws a random incarnation id, and each of its beats records it beside the
-beat (``presence:{nodes}:incarnations``, in the same library call). A node id is one process's at a time:
+beat (``{presence:nodes}:incarnations``, in the same library call). A node id is one process's at a time:
 a starting process claims it (``NodeKeeper.claim``) and refuses to start (``NodeIdInUseError``) while
-another process beats it; a beat older than ``claim_window`` that stays unchanged is a dead predecessor's,
-whose sessions the new incarnation logs out. A running node that finds another incarnation's beat before
-its own logs an error: two processes were started with one node id.
+another process beats it; a last beat that stays unchanged until it is ``claim_window`` old is a dead
+predecessor's, whose sessions the new incarnation logs out. A running node that finds another
+incarnation's beat before its own logs an error: two processes were started with one node id.
 
 Liveness lives in Redis, so a node that could not reach Redis cannot tell a dead peer from a dead
 backplane: after a failover every peer's last beat is old. A node therefore judges peers only once its
