@@ -1013,19 +1013,44 @@ end
 
 
 --[[ presence_node_heartbeat
-KEYS[1] nodes ZSET   ARGV[1] node id
-Reply: {1 if the node was already registered else 0, now ms}
-  0 after the first beat means a reaper logged this node's sessions out meanwhile.
-Errors: PRESENCE_PARAM for a key count other than 1 or an empty node id.
+KEYS[1] nodes ZSET (node id -> last beat ms)
+KEYS[2] incarnations HASH (node id -> incarnation of its last beat; same slot as KEYS[1])  [optional]
+ARGV[1] node id
+ARGV[2] incarnation: a random id of the beating process  [with KEYS[2] only]
+ARGV[3] a claim: the last beat (ms, 0 = not registered) this beat must replace; when another one is
+        there, nothing is written  [optional, after ARGV[2] only]
+Reply: {1 if the node was already registered else 0, now ms, previous beat ms (0 when not registered),
+        previous incarnation ('' when not registered, or none was recorded), 1 if written else 0}
+  0 after the first beat means a reaper logged this node's sessions out meanwhile. A previous
+  incarnation other than ARGV[2] means another process beats the same node id. A starting process
+  claims the node id with the beat it read before (ARGV[3]): another one means a live process beat it.
+  Without KEYS[2] (callers before 4.1) no incarnation is read or written.
+Errors: PRESENCE_PARAM for a key count other than 1 or 2, an empty node id, KEYS[2] without an
+  incarnation (or an incarnation without KEYS[2]), or an ARGV[3] that is not an integer.
 ]]
 local function presence_node_heartbeat(keys, args)
-  if #keys ~= 1 or args[1] == nil or args[1] == '' then
-    return param_error('presence_node_heartbeat takes 1 key and a node id')
+  local node, incarnation, claim = args[1], args[2], args[3]
+  if (#keys ~= 1 and #keys ~= 2) or node == nil or node == ''
+      or (#keys == 2) ~= (incarnation ~= nil and incarnation ~= '') then
+    return param_error('presence_node_heartbeat takes 1 key and a node id, or 2 keys, a node id and an incarnation')
+  end
+  if claim ~= nil then
+    claim = to_int(claim)
+    if claim == nil or #keys ~= 2 then
+      return param_error('presence_node_heartbeat: a claim is the last beat in ms, after an incarnation')
+    end
   end
   local now = now_ms()
-  local was = redis.call('ZSCORE', keys[1], args[1])
-  redis.call('ZADD', keys[1], now, args[1])
-  return {was and 1 or 0, now}
+  local was = redis.call('ZSCORE', keys[1], node)
+  local previous_ms = was and tonumber(was) or 0
+  local previous = ''
+  if #keys == 2 and was then previous = redis.call('HGET', keys[2], node) or '' end
+  if claim ~= nil and claim ~= previous_ms then
+    return {was and 1 or 0, now, previous_ms, previous, 0}
+  end
+  if #keys == 2 then redis.call('HSET', keys[2], node, incarnation) end
+  redis.call('ZADD', keys[1], now, node)
+  return {was and 1 or 0, now, previous_ms, previous, 1}
 end
 
 --[[ presence_nodes_expired  (no-writes)

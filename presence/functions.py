@@ -112,10 +112,15 @@ class FeedAppendReply(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True):
-    """presence_node_heartbeat: whether the node was registered before this beat, and now (ms, Redis clock)."""
+    """presence_node_heartbeat: whether the node was registered before this beat, now (ms, Redis clock), the
+    beat there before: its time (ms, 0 when not registered) and incarnation ('' when none), and whether this
+    beat was written (False only for a claim that found another beat than the one it named)."""
 
     was_registered: bool
     now_ms: int
+    previous_ms: int = 0
+    previous_incarnation: str = ""
+    written: bool = True
 
 
 class WriteOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -471,17 +476,32 @@ def inbox_trim(inbox: str, window_ms: int, upto: str | bytes) -> Call[int]:
     return Call(name, [inbox], [window_ms, upto], _integer(name))
 
 
-def node_heartbeat(nodes_key: str, node_id: str) -> Call[Heartbeat]:
-    """presence_node_heartbeat of gateway ``node_id`` into the nodes ZSET."""
+def node_heartbeat(
+    nodes_key: str,
+    node_id: str,
+    incarnations_key: str | None = None,
+    incarnation: str = "",
+    claim: int | None = None,
+) -> Call[Heartbeat]:
+    """presence_node_heartbeat of gateway ``node_id`` into the nodes ZSET; with ``incarnations_key`` (the
+    HASH in its slot) and ``incarnation`` it records which process beat, and replies the previous one.
+    ``claim``: write only if the last beat is still this one (ms; 0 = the node is not registered)."""
+    name = "presence_node_heartbeat"
 
     def parse(reply: object) -> Heartbeat:
-        items = _list("presence_node_heartbeat", reply, 2)
+        items = _list(name, reply, 2)
         return Heartbeat(
-            was_registered=_int("presence_node_heartbeat", items[0]) == 1,
-            now_ms=_int("presence_node_heartbeat", items[1]),
+            was_registered=_int(name, items[0]) == 1,
+            now_ms=_int(name, items[1]),
+            previous_ms=_int(name, items[2]) if len(items) > 2 else 0,
+            previous_incarnation=_str(name, items[3]) if len(items) > 3 else "",
+            written=_int(name, items[4]) == 1 if len(items) > 4 else True,
         )
 
-    return Call("presence_node_heartbeat", [nodes_key], [node_id], parse)
+    if incarnations_key is None:
+        return Call(name, [nodes_key], [node_id], parse)
+    args: list[Arg] = [node_id, incarnation] if claim is None else [node_id, incarnation, claim]
+    return Call(name, [nodes_key, incarnations_key], args, parse)
 
 
 def nodes_expired(nodes_key: str, ttl_ms: int) -> Call[list[str]]:

@@ -99,6 +99,16 @@ class KeySchema:
     def nodes(self) -> str:
         return f"{self.prefix}:nodes"
 
+    @property
+    def node_incarnations(self) -> str:
+        """HASH node id -> the incarnation (a random id of the process) of its last heartbeat. Written in one
+        call with ``nodes``, so in its cluster slot: the hash tag is ``nodes`` itself, or, when the prefix
+        carries a hash tag of its own, that one (appended text leaves the first tag first)."""
+        nodes = self.nodes
+        if "{" in nodes or "}" in nodes:
+            return f"{nodes}:incarnations"
+        return f"{{{nodes}}}:incarnations"
+
     def node_sessions(self, node_id: str) -> str:
         return f"{self.prefix}:node:{node_id}:sessions"
 

@@ -8,6 +8,13 @@ session it still holds. ``NodeKeeper`` runs a node's heartbeat and reaper loop o
 The reaper is what makes a crashed gateway's users go offline: any node (or the REST app) logs out
 every session still recorded for a node whose last heartbeat is older than ``node_ttl``.
 
+Incarnations: every process draws a random incarnation id, and each of its beats records it beside the
+beat (``{presence:nodes}:incarnations``, in the same library call). A node id is one process's at a time:
+a starting process claims it (``NodeKeeper.claim``) and refuses to start (``NodeIdInUseError``) while
+another process beats it; a last beat that stays unchanged until it is ``claim_window`` old is a dead
+predecessor's, whose sessions the new incarnation logs out. A running node that finds another
+incarnation's beat before its own logs an error: two processes were started with one node id.
+
 Liveness lives in Redis, so a node that could not reach Redis cannot tell a dead peer from a dead
 backplane: after a failover every peer's last beat is old. A node therefore judges peers only once its
 own rounds have succeeded for a full ``node_ttl`` in a row (plus the socket timeout a peer's beat may have
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple, Protocol
@@ -25,7 +33,8 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 import msgspec
 
 from presence import functions
-from presence.functions import Functions
+from presence.errors import PresenceError
+from presence.functions import Functions, Heartbeat
 from presence.keys import KeySchema
 from presence.metrics import REAPED_SESSIONS
 from presence.models import ChangeResult
@@ -34,6 +43,29 @@ if TYPE_CHECKING:
     from presence.service import Presence
 
 log = logging.getLogger("presence.nodes")
+
+CLAIM_BEATS = 3  # a recent beat must stay unchanged this many heartbeat intervals to be a dead process's
+ANOTHER_INCARNATION_LOG_EVERY_S = 30.0
+
+
+class NodeIdInUseError(PresenceError):
+    """Another live process beats this node id (two processes were started with one ``--node-id``)."""
+
+
+class BeatRecord(NamedTuple):
+    """A node's last heartbeat: when (ms, Redis clock) and by which incarnation ('' when none recorded)."""
+
+    at_ms: int
+    incarnation: str
+
+
+class Predecessor(NamedTuple):
+    """What a starting process found of its node id: the last beat of the dead process that held it (ms,
+    Redis clock; None when the node was not registered) and how old that beat was at the first look, in s
+    (before the claim waited: the wait does not count against the predecessor's sessions' grace)."""
+
+    last_beat_ms: int | None
+    age_s: float
 
 
 class _Owner(msgspec.Struct):
@@ -92,9 +124,31 @@ class NodeRegistry:
         self._logout = logout
 
     async def heartbeat(self, node_id: str) -> bool:
-        """Beat; False when the node was not registered (first beat, or reaped meanwhile)."""
+        """Beat without an incarnation; False when the node was not registered (first beat, or reaped meanwhile)."""
         beat = await self.fn.call(functions.node_heartbeat(self.keys.nodes, node_id))
         return beat.was_registered
+
+    async def beat(self, node_id: str, incarnation: str, claim: int | None = None) -> Heartbeat:
+        """Beat as process ``incarnation``; the reply names the beat this one replaced and its incarnation.
+        ``claim``: beat only if the last beat is still this one (ms; 0: the node is not registered)."""
+        keys = self.keys
+        call = functions.node_heartbeat(keys.nodes, node_id, keys.node_incarnations, incarnation, claim)
+        return await self.fn.call(call)
+
+    async def last_record(self, node_id: str) -> tuple[BeatRecord | None, int]:
+        """The node's last beat (None when it is not registered) and now (ms, Redis clock): one round trip."""
+        nodes, incarnations = self.keys.nodes, self.keys.node_incarnations
+        batch = self.fn.batch()
+        score = batch.command(nodes, "ZSCORE", nodes, node_id)
+        incarnation = batch.command(incarnations, "HGET", incarnations, node_id)
+        clock = batch.command(nodes, "TIME")
+        await batch.run()
+        secs, micros = clock.result()
+        now = int(secs) * 1000 + int(micros) // 1000
+        at, by = score.result(), incarnation.result()
+        if at is None:
+            return None, now
+        return BeatRecord(int(float(at)), by.decode() if isinstance(by, bytes) else (by or "")), now
 
     async def redis_time_ms(self) -> int:
         """Now on the clock the heartbeats use (the node holding ``presence:nodes``), in ms."""
@@ -107,8 +161,16 @@ class NodeRegistry:
         return int(float(beat)) if beat is not None else None
 
     async def leave(self, node_id: str) -> None:
-        """Forget the node (a clean stop: its sessions were logged out or handed over)."""
-        await self.fn.command(self.keys.nodes, "ZREM", self.keys.nodes, node_id)
+        """Forget the node (a clean stop: its sessions were logged out or handed over) and its incarnation."""
+        nodes, incarnations = self.keys.nodes, self.keys.node_incarnations
+        batch = self.fn.batch()
+        removed = [
+            batch.command(nodes, "ZREM", nodes, node_id),
+            batch.command(incarnations, "HDEL", incarnations, node_id),
+        ]
+        await batch.run()
+        for reply in removed:
+            reply.result()  # raises its error
 
     async def expired(self, ttl_s: float) -> list[str]:
         """Nodes whose last heartbeat is older than ``ttl_s`` seconds."""
@@ -174,7 +236,11 @@ class NodeRegistry:
 
 
 class NodeKeeper:
-    """Beats for ``node_id`` (None: a reaper only) and reaps expired peers, every ``interval`` seconds."""
+    """Beats for ``node_id`` (None: a reaper only) and reaps expired peers, every ``interval`` seconds.
+
+    ``incarnation`` is this process's random id, recorded with each beat. ``claim`` makes the node id this
+    process's before anything uses it; a beat that replaced another incarnation's is logged as an error.
+    """
 
     def __init__(
         self,
@@ -193,6 +259,13 @@ class NodeKeeper:
         self.stall = stall
         self.on_reaped = on_reaped
         self.interval = min(interval, max(node_ttl / 3, 0.05))
+        # A live namesake beats every ``interval`` (1 s unless node_ttl is under 3 s): a beat unchanged for
+        # CLAIM_BEATS of them, late beats included, is a dead process's. Never longer than node_ttl, after
+        # which any peer would reap it.
+        self.claim_window = min(node_ttl, CLAIM_BEATS * interval)
+        self.incarnation = secrets.token_hex(8)
+        self._predecessor: Predecessor | None = None  # set by claim()
+        self._another_logged: float | None = None  # monotonic time another incarnation was last logged
         self._beaten = False
         self._healthy_since: float | None = None  # monotonic start of the current run of good beats
         self._last_ok: float | None = None
@@ -209,11 +282,76 @@ class NodeKeeper:
         need = self.node_ttl + (self.stall if self._after_gap else 0.0)
         return now - self._healthy_since >= need and now - self._last_ok <= self.node_ttl / 2
 
+    async def claim(self) -> Predecessor:
+        """Make ``node_id`` this incarnation's: its first beat, once no other live process beats the id.
+
+        A beat older than ``claim_window`` is a dead process's; a more recent one is watched until it is
+        that old (a restart right after a crash waits at most ``claim_window``): if it changes, another
+        process is alive. The first beat is written only if it replaces exactly the beat watched (one
+        library call), so of two processes starting at once one wins and the other writes nothing.
+        Returns the predecessor (the dead process that beat last); a second call returns it again.
+
+        Raises NodeIdInUseError while another process beats the id; nothing of the node was written then.
+        """
+        if self._predecessor is not None:
+            return self._predecessor
+        node_id = self.node_id
+        if node_id is None:
+            raise ValueError("a reaper-only keeper has no node id to claim")
+        nodes = self.presence.nodes
+        window_ms = int(self.claim_window * 1000)
+        seen, now = await nodes.last_record(node_id)
+        predecessor = (
+            Predecessor(None, 0.0) if seen is None else Predecessor(seen.at_ms, max(now - seen.at_ms, 0) / 1000)
+        )
+        if seen is not None and now - seen.at_ms < window_ms:
+            log.info(
+                "node %s: its last heartbeat is %.1f s old; waiting until it is %.1f s old to tell a dead "
+                "predecessor from a live process with this node id",
+                node_id,
+                predecessor.age_s,
+                self.claim_window,
+            )
+        while seen is not None and now - seen.at_ms < window_ms:
+            await asyncio.sleep(min(self.interval / 2, (window_ms - (now - seen.at_ms)) / 1000))
+            again, now = await nodes.last_record(node_id)
+            if again is None:  # it left, or a peer reaped it: the id is free
+                seen = None
+            elif again != seen:
+                raise NodeIdInUseError(self._in_use(again, now))
+        beat = await nodes.beat(node_id, self.incarnation, claim=0 if seen is None else seen.at_ms)
+        if not beat.written and not beat.was_registered:  # gone since: a peer reaped the predecessor, or it left
+            beat = await nodes.beat(node_id, self.incarnation, claim=0)
+        if not beat.written:  # another process beat it since we looked (or started at the same moment)
+            raise NodeIdInUseError(self._in_use(BeatRecord(beat.previous_ms, beat.previous_incarnation), beat.now_ms))
+        self._beaten = True
+        self._beat_ok()
+        self._predecessor = predecessor
+        if seen is not None:
+            log.info(
+                "node %s: new incarnation %s; the predecessor's last heartbeat was %.1f s before the start",
+                node_id,
+                self.incarnation,
+                predecessor.age_s,
+            )
+        return predecessor
+
+    def _in_use(self, beat: BeatRecord, now_ms: int) -> str:
+        who = f" (incarnation {beat.incarnation})" if beat.incarnation else ""
+        age = max(now_ms - beat.at_ms, 0) / 1000
+        return (
+            f"node id {self.node_id!r} is in use: another process{who} beat it {age:.1f} s ago, after this one "
+            "started; give every process its own --node-id (PRESENCE_NODE_ID)"
+        )
+
     async def beat(self) -> None:
         if self.node_id is not None:
             await self._beat(self.node_id)
         else:  # a reaper only: a round trip still proves Redis answers (no judging right after an outage)
             await self.presence.nodes.redis_time_ms()
+        self._beat_ok()
+
+    def _beat_ok(self) -> None:
         now = time.monotonic()
         # The first beat, or the first after a gap (a failure, or a beat that waited out a failover):
         # a new run of good beats starts.
@@ -226,10 +364,28 @@ class NodeKeeper:
         self._last_ok = now
 
     async def _beat(self, node_id: str) -> None:
-        was_registered = await self.presence.nodes.heartbeat(node_id)
-        if self._beaten and not was_registered and self.on_reaped is not None:
+        beat = await self.presence.nodes.beat(node_id, self.incarnation)
+        if beat.previous_incarnation not in ("", self.incarnation):
+            self._another_incarnation(beat)
+        if self._beaten and not beat.was_registered and self.on_reaped is not None:
             await self.on_reaped()
         self._beaten = True
+
+    def _another_incarnation(self, beat: Heartbeat) -> None:
+        """Another process beat this node id since our last beat: two processes run with one node id."""
+        now = time.monotonic()
+        if self._another_logged is not None and now - self._another_logged < ANOTHER_INCARNATION_LOG_EVERY_S:
+            return
+        self._another_logged = now
+        log.error(
+            "node %s: another process (incarnation %s; this one is %s) beats this node id too, %.1f s ago: two "
+            "processes run with one node id, so neither is seen die and each takes the other's sessions and "
+            "doorbells for its own. Stop one and give every process its own --node-id (PRESENCE_NODE_ID)",
+            self.node_id,
+            beat.previous_incarnation,
+            self.incarnation,
+            max(beat.now_ms - beat.previous_ms, 0) / 1000,
+        )
 
     async def reap(self) -> int:
         total = 0
@@ -244,21 +400,33 @@ class NodeKeeper:
             total += count
         return total
 
+    async def _reap_logged(self) -> None:
+        try:
+            await self.reap()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("reaper round failed; retrying")
+
     async def run(self) -> None:
-        while not self.stopped:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.beat()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                self._healthy_since = None
-                self._failed = True
-                log.exception("node heartbeat failed; retrying (peers are not judged until Redis is back)")
-                continue
-            try:
-                await self.reap()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("reaper round failed; retrying")
+        # Reaping a dead peer takes a logout per session, which may last seconds: it runs beside the beats,
+        # so this node's own beats keep their period (peers, and a namesake that starts, judge it by them).
+        reaping: asyncio.Task[None] | None = None
+        try:
+            while not self.stopped:
+                await asyncio.sleep(self.interval)
+                try:
+                    await self.beat()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    self._healthy_since = None
+                    self._failed = True
+                    log.exception("node heartbeat failed; retrying (peers are not judged until Redis is back)")
+                    continue
+                if reaping is None or reaping.done():
+                    reaping = asyncio.create_task(self._reap_logged())
+        finally:
+            if reaping is not None and not reaping.done():
+                reaping.cancel()
+                await asyncio.wait({reaping}, timeout=2.0)  # redis-py may swallow a cancel mid-command

@@ -157,6 +157,9 @@ async def _presence_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _gateway_ctx(app: web.Application) -> AsyncIterator[None]:
     settings, presence = app[SETTINGS], app[PRESENCE]
     hub = Hub(presence, settings, app[NODE].node_id, node_host=settings.host)
+    # The node id is this process's before the webhook worker leases under it: NodeIdInUseError (a start-up
+    # error, one line) while another live process beats it.
+    await hub.keeper.claim()
     hub.capacity = connection_capacity(settings)
     hub.gate.spare = min(MAX_SPARE, settings.fd_reserve // 4)
     app[HUB] = hub

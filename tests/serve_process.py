@@ -15,6 +15,25 @@ from tests.clients import APP, KEY
 from tests.conftest import free_port
 
 
+def _command(tcp_port: int, ws_port: int, http_port: int, args: Sequence[str]) -> list[str]:
+    ports = ["--tcp-port", str(tcp_port), "--ws-port", str(ws_port), "--http-port", str(http_port)]
+    return [sys.executable, "-m", "presence", "serve", *ports, *args]
+
+
+def _env(env: dict[str, str] | None) -> dict[str, str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("PRESENCE_", "REDIS_URL"))}
+    full_env.update(env if env is not None else {"PRESENCE_APPS": f"{APP}:{KEY}"})
+    return full_env
+
+
+def serve_until_exit(args: Sequence[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """`presence serve` on free ports that is expected to exit by itself (a refused start): its exit status,
+    stdout and stderr. Raises ``subprocess.TimeoutExpired`` (the process killed) when it still runs after
+    ``timeout`` seconds."""
+    cmd = _command(free_port(), free_port(), free_port(), args)
+    return subprocess.run(cmd, env=_env(None), capture_output=True, text=True, timeout=timeout)
+
+
 class ServeProcess:
     def __init__(
         self,
@@ -23,23 +42,9 @@ class ServeProcess:
         preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.tcp_port, self.ws_port, self.http_port = free_port(), free_port(), free_port()
-        cmd = [
-            sys.executable,
-            "-m",
-            "presence",
-            "serve",
-            "--tcp-port",
-            str(self.tcp_port),
-            "--ws-port",
-            str(self.ws_port),
-            "--http-port",
-            str(self.http_port),
-            *args,
-        ]
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("PRESENCE_", "REDIS_URL"))}
-        full_env.update(env if env is not None else {"PRESENCE_APPS": f"{APP}:{KEY}"})
+        cmd = _command(self.tcp_port, self.ws_port, self.http_port, args)
         self.proc = subprocess.Popen(
-            cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=preexec_fn
+            cmd, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=preexec_fn
         )
         self.lines: list[str] = []
         self._ready = threading.Event()

@@ -293,6 +293,10 @@ def _login(p: Presence, **overrides: Any) -> functions.Call[functions.StatusChan
         ),
         (lambda p: functions.friends_add([p.user(APP, "a").friends], [("a", "a")]), "toId must differ"),
         (lambda p: functions.node_heartbeat(p.keys.nodes, ""), "takes 1 key and a node id"),
+        (
+            lambda p: functions.node_heartbeat(p.keys.nodes, "n1", p.keys.node_incarnations, ""),
+            "or 2 keys, a node id and an incarnation",
+        ),
     ],
 )
 async def test_library_rejects_bad_arguments_itself(

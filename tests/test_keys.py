@@ -22,3 +22,11 @@ def test_prefix_and_node_keys() -> None:
     assert schema.nodes == "p:nodes"
     assert schema.node_sessions("n1") == "p:node:n1:sessions"
     assert schema.doorbell("n1") == "p:node:n1"
+
+
+def test_node_incarnations_share_the_slot_of_the_nodes_zset() -> None:
+    """presence_node_heartbeat writes both in one call: on a cluster they must be in one slot."""
+    for prefix in ("presence", "p", "{tenant-7}:presence"):
+        schema = KeySchema(prefix)
+        assert key_slot(schema.node_incarnations.encode()) == key_slot(schema.nodes.encode()), prefix
+    assert KeySchema().node_incarnations == "{presence:nodes}:incarnations"

@@ -1,15 +1,18 @@
 """`presence serve` as a process: crash and shutdown leave no ghost presence; embedded mode works; a node
-releases what it started when it stops or fails to start."""
+releases what it started when it stops or fails to start; a node id is one live process's at a time."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
+import redis
 
 from presence.config import AppConfig, Settings
 from presence.gateway.codec import Command
@@ -19,7 +22,8 @@ from presence.service import Presence
 from presence.store import open_store
 from tests.clients import APP, KEY, TcpClient, WsClient, expect, sign
 from tests.conftest import MakeNode, free_port
-from tests.serve_process import ServeProcess
+from tests.redis_servers import SentinelSet
+from tests.serve_process import ServeProcess, serve_until_exit
 
 
 async def test_killed_node_sessions_go_offline_within_node_ttl(
@@ -195,3 +199,120 @@ async def test_a_start_that_fails_releases_what_it_had_started(real_redis: Any, 
     assert _refused(settings.tcp_port) and _refused(settings.ws_port)
     with socket.socket() as again:  # not held by a listener left behind
         again.bind(("127.0.0.1", settings.tcp_port))
+
+
+# --- one live process per node id ---
+
+
+@pytest.fixture(params=["standalone", "sentinel", "cluster"])
+async def any_store(request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, Presence]]:
+    """A flushed Redis URL of each kind (one server; a primary, a replica and three sentinels; a 3-primary
+    cluster) and a facade on it."""
+    sentinels = None
+    if request.param == "sentinel":
+        sentinels = SentinelSet()
+        url = sentinels.url
+    elif request.param == "cluster":
+        cluster = request.getfixturevalue("cluster")
+        cluster.flush()
+        url = cluster.url
+    else:
+        url = request.getfixturevalue("redis_url")
+        with redis.Redis.from_url(url) as client:
+            client.flushall()
+    store = await open_store(url)
+    try:
+        yield url, Presence(store)
+    finally:
+        await store.aclose()
+        if sentinels is not None:
+            sentinels.stop()
+
+
+REFUSAL = re.compile(
+    r"presence: node id 'twin' is in use: another process \(incarnation (?P<incarnation>[0-9a-f]{16})\) beat it "
+    r"[0-9.]+ s ago, after this one started; give every process its own --node-id \(PRESENCE_NODE_ID\)"
+)
+
+
+async def test_a_second_process_under_a_live_node_id_refuses_to_start_and_the_first_serves_on(
+    any_store: tuple[str, Presence],
+) -> None:
+    """Copy-pasted config: the second `presence serve --node-id twin` exits 2 with one line naming the node id;
+    the first keeps running untouched: its users online, its node record its own, pushes flowing both ways."""
+    url, facade = any_store
+    args = ["--redis", url, "--offline-grace", "0", "--node-id", "twin"]
+    await facade.add_friend(APP, "alice", "bob")
+    first = ServeProcess(args)
+    try:
+        alice = await TcpClient.connect(first.tcp_port)
+        await alice.login("alice")
+        bob = await WsClient.connect(first.ws_port)
+        await bob.login("bob")
+        assert (await expect(alice, Command.NOTIFY)).data["userId"] == "bob"
+        held = await facade.nodes.session_members("twin")
+        assert len(held) == 2
+
+        second = await asyncio.to_thread(serve_until_exit, args)
+        assert second.returncode == 2, second.stderr
+        refusal = REFUSAL.fullmatch(second.stderr.strip().splitlines()[-1])
+        assert refusal, second.stderr
+        assert "Traceback" not in second.stderr and "presence listening" not in second.stdout
+
+        assert first.proc.poll() is None, "the first still runs"
+        record, _ = await facade.nodes.last_record("twin")
+        assert record is not None and record.incarnation == refusal["incarnation"], "the refusal names the first"
+        assert await facade.nodes.session_members("twin") == held
+        state = await facade.query_users(APP, ["alice", "bob"])
+        assert state["alice"].status == 1 and state["bob"].status == 1
+        await facade.set_custom_status(APP, "alice", 5, "still here")
+        assert (await expect(bob, Command.CUSTOM_NOTIFY)).data["customText"] == "still here"
+        assert (await expect(alice, Command.CUSTOM_NOTIFY_SYNC)).data["customText"] == "still here"
+        await facade.set_custom_status(APP, "bob", 6, "me too")
+        assert (await expect(alice, Command.CUSTOM_NOTIFY)).data["customText"] == "me too"
+        assert (await expect(bob, Command.CUSTOM_NOTIFY_SYNC)).data["customText"] == "me too"
+        assert "another process" not in first.output(), "the refused process never beat the first's id"
+        await alice.close()
+        await bob.close()
+        first.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(first.wait) == 0
+    finally:
+        first.kill()
+
+
+async def test_a_restart_right_after_a_kill_waits_out_the_last_beat_and_logs_out_what_it_left(
+    any_store: tuple[str, Presence],
+) -> None:
+    """kill -9, then the same node id again within node_ttl (no peer reaps it for 30 s): the new incarnation
+    starts once the dead one's last beat proved to be its last, and logs out its sessions at once."""
+    url, facade = any_store
+    await facade.add_friend(APP, "alice", "bob")
+    peer = ServeProcess(["--redis", url, "--node-ttl", "30", "--offline-grace", "0", "--node-id", "peer"])
+    args = ["--redis", url, "--node-ttl", "30", "--offline-grace", "0", "--node-id", "twin"]
+    first = ServeProcess(args)
+    second = None
+    try:
+        bob = await WsClient.connect(peer.ws_port)
+        await bob.login("bob")
+        alice = await TcpClient.connect(first.tcp_port)
+        await alice.login("alice")
+        assert (await expect(bob, Command.NOTIFY)).data["status"] == 1
+        dead, _ = await facade.nodes.last_record("twin")
+        first.kill()
+
+        second = ServeProcess(args)
+        msg = await expect(bob, Command.NOTIFY, timeout=2.0)  # at its start, not after node_ttl
+        assert msg.data["userId"] == "alice" and msg.data["status"] == 2
+        second.wait_for_line(r"its last heartbeat is [0-9.]+ s old; waiting until it is 3\.0 s old")
+        second.wait_for_line(r"new incarnation; 1 sessions of the predecessor")
+        record, _ = await facade.nodes.last_record("twin")
+        assert dead is not None and record is not None and record.incarnation != dead.incarnation
+        alice = await TcpClient.connect(second.tcp_port)
+        assert (await alice.login("alice")).command == Command.LOGINACK
+        assert (await expect(bob, Command.NOTIFY)).data["status"] == 1
+        await alice.close()
+        await bob.close()
+    finally:
+        for proc in (first, second, peer):
+            if proc is not None:
+                proc.kill()

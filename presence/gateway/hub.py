@@ -29,7 +29,7 @@ from presence.gateway.session import LoginOutcome, LoginRequest, SessionId
 from presence.inbox import NO_EVENT, EventId, Inboxes
 from presence.metrics import CONNECTIONS, LOGIN_TIMEOUTS, LOGINS, LOGOUTS
 from presence.models import ChangeResult
-from presence.nodes import NodeKeeper, parse_node_member
+from presence.nodes import NodeKeeper, Predecessor, parse_node_member
 from presence.service import Presence, new_conn_id
 from presence.sockets import SocketGate
 
@@ -125,33 +125,34 @@ class Hub:
     # --- lifecycle ---
 
     async def start(self) -> None:
+        """Start serving; raises NodeIdInUseError (nothing started) while another process beats this node id."""
+        # The node id is this process's before anything of it is used (server.py claims it even earlier,
+        # before the webhook worker starts): the first beat, once no live process beats it.
+        predecessor = await self.keeper.claim()
         await self.delivery.open()
         # A new incarnation of this node id: whatever sessions the set still records are the predecessor's
-        # (no connection of ours exists yet). Read before our first beat overwrites its last one.
+        # (no connection of ours exists yet).
         left = await self._recorded_sessions()
         await self._learn_redis_clock()
-        last_beat = await self.presence.nodes.last_beat(self.node_id) if left else None
-        await self.keeper.beat()
         if left:
-            await self._adopt_predecessor(left, last_beat)
+            self._adopt_predecessor(left, predecessor)
         self.delivery.start()
         for coro in (self._idle_check(), self._reconcile_loop(), self._outbox_sweep(), self.keeper.run()):
             self._tasks.append(asyncio.create_task(coro))
 
-    async def _adopt_predecessor(self, sessions: set[SessionId], last_beat: int | None) -> None:
+    def _adopt_predecessor(self, sessions: set[SessionId], predecessor: Predecessor) -> None:
         """Log out the predecessor's sessions once its grace (counted from its last heartbeat) is over.
 
-        A device that reconnects meanwhile (here or elsewhere) replaces its session with a new connection
-        id, so the logout, conditional on the old one, changes nothing: friends see nothing.
+        The claim's wait for a recent beat to prove dead does not count: the devices could not reconnect
+        here meanwhile. A device that reconnects (here or elsewhere) replaces its session with a new
+        connection id, so the logout, conditional on the old one, changes nothing: friends see nothing.
         """
         grace = self.settings.offline_grace
-        age = 0.0
-        if last_beat is not None:
-            age = max(await self.presence.nodes.redis_time_ms() - last_beat, 0) / 1000
+        last_beat, age = predecessor
         delay = max(grace - age, 0.0)
         log.warning(
-            "node %s: new incarnation; %d sessions of the predecessor (last beat %.1f s ago) end in %.1f s "
-            "unless their devices reconnect",
+            "node %s: new incarnation; %d sessions of the predecessor (last beat %.1f s before the start) end "
+            "in %.1f s unless their devices reconnect",
             self.node_id,
             len(sessions),
             age,
