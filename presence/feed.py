@@ -12,6 +12,7 @@ two steps. ``OnlineCounters`` names the counters keys and sums them (``online_co
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import logging
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ log = logging.getLogger("presence.feed")
 
 OUTBOX_READ = 100  # unrelayed feed entries of one user taken per change
 OUTBOX_MAXLEN = 1000  # a user's unrelayed feed entries kept at most (only a relay that keeps failing fills it)
+OUTBOX_SWEEP_INTERVAL_S = 2.0  # one SCAN step (COUNT 500) per primary each time
 FEED_CURSOR_TTL_MS = 7 * 86400 * 1000  # how long a relay remembers a user's last relayed entry
 
 OutboxEntry = tuple[bytes, dict[bytes, bytes]]
@@ -164,6 +166,20 @@ class FeedRelay:
         FEED_ENTRIES.inc(appended.result().appended)
         if trimmed is not None and trimmed.failed:  # a later relay skips what was appended and trims again
             log.warning("feed outbox trim of %s/%s failed (%r)", relay.app_id, relay.user_id, trimmed.error)
+
+    async def sweep_outboxes(self, interval: float = OUTBOX_SWEEP_INTERVAL_S) -> None:
+        """Every ``interval`` s, relay feed entries left in users' outboxes by a caller that died between the
+        change and its relay (one ``relay_outboxes`` step); runs until cancelled."""
+        cursors: dict[Any, int] = {}
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if await self.relay_outboxes(cursors):
+                    log.info("relayed change feed entries left in outboxes")
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("outbox sweep failed; retrying next round")
 
     async def relay_outboxes(self, cursors: dict[Any, int], count: int = 500) -> int:
         """One SCAN step per primary over the users' feed outboxes; relays any that still hold entries.

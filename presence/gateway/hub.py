@@ -110,7 +110,6 @@ class Hub:
         # Redis TIME minus our monotonic clock (ms), learned from quick round trips: evidence is sent as
         # an absolute time on the Redis clock, so a call delayed by a stall does not make lastSeen late.
         self._redis_offset_ms: float | None = None
-        self.outbox_sweep_interval = 2.0  # one SCAN step (COUNT 500) per primary each time
         self._suspects: set[SessionId] = set()
         self.keeper = NodeKeeper(
             presence, node_id, settings.node_ttl, on_reaped=self._reaped_meanwhile, stall=settings.redis_timeout
@@ -137,7 +136,8 @@ class Hub:
         if left:
             self._adopt_predecessor(left, predecessor)
         self.delivery.start()
-        for coro in (self._idle_check(), self._reconcile_loop(), self._outbox_sweep(), self.keeper.run()):
+        loops = (self._idle_check(), self._reconcile_loop(), self.presence.feed.sweep_outboxes(), self.keeper.run())
+        for coro in loops:
             self._tasks.append(asyncio.create_task(coro))
 
     def _adopt_predecessor(self, sessions: set[SessionId], predecessor: Predecessor) -> None:
@@ -551,19 +551,6 @@ class Hub:
         return len(lost)
 
     # --- the change feed ---
-
-    async def _outbox_sweep(self) -> None:
-        """Relay feed entries left in users' outboxes by a caller that died between the two steps."""
-        cursors: dict[object, int] = {}
-        while not self.closing:
-            await asyncio.sleep(self.outbox_sweep_interval)
-            try:
-                if await self.presence.feed.relay_outboxes(cursors):
-                    log.info("relayed change feed entries left in outboxes")
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("outbox sweep failed; retrying next round")
 
     def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
         task: asyncio.Future[object] = asyncio.ensure_future(coro)
