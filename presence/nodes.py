@@ -46,6 +46,9 @@ log = logging.getLogger("presence.nodes")
 
 CLAIM_BEATS = 3  # a recent beat must stay unchanged this many heartbeat intervals to be a dead process's
 ANOTHER_INCARNATION_LOG_EVERY_S = 30.0
+# How long after another incarnation's beat was last seen this node still takes its id for shared: its set then
+# holds the namesake's sessions too, so none of them is judged stale (a namesake stopped that long ago is gone).
+SHARED_ID_HOLD_S = 60.0
 
 
 class NodeIdInUseError(PresenceError):
@@ -266,12 +269,18 @@ class NodeKeeper:
         self.incarnation = secrets.token_hex(8)
         self._predecessor: Predecessor | None = None  # set by claim()
         self._another_logged: float | None = None  # monotonic time another incarnation was last logged
+        self._another_seen: float | None = None  # monotonic time another incarnation's beat was last seen
         self._beaten = False
         self._healthy_since: float | None = None  # monotonic start of the current run of good beats
         self._last_ok: float | None = None
         self._after_gap = False  # the current run of good beats follows a failure (not the start)
         self._failed = False  # a beat failed since the last good one
         self.stopped = False  # loops also check a flag: redis-py may swallow a cancel mid-command
+
+    def id_shared(self) -> bool:
+        """Whether another live process beat this node id within ``SHARED_ID_HOLD_S``: the node's session set
+        then holds that process's sessions too, which no connection of ours holds."""
+        return self._another_seen is not None and time.monotonic() - self._another_seen < SHARED_ID_HOLD_S
 
     def may_judge(self) -> bool:
         """Whether this node's own beats have succeeded for a full ``node_ttl`` (plus ``stall`` after a
@@ -374,6 +383,7 @@ class NodeKeeper:
     def _another_incarnation(self, beat: Heartbeat) -> None:
         """Another process beat this node id since our last beat: two processes run with one node id."""
         now = time.monotonic()
+        self._another_seen = now
         if self._another_logged is not None and now - self._another_logged < ANOTHER_INCARNATION_LOG_EVERY_S:
             return
         self._another_logged = now

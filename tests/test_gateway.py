@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
+from presence import nodes
 from presence.config import Settings
 from presence.gateway.codec import HEADER, Command, encode_client_frame
 from presence.gateway.hub import CLOCK_PROBE_MAX_RTT_S
@@ -451,6 +452,27 @@ async def test_reconcile_logs_out_sessions_no_connection_holds(make_node: MakeNo
     state = await facade.query_users(APP, ["ghost", "alice"])
     assert state["ghost"].status == 2 and state["alice"].status == 1
     await alice.close()
+
+
+async def test_reconcile_leaves_the_sessions_of_a_namesake_process(
+    make_node: MakeNode, facade: Presence, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes beat one node id (got past the start-up claim): the set holds the other's sessions too,
+    so reconciling logs none of them out while the namesake beats; once it stopped beating, they are stale."""
+    monkeypatch.setattr(nodes, "SHARED_ID_HOLD_S", 0.5)
+    node = await make_node(node_id="twin")
+    await facade.login(APP, "carol", IOS, "pc", conn_id="namesake-conn", node_id="twin")  # held over there
+    await facade.nodes.beat("twin", "namesake-incarnation")
+    await node.hub.keeper.beat()  # sees the other incarnation's beat before its own
+    assert node.hub.keeper.id_shared()
+    assert await node.hub.reconcile() == 0
+    assert await node.hub.reconcile() == 0
+    assert (await facade.query_users(APP, ["carol"]))["carol"].status == 1
+    while node.hub.keeper.id_shared():  # the namesake beats no more: the hold runs out
+        await asyncio.sleep(0.05)
+    assert await node.hub.reconcile() == 0  # first sighting
+    assert await node.hub.reconcile() == 1
+    assert (await facade.query_users(APP, ["carol"]))["carol"].status == 2
 
 
 @pytest.mark.parametrize("text", [True, False], ids=["ws-text", "ws-binary"])

@@ -425,9 +425,13 @@ class Hub:
         """Log out sessions this node's set records but no local connection holds (a lost logout).
 
         A session counts as stale only when two rounds in a row find it so, which leaves room for a
-        login in flight (recorded before its connection is marked logged in).
+        login in flight (recorded before its connection is marked logged in). None is while another process
+        beats this node id (a misconfiguration, logged by the keeper): its sessions are in the same set.
         """
         await self.reassert()
+        if self.keeper.id_shared():
+            self._suspects = set()
+            return 0
         live = {r.session for r in self._registry.values() if r.session is not None} | set(self._grace)
         stale = {s for s in await self._recorded_sessions() if s not in live}
         confirmed, self._suspects = stale & self._suspects, stale
