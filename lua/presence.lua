@@ -9,7 +9,7 @@ Time always comes from the server's TIME.
 
 Argument layout (4.0.0): the functions that write inbox entries (presence_login, presence_logout,
 presence_set_custom_status, presence_fanout) all take the inbox options first:
-  ARGV[1] inbox MAXLEN (~)   ARGV[2] inbox TTL ms   ARGV[3] doorbell channel prefix ('' = no PUBLISH)
+  ARGV[1] inbox MAXLEN (exact) ARGV[2] inbox TTL ms   ARGV[3] doorbell channel prefix ('' = no PUBLISH)
 and the user's own functions (login, logout, set_custom_status) go on with the same five:
   ARGV[4] outbox MAXLEN (~)  ARGV[5] outbox TTL ms  (used only with the change feed KEYS)
   ARGV[6] appId              ARGV[7] userId         ARGV[8] operation id (a login's: its connId)
