@@ -20,7 +20,7 @@ from presence.errors import UnavailableError
 from presence.gateway.codec import Command
 from presence.gateway.hub import HANDOVER_CODE
 from presence.service import Presence
-from tests.clients import APP, Msg, TcpClient, WsClient, expect, sign
+from tests.clients import APP, Msg, TcpClient, WsClient, expect, sign, ws_pack
 from tests.conftest import MakeNode, free_port
 from tests.redis_servers import Server
 from tests.serve_process import ServeProcess
@@ -314,7 +314,11 @@ async def own_redis() -> AsyncIterator[Server]:
 async def test_an_empty_redis_restart_heals_without_an_operator(own_redis: Server, make_node: MakeNode) -> None:
     """While Redis is down /healthz and REST answer 503 (system code); once it is back, empty: the library is
     loaded again, and the gateway, finding its node record gone, keeps its clients and logs their sessions
-    in again (the same connections: no reconnect, friends see them online, pushes flow)."""
+    in again (the same connections: no reconnect, friends see them online, pushes flow).
+
+    Versions restarted with the data: a client of the resume protocol (its LOGIN carried lastEventId) is told
+    so by an unasked LOGINACK with resumed false and the new cursor, before any push of the new versions; a
+    seed client (no lastEventId) gets no frame it did not have before."""
     from presence.config import AppConfig, Settings
     from presence.server import start
     from tests.clients import KEY
@@ -334,6 +338,16 @@ async def test_an_empty_redis_restart_heals_without_an_operator(own_redis: Serve
     try:
         bob = await WsClient.connect(node.ws_port, imei="bob-tab")
         await bob.login("bob")
+        # cleo speaks the resume protocol; ann's custom status reaches her as v1..v3 before Redis dies.
+        cleo = await WsClient.connect(node.ws_port, imei="cleo-tab")
+        assert set((await cleo.login("cleo", lastEventId=None)).data) == {"userId", "lastEventId"}
+        await node.presence.add_friend(APP, "ann", "cleo")
+        assert set((await expect(cleo, Command.FRIENDSHIP_NOTIFY)).data["friends"]) == {"ann"}
+        seen = []
+        for text in ("one", "two", "three"):
+            await node.presence.set_custom_status(APP, "ann", 1, text)
+            seen.append((await expect(cleo, Command.CUSTOM_NOTIFY)).data["version"])
+        assert seen == sorted(seen) and len(set(seen)) == 3
         own_redis.kill()
         async with aiohttp.ClientSession() as http:
             base = f"http://127.0.0.1:{node.http_port}"
@@ -355,9 +369,20 @@ async def test_an_empty_redis_restart_heals_without_an_operator(own_redis: Serve
                 return (await node.presence.query_users(APP, ["bob"]))["bob"].status == 1
 
             await eventually(bob_online, 10, "bob's session logged in again by the gateway")
+        reset = await expect(cleo, Command.LOGINACK)  # unasked: the server's state of her was lost
+        assert reset.data == {"userId": "cleo", "lastEventId": reset.data["lastEventId"], "resumed": False}
         await node.presence.add_friend(APP, "alice", "bob")
+        # The next frame (no LOGINACK before it): the seed's protocol has no second LOGINACK.
         friendship = await expect(bob, Command.FRIENDSHIP_NOTIFY)  # the same connection, still logged in
         assert friendship.data["action"] == "add" and set(friendship.data["friends"]) == {"alice"}
+        # Pushes flow after the new cursor, with versions that restarted below what cleo saw.
+        await node.presence.add_friend(APP, "ann", "cleo")
+        again = await expect(cleo, Command.FRIENDSHIP_NOTIFY)
+        assert set(again.data["friends"]) == {"ann"} and ws_pack(again)["eventId"] > reset.data["lastEventId"]
+        await node.presence.set_custom_status(APP, "ann", 1, "after")
+        custom = await expect(cleo, Command.CUSTOM_NOTIFY)
+        assert custom.data["customText"] == "after" and custom.data["version"] <= seen[0]
+        await cleo.close()
         alice = await TcpClient.connect(node.tcp_port)
         assert (await alice.login("alice")).command == Command.LOGINACK
         assert (await expect(bob, Command.NOTIFY)).data["userId"] == "alice"

@@ -29,8 +29,10 @@ from presence.gateway.session import (
     Query,
     QuerySubscriptionsRequest,
     Session,
+    State,
     SubscribeRequest,
 )
+from presence.inbox import EventId
 from presence.models import ResponseVO
 
 log = logging.getLogger("presence.gateway")
@@ -53,6 +55,11 @@ class ClientConnection(abc.ABC):
     @property
     def heartbeat_timeout(self) -> float:
         return self.session.heartbeat_timeout
+
+    @property
+    def logging_in(self) -> bool:
+        """A LOGIN is being served (``State.LOGGING_IN``): the heartbeat check leaves it alone."""
+        return self.session.state == State.LOGGING_IN
 
     # --- the transport's part ---
 
@@ -78,6 +85,11 @@ class ClientConnection(abc.ABC):
     def ended(self) -> None:
         """The hub ended this connection's session (``Hub.end``): no more requests are served."""
         self.session.ended()
+
+    def reasserted(self, cursor: EventId) -> None:
+        """The hub logged this connection's session in again after Redis lost it (``Hub.reassert``)."""
+        self.session.reasserted(cursor)
+        self._flush()
 
     # --- input ---
 

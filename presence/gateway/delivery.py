@@ -136,16 +136,17 @@ class Delivery(Generic[C]):
         self._by_inbox.setdefault(inbox, {})[recipient.conn_id] = recipient
         self._mark(inbox)
 
-    def detach(self, conn: C) -> None:
-        """Push nothing more to ``conn`` (nothing when it was never attached)."""
+    def detach(self, conn: C) -> EventId | None:
+        """Push nothing more to ``conn``; returns its cursor (None when it was not attached)."""
         recipient = self._recipients.pop(conn, None)
         if recipient is None:
-            return
+            return None
         local = self._by_inbox.get(recipient.inbox)
         if local is not None and local.get(recipient.conn_id) is recipient:
             del local[recipient.conn_id]
             if not local:
                 del self._by_inbox[recipient.inbox]
+        return recipient.cursor
 
     # --- doorbells and the dirty set ---
 

@@ -71,8 +71,18 @@ class Connection(PushTarget, Protocol):
         """Seconds of silence after which the connection is closed; 0 = never."""
         ...
 
+    @property
+    def logging_in(self) -> bool:
+        """A LOGIN is being served: the client waits on us, so its silence is not its fault."""
+        ...
+
     def ended(self) -> None:
         """Told by ``Hub.end``: the session is over, serve no more requests."""
+        ...
+
+    def reasserted(self, cursor: EventId) -> None:
+        """Told by ``Hub.reassert``: Redis lost the session and it was logged in again; pushes restart
+        after ``cursor`` (the client's versions and cursor from before mean nothing now)."""
         ...
 
 
@@ -84,7 +94,6 @@ class _Registered:
     session: SessionId | None = None  # once logged in
     login: LoginRequest | None = None  # the LOGIN, repeated to re-assert the session
     cursor: EventId = NO_EVENT  # where pushes start once it is activated
-    logging_in: bool = False  # a LOGIN is being served: the client waits on us, so silence is not its fault
 
 
 class Hub:
@@ -118,6 +127,9 @@ class Hub:
         # Client sockets of every listener; the server sizes it from the file descriptor limit at start.
         self.gate = SocketGate(settings.max_connections or None)
         self._reasserting: asyncio.Task[int] | None = None
+        # One re-assertion at a time (data lost, the node record gone and reconcile can all start one):
+        # two would both find a session lost and log it in, and tell its client twice.
+        self._reassert_lock = asyncio.Lock()
         self._logouts_failed = 0  # logouts given up (left in this node's set): a stop then keeps the node record
         presence.on_data_lost = self.reassert_soon
 
@@ -265,9 +277,6 @@ class Hub:
         """Log the connection's session in; None when the connection ended meanwhile (its session is then
         logged out again). Raises what the facade raises (the client is told the login failed)."""
         session = SessionId(request.app_id, request.user_id, request.client_type, request.imei, new_conn_id())
-        record = self._registry.get(conn)
-        if record is not None:
-            record.logging_in = True
         try:
             result = await self._presence_login(session, request)
         except Exception as exc:
@@ -276,9 +285,6 @@ class Hub:
                 # make sure no session of this connection stays behind (the logout is conditional on it).
                 self._spawn(self._do_logout(session, "login-failed"))
             raise
-        finally:
-            if record is not None:
-                record.logging_in = False
         cursor = EventId.parse(result.inbox_last_id)
         resumed: bool | None = None
         asked = request.resume_after
@@ -481,11 +487,7 @@ class Hub:
         while not self.closing:
             await asyncio.sleep(interval)
             now = time.monotonic()
-            idle = [
-                c
-                for c, r in self._registry.items()
-                if 0 < c.heartbeat_timeout < now - c.last_active and not r.logging_in
-            ]
+            idle = [c for c in self._registry if 0 < c.heartbeat_timeout < now - c.last_active and not c.logging_in]
             for conn in idle:
                 conn.close(4000, "heartbeat timeout")
                 await self.end(conn, "timeout")
@@ -532,6 +534,10 @@ class Hub:
         online again and pushes flow. A device whose session another connection holds now is left alone.
         Returns the sessions logged in again.
         """
+        async with self._reassert_lock:
+            return await self._reassert()
+
+    async def _reassert(self) -> int:
         live = [
             (conn, r.session, r.login)
             for conn, r in self._registry.items()
@@ -542,17 +548,36 @@ class Hub:
         held = await self.presence.nodes.sessions_held([session for _, session, _ in live])
         lost = [item for item, h in zip(live, held, strict=True) if h is False]
         for conn, session, request in lost:
+            # No pushes while it is logged in again: what follows the new login (and the LOGINACK telling
+            # the client so) comes from the inbox as it is then, not from a cursor into the data lost.
+            paused = self.delivery.detach(conn)
             try:
-                await self._presence_login(session, request)
-            except PresenceError as exc:
-                if exc.http_status >= 500:
-                    raise
-                # Refused now (e.g. the user's other devices took every session meanwhile): end this one.
-                conn.close(4001, "session lost")
-                await self.end(conn, "error")
+                result = await self._presence_login(session, request)
+            except BaseException as exc:
+                if isinstance(exc, PresenceError) and exc.http_status < 500:
+                    # Refused now (e.g. the user's other devices took every session meanwhile): end this one.
+                    conn.close(4001, "session lost")
+                    await self.end(conn, "error")
+                    continue
+                self._resume_pushes(conn, session, paused)  # unknown outcome: the next round decides
+                raise
+            record = self._registry.get(conn)
+            if record is None or record.session != session:  # the connection ended meanwhile
+                continue
+            # Versions restart with the data lost: the client hears that its state is gone (a LOGINACK
+            # with resumed false, if it speaks the resume protocol), then pushes after the new cursor.
+            record.cursor = EventId.parse(result.inbox_last_id)
+            conn.reasserted(record.cursor)
+            self.delivery.attach(conn, session, record.cursor)
         if lost:
             log.warning("node %s: %d sessions Redis had lost were logged in again", self.node_id, len(lost))
         return len(lost)
+
+    def _resume_pushes(self, conn: Connection, session: SessionId, cursor: EventId | None) -> None:
+        """Push again from where it was paused, to a connection still holding ``session``."""
+        record = self._registry.get(conn)
+        if cursor is not None and record is not None and record.session == session:
+            self.delivery.attach(conn, session, cursor)
 
     # --- the change feed ---
 

@@ -116,6 +116,7 @@ class Session:
         self.text_mode = False
         self.pong = False
         self.heartbeat_timeout = settings.heartbeat_timeout  # s of silence before the hub closes it; 0 = never
+        self.report_cursor = False  # the LOGIN carried lastEventId: LOGINACKs report the cursor and resume outcome
         self._replies: list[Encoded] = []
 
     @property
@@ -212,6 +213,7 @@ class Session:
         self.app_id, self.user_id = request.app_id, request.user_id
         self.state = max(self.state, State.LOGGED_IN)
         self.pong = request.pong
+        self.report_cursor = request.report_cursor
         self.heartbeat_timeout = self.settings.heartbeat_timeout_for(request.app_id)
         # The seed's LOGINACK is {"userId"} exactly, and its clients read it by that size: our cursor and
         # resume outcome only for a LOGIN that carries lastEventId (a stream id, or null for "none yet").
@@ -220,6 +222,17 @@ class Session:
             ack["lastEventId"] = str(outcome.cursor)
             if outcome.resumed is not None:
                 ack["resumed"] = outcome.resumed
+        self._reply(Command.LOGINACK, _json.encode(ack))
+
+    def reasserted(self, cursor: EventId) -> None:
+        """Redis lost the session (an empty restart) and the hub logged it in again on this connection: the
+        user's versions restarted and the cursor from before points into data that is gone. A client of the
+        resume protocol (its LOGIN carried lastEventId) gets an unasked LOGINACK ``{"userId", "lastEventId":
+        <the new cursor>, "resumed": false}`` (PROTOCOL.md section 6): forget versions, re-pull. The seed's
+        clients get nothing: they keep no versions, and a second LOGINACK is not in their protocol."""
+        if self.state != State.LOGGED_IN or not self.report_cursor:
+            return
+        ack = {"userId": self.user_id, "lastEventId": str(cursor), "resumed": False}
         self._reply(Command.LOGINACK, _json.encode(ack))
 
     def answer(self, command: int, response: ResponseVO) -> None:
