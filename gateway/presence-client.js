@@ -132,7 +132,8 @@ const OPEN = 1; // WebSocket.OPEN, without relying on a global in non-browser ho
 
 /**
  * @typedef {object} ResyncDetail Detail of 'resync': pushes were (or may have been) missed, pull now.
- * @property {"login"|"not-resumed"} reason "login": a fresh login; "not-resumed": a reconnect the gateway could not resume
+ * @property {"login"|"not-resumed"} reason "login": a fresh login; "not-resumed": a reconnect the gateway could not
+ *   resume, or an unasked LOGINACK on the live socket (the server lost its state and logged the session in again)
  */
 
 /**
@@ -591,7 +592,11 @@ export class PresenceClient extends EventTarget {
     }
   }
 
-  /** @param {Record<string, any>} data */
+  /**
+   * A LOGINACK: the answer to our LOGIN, or one the gateway sends unasked on the live socket after Redis lost
+   * the session and it logged it in again (resumed false). Both are handled alike: forget versions, re-pull.
+   * @param {Record<string, any>} data
+   */
   _onLoginAck(data) {
     this._loggedIn = true;
     this._attempt = 0;
