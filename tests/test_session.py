@@ -88,12 +88,13 @@ def test_a_valid_login_is_a_request_and_the_state_moves_to_logging_in() -> None:
     [
         (Frame(command=Command.LOGIN, appId=1, data={"userId": "a"}), AuthError, Code.APP_ID_MISSING, "appId 1"),
         (login_frame(userId=""), AuthError, Code.IDENTIFIER_MISSING, "data.userId is missing"),
+        (login_frame(userId=5), ParamError, Code.PARAMETER_ERROR, "data.userId must be a string, got int"),
         (login_frame(userSign="forged"), AuthError, Code.USER_SIGN_INVALID, ""),
         (login_frame(lastEventId="1-1\n"), ParamError, Code.PARAMETER_ERROR, "lastEventId must be a stream id"),
         (login_frame(pong="yes"), ParamError, Code.PARAMETER_ERROR, "data.pong must be true or false"),
         (Frame(command=Command.PULL, appId=APP), ParamError, Code.PARAMETER_ERROR, "needs a LOGIN (9000) first"),
     ],
-    ids=["unknown-app", "no-user", "bad-sign", "bad-last-event-id", "bad-pong", "before-login"],
+    ids=["unknown-app", "no-user", "user-not-a-string", "bad-sign", "bad-last-event-id", "bad-pong", "before-login"],
 )
 def test_a_frame_that_ends_the_connection_raises_and_leaves_the_state(
     frame: Frame, error: type[Exception], code: Code, message: str

@@ -177,8 +177,10 @@ class Session:
         app = self.settings.app(frame.appId)
         if app is None:
             raise AuthError(f"unknown appId {frame.appId}", Code.APP_ID_MISSING)
-        if not isinstance(user_id, str) or not user_id:
+        if user_id is None or user_id == "":
             raise AuthError("data.userId is missing", Code.IDENTIFIER_MISSING)
+        if not isinstance(user_id, str):
+            raise ParamError(f"data.userId must be a string, got {type(user_id).__name__}")
         check_user_id("data.userId", user_id)
         check_imei("imei", frame.imei)
         if not (user_sign is None and app.unsigned_login):
