@@ -56,7 +56,7 @@ per-user limit is reached; the call changed nothing). presence/functions.py maps
 (90001) and LimitError (90005); any other error is Redis's own (a system error).
 ]]
 
-local VERSION = '4.1.0'
+local VERSION = '4.1.1'
 
 -- The library's limits. presence/limits.py holds the same values (tests/test_limits.py compares
 -- them with presence_limits and probes each one), so Python refuses what the library would refuse.

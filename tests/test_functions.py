@@ -48,7 +48,7 @@ async def inbox(p: Presence, user: str) -> list[dict[str, Any]]:
 
 async def test_library_loads_once_and_reports_version(any_redis: Redis) -> None:
     assert await ensure_library(any_redis) is False  # the fixture loaded this exact code already
-    assert (await any_redis.fcall_ro("presence_version", 0)) == b"4.1.0"
+    assert (await any_redis.fcall_ro("presence_version", 0)) == b"4.1.1"
 
 
 async def test_login_writes_session_and_friend_gets_4004(presence: Presence) -> None:
@@ -404,7 +404,7 @@ def test_redis_cli_loads_the_file_as_is(redis_url: str) -> None:
     out = subprocess.run(
         ["redis-cli", "-u", redis_url, "FCALL", "presence_version", "0"], capture_output=True, check=True
     )
-    assert out.stdout.strip() == b"4.1.0"
+    assert out.stdout.strip() == b"4.1.1"
 
 
 # --- issue 10: versions, ordered fan-out, operation ids, lastSeen evidence (every store) ---
