@@ -51,6 +51,9 @@ Identifiers (the rule of presence/ids.py): a userId is 1..LIMITS.userIdBytes byt
 1..LIMITS.imeiBytes bytes, both valid UTF-8 without control characters (C0, DEL, C1), U+2028,
 U+2029 or '|'; a userId also without '{' or '}'.
 
+Integer arguments are decimal digits as Redis reads them (optional '-', no leading zero, no '+',
+fraction or exponent), at most 2^53 - 1; a MAXLEN or TTL is >= 0 unless said otherwise. Every function
+checks all its ARGV before its first write.
 Errors start with PRESENCE_PARAM (a bad argument; the call changed nothing) or PRESENCE_LIMIT (a
 per-user limit is reached; the call changed nothing). presence/functions.py maps them to ParamError
 (90001) and LimitError (90005); any other error is Redis's own (a system error).
@@ -520,8 +523,9 @@ Reply: a status change {changed, 4004 data, version, online 1, inbox last id, ki
   device's session (a reconnect): nobody is told, friends see no second "online". Kicked sessions
   (same device on another connection, or the login model's conflicts) are removed and get a 9002
   entry. The new session's other sessions get a 4005 entry (skipping the new connection).
-Errors: PRESENCE_PARAM for a key count other than 5 or 7, a non-integer appId, a userId or imei
-  breaking the identifier rule, clientType outside 0..5, an empty connId or one with '"', a brokerId
+Errors: PRESENCE_PARAM for a key count other than 5 or 7, an inbox or outbox MAXLEN or TTL that is
+  not an integer >= 0 (the outbox ones may be '': defaults), a non-integer appId or client version, a
+  userId or imei breaking the identifier rule, clientType outside 0..5, an empty connId or one with '"', a brokerId
   outside [A-Za-z0-9._:-], loginModel outside 1..4, max sessions below 1.
   PRESENCE_LIMIT when the login would make more live sessions than ARGV[15]: the new login is
   refused and nothing is written (existing sessions are never kicked for it).
@@ -596,9 +600,11 @@ Reply: a status change {changed, 4004 data, version, online, '', 0, recipients..
   operations (ARGV[8]) applies nothing and replies changed = 1 with the current state. lastSeen
   becomes the later of its stored value and the evidence. The user's other sessions get a 4005
   entry (skipping ARGV[11]).
-Errors: PRESENCE_PARAM for a key count other than 5 or 7, a non-integer appId, a userId that is not
-  1..LIMITS.userIdBytes bytes without | { } (ids stored before the identifier rule still log out), a
-  missing clientType or imei.
+Errors: PRESENCE_PARAM for a key count other than 5 or 7, ARGV[1..5] as presence_login's, a
+  non-integer appId, a userId that is not 1..LIMITS.userIdBytes bytes without | { } (ids stored
+  before the identifier rule still log out), a missing clientType or imei, clientType outside 0..5,
+  an offline inbox TTL that is not an integer >= 0, an evidence age or time that is not '' or an
+  integer >= 0.
 ]]
 local LOGOUT_INTS = {
   {9, 'ct', 'clientType', 0, 5, nil, '0..5'},
@@ -673,8 +679,8 @@ ARGV[11] origin connId ('' = none: every session of the user gets the 4007 sync)
 Reply: a status change {1, 4006 data, version, online, '', 0, recipients...}
   A repeat of one of the user's recent operations (ARGV[8], even after later changes) applies
   nothing and replies the current state. The user's sessions but the origin get a 4007 entry.
-Errors: PRESENCE_PARAM for a key count other than 5 or 6, a non-integer appId, a userId breaking the
-  identifier rule, a non-integer customStatus, a customText over LIMITS.customTextBytes bytes.
+Errors: PRESENCE_PARAM for a key count other than 5 or 6, ARGV[1..5] as presence_login's, a
+  non-integer appId, a userId breaking the identifier rule, a non-integer customStatus, a customText over LIMITS.customTextBytes bytes.
 ]]
 local function presence_set_custom_status(keys, args)
   local c, err = change_args('presence_set_custom_status', keys, args, 6)
@@ -731,8 +737,10 @@ Reply: {entries written, doorbells published}, and when ARGV[3] is '':
   Only recipients with an online session get an entry: offline users pull on connect.
   A recipient whose pushed HASH already holds this version or a newer one for (command, user)
   gets nothing: the newest state is never followed by an older one. Safe to repeat.
-Errors: PRESENCE_PARAM without a command and data, or when the keys are not whole triples (pairs
-  without ARGV[6..7]).
+Errors: PRESENCE_PARAM for an ARGV count other than 5 or 7 (the count alone picks pairs or triples),
+  an inbox MAXLEN or TTL that is not an integer >= 0, a command that is not a positive integer, a
+  changed userId that is not 1..LIMITS.userIdBytes bytes without | { }, a version that is not an
+  integer >= 0, or when the keys are not whole triples (pairs with 5 ARGV).
 ]]
 local FANOUT_INTS = {{4, 'command', 'command', 1, MAX_INT}}
 local FANOUT_VERSION = {{7, 'version', 'version', 0, MAX_INT}}
@@ -793,8 +801,9 @@ Reply: {expireAt ms, live subscriptions after the call}
   pushes start once that ran; repeating both converges. The reverse index
   expires (PEXPIREAT) with its latest entry.
 Errors: PRESENCE_PARAM for a key count other than 1, no target, a subscriber or target breaking the
-  identifier rule, the subscriber among the targets, subTime out of range, a limit below 1, and
-  when the call would make more live subscriptions than ARGV[3] (nothing is written then).
+  identifier rule, the subscriber among the targets, subTime out of range, a limit that is not a
+  positive integer, and when the call would make more live subscriptions than ARGV[3] (nothing is
+  written then, not even the pruning of expired entries).
 ]]
 local SUBSCRIBE_INTS = {
   {2, 'sub_time', 'subTime', 1, LIMITS.subTimeMs, nil, 'between 1 and ' .. LIMITS.subTimeMs .. ' ms'},
@@ -887,7 +896,8 @@ end
 KEYS[1] the subscriber's subscriptions ZSET   ARGV[1] subscriber userId   ARGV[2..] target userIds
 Reply: number of subscriptions removed
   Then the caller runs presence_subscribers_remove on the targets' keys (per slot).
-Errors: PRESENCE_PARAM for a key count other than 1 or no target.
+Errors: PRESENCE_PARAM for a key count other than 1, no target, a subscriber or target that is not
+  1..LIMITS.userIdBytes bytes without | { }.
 ]]
 local function presence_unsubscribe(keys, args)
   if #keys ~= 1 or #args < 2 then return param_error('presence_unsubscribe takes 1 key and at least one target') end
@@ -905,7 +915,8 @@ end
 --[[ presence_subscribers_remove  (the targets' side of presence_unsubscribe)
 KEYS[1..n] each target's subscribers ZSET  (one slot on a cluster)   ARGV[1] subscriber userId
 Reply: number of subscribers ZSETs the subscriber was removed from
-Errors: PRESENCE_PARAM without keys or with other than 1 ARGV.
+Errors: PRESENCE_PARAM without keys, with other than 1 ARGV, or a subscriber that is not
+  1..LIMITS.userIdBytes bytes without | { }.
 ]]
 local function presence_subscribers_remove(keys, args)
   if #keys < 1 or #args ~= 1 then return param_error('presence_subscribers_remove takes keys and a subscriber') end
@@ -978,7 +989,7 @@ KEYS: pairs  sessions_1, status_1, sessions_2, status_2, ...  (one slot on a clu
 ARGV: none (the caller knows the users, in KEYS order)
 Reply: per user, in KEYS order, 5 items: {session JSON...}, customStatus, customText, lastSeen,
   version (nil when never set). Building the JSON object in Lua was most of presence_query's time.
-Errors: PRESENCE_PARAM unless the keys are whole pairs.
+Errors: PRESENCE_PARAM unless the keys are whole pairs and ARGV is empty.
 ]]
 local function presence_query_raw(keys, args)
   if #keys % 2 ~= 0 or #args ~= 0 then return param_error('presence_query_raw takes sessions/status key pairs and no ARGV') end
@@ -1018,7 +1029,8 @@ Reply: {entries appended, the cursor after the call}
   lives, in outbox order. With KEYS[3] the relayed entries are also trimmed from the outbox (else the
   caller runs presence_outbox_trim on the outbox afterwards).
 Errors: PRESENCE_PARAM for a key count other than 2 or 3, a MAXLEN or TTL that is not a positive
-  integer, an entry that is not (id, an even field count >= 2, fields).
+  integer, an entry that is not (id, an even field count >= 2, fields); all entries are checked
+  before the first is appended.
 ]]
 -- An emptied outbox is kept a minute, not deleted: a stream remembers its last id, so the user's
 -- next entry (maybe in the same millisecond) still gets an id after the relay cursor.
@@ -1120,7 +1132,7 @@ Reply: {1 if the node was already registered else 0, now ms, previous beat ms (0
   claims the node id with the beat it read before (ARGV[3]): another one means a live process beat it.
   Without KEYS[2] (callers before 4.1) no incarnation is read or written.
 Errors: PRESENCE_PARAM for a key count other than 1 or 2, an empty node id, KEYS[2] without an
-  incarnation (or an incarnation without KEYS[2]), or an ARGV[3] that is not an integer.
+  incarnation (or an incarnation without KEYS[2]), or an ARGV[3] that is not an integer >= 0.
 ]]
 local function presence_node_heartbeat(keys, args)
   local node, incarnation, claim = args[1], args[2], args[3]
@@ -1150,7 +1162,7 @@ end
 --[[ presence_nodes_expired  (no-writes)
 KEYS[1] nodes ZSET   ARGV[1] node TTL ms
 Reply: ids of nodes whose last heartbeat is older than the TTL
-Errors: PRESENCE_PARAM for a key count other than 1 or a TTL that is not an integer.
+Errors: PRESENCE_PARAM for a key count other than 1 or a TTL that is not an integer >= 0.
 ]]
 local function presence_nodes_expired(keys, args)
   local ttl = arg_int(args, 1, 'TTL', 0, MAX_INT)
