@@ -15,6 +15,7 @@ from redis.exceptions import ResponseError
 
 from presence import functions
 from presence.errors import ParamError
+from presence.keys import FeedKeys
 from presence.library import ensure_library, library_source
 from presence.models import (
     KickPack,
@@ -576,7 +577,7 @@ async def _argv_state(p: Presence) -> None:
 
 
 def _change_login(
-    p: Presence, feed: functions.FeedKeys | None, *, conn: str = "new", ct: int = MAC, imei: str = "mac"
+    p: Presence, feed: FeedKeys | None, *, conn: str = "new", ct: int = MAC, imei: str = "mac"
 ) -> functions.Call[functions.StatusChange]:
     """A login of alice that writes (kicks under model 3, syncs her other sessions, feed entries)."""
     return functions.login(
@@ -735,7 +736,8 @@ async def test_a_bad_number_through_the_call_layer_is_a_param_error(presence: Pr
         presence.user(APP, "alice"), None, bad, app_id=APP, user_id="alice", conn_id="new", client_type=MAC, imei="m"
     )
     fanout = functions.fanout([presence.keys.recipient(APP, "bob")], bad, 4004, b"{}", user_id="alice", version=9)
-    for call in (login, fanout):
+    calls: list[functions.Call[Any]] = [login, fanout]
+    for call in calls:
         before = await _dump(presence, call.keys)
         with pytest.raises(ParamError, match="inbox MAXLEN"):
             await presence.fn.call(call)
