@@ -51,12 +51,15 @@ Identifiers (the rule of presence/ids.py): a userId is 1..LIMITS.userIdBytes byt
 1..LIMITS.imeiBytes bytes, both valid UTF-8 without control characters (C0, DEL, C1), U+2028,
 U+2029 or '|'; a userId also without '{' or '}'.
 
+Integer arguments are decimal digits as Redis reads them (optional '-', no leading zero, no '+',
+fraction or exponent), at most 2^53 - 1; a MAXLEN or TTL is >= 0 unless said otherwise. Every function
+checks all its ARGV before its first write.
 Errors start with PRESENCE_PARAM (a bad argument; the call changed nothing) or PRESENCE_LIMIT (a
 per-user limit is reached; the call changed nothing). presence/functions.py maps them to ParamError
 (90001) and LimitError (90005); any other error is Redis's own (a system error).
 ]]
 
-local VERSION = '4.1.0'
+local VERSION = '4.1.1'
 
 -- The library's limits. presence/limits.py holds the same values (tests/test_limits.py compares
 -- them with presence_limits and probes each one), so Python refuses what the library would refuse.
@@ -125,6 +128,7 @@ local function valid_imei(s) return valid_id(s, LIMITS.imeiBytes, '|') end
 local function stored_user_id(u)
   return type(u) == 'string' and #u >= 1 and #u <= LIMITS.userIdBytes and not string.find(u, '[|{}]')
 end
+local STORED_ID_RULE_ERROR = 'userIds must be 1..' .. LIMITS.userIdBytes .. ' bytes without | { }'
 
 -- A subscription set lives as long as its latest entry, so no such key outlives what it holds.
 local function expire_with_latest(key)
@@ -136,6 +140,40 @@ local function to_int(v)
   local n = tonumber(v)
   if n == nil or n ~= math.floor(n) then return nil end
   return n
+end
+
+--[[ Arguments. Every function checks all its ARGV before its first write (a refused call changes
+nothing). An integer argument is decimal digits as Redis itself reads an integer (an optional '-',
+no leading zero, no '+', exponent, fraction, 'inf' or spaces: tonumber alone takes all of those), so
+what passes here also passes where it is handed on to Redis (PEXPIRE, XADD MAXLEN); and at most
+MAX_INT, the integers a Lua number holds exactly. ]]
+local MAX_INT = 9007199254740991 -- 2^53 - 1
+
+local function int_text(n) return string.format('%d', n) end
+
+-- ARGV[i] as an integer in min..max; `default` when it is absent or '' (without a default it is
+-- required). Else nil and the PRESENCE_PARAM error: '<name> must be <rule>' (rule: 'an integer in
+-- min..max' unless given).
+local function arg_int(args, i, name, min, max, default, rule)
+  local s = args[i]
+  if default ~= nil and (s == nil or s == '') then return default end
+  local n = type(s) == 'string' and #s <= 17 and string.find(s, '^-?[1-9]%d*$') and tonumber(s)
+  if s == '0' then n = 0 end
+  if not n or n < min or n > max then
+    return nil, param_error(name .. ' must be ' .. (rule or ('an integer in ' .. int_text(min) .. '..' .. int_text(max))))
+  end
+  return n
+end
+
+-- Several integer ARGV at once: each spec is {i, field, name, min, max, default, rule}; the values go
+-- to into[field]. Returns nil, or the error of the first bad one.
+local function arg_ints(args, specs, into)
+  for _, spec in ipairs(specs) do
+    local n, err = arg_int(args, spec[1], spec[3], spec[4], spec[5], spec[6], spec[7])
+    if err then return err end
+    into[spec[2]] = n
+  end
+  return nil
 end
 
 --[[ JSON: every JSON object the library writes (stored sessions, the packs of 4004/4005/4006/4007
@@ -217,13 +255,9 @@ local function inbox_drop_through(inbox, last, more)
   redis.call('XDEL', inbox, last)
 end
 
--- Append one entry to an inbox, drop the oldest beyond maxlen (exactly: the drop is recorded) and
--- refresh its expiry; returns the entry id.
-local function inbox_add(inbox, maxlen, ttl_ms, command, data, skip, target)
-  local keep = to_int(maxlen)
-  if keep == nil or keep < 0 then  -- refused as XADD refuses it: before anything is written
-    return redis.call('XADD', inbox, 'MAXLEN', maxlen, '*', 'c', command, 'd', data)
-  end
+-- Append one entry to an inbox, drop the oldest beyond keep (a checked integer >= 0; exactly: the
+-- drop is recorded) and refresh its expiry; returns the entry id.
+local function inbox_add(inbox, keep, ttl_ms, command, data, skip, target)
   local id
   if target then
     id = redis.call('XADD', inbox, '*', 'c', command, 'd', data, 't', target)
@@ -334,8 +368,8 @@ end
 --   sessions (live sessions after)  version (the user's version after the change, as in the packs)
 --   time ms  [customStatus customText]  [kicked]
 local function feed_add(outbox, maxlen, ttl_ms, fields)
-  redis.call('XADD', outbox, 'MAXLEN', '~', to_int(maxlen) or DEFAULT_OUTBOX_MAXLEN, '*', unpack(fields))
-  redis.call('PEXPIRE', outbox, to_int(ttl_ms) or DEFAULT_OUTBOX_TTL)
+  redis.call('XADD', outbox, 'MAXLEN', '~', maxlen, '*', unpack(fields))
+  redis.call('PEXPIRE', outbox, ttl_ms)
 end
 
 local function session_fields(event, app_id, user_id, ct, imei, reason, online, sessions, version, now)
@@ -351,18 +385,28 @@ local function count(counters, app_id, ct, sessions_delta, users_delta)
   if users_delta ~= 0 then redis.call('HINCRBY', counters, app_id .. ':u', users_delta) end
 end
 
+-- ARGV[1..2] of the functions that write inbox entries: the inbox MAXLEN (into.maxlen) and TTL
+-- (checked; PEXPIRE gets ARGV[2] as given).
+local INBOX_INTS = {{1, 'maxlen', 'inbox MAXLEN', 0, MAX_INT}, {2, 'ttl_checked', 'inbox TTL ms', 0, MAX_INT}}
+-- ARGV[4..6] of the user's own functions: an outbox option absent or '' is its default.
+local CHANGE_INTS = {
+  {4, 'outbox_maxlen', 'outbox MAXLEN', 0, MAX_INT, DEFAULT_OUTBOX_MAXLEN},
+  {5, 'outbox_ttl', 'outbox TTL ms', 0, MAX_INT, DEFAULT_OUTBOX_TTL},
+  {6, 'app_id', 'appId', -MAX_INT, MAX_INT},
+}
+
 -- ARGV[1..8] of the user's own functions (the layout in the header above), checked; or an error.
 local function change_args(name, keys, args, most_keys)
   if #keys ~= 5 and #keys ~= most_keys then
     return nil, param_error(name .. ' takes 5 or ' .. most_keys .. ' keys')
   end
   local c = {
-    maxlen = args[1], ttl = args[2], prefix = args[3], outbox_maxlen = args[4], outbox_ttl = args[5],
-    app_id = to_int(args[6]), user_id = args[7], op_id = args[8] or '',
+    ttl = args[2], prefix = args[3], user_id = args[7], op_id = args[8] or '',
     sessions = keys[1], status = keys[2], subscribers = keys[3], inbox = keys[4], friends = keys[5],
     outbox = keys[6], counters = keys[7],
   }
-  if c.app_id == nil then return nil, param_error('appId must be an integer') end
+  local err = arg_ints(args, INBOX_INTS, c) or arg_ints(args, CHANGE_INTS, c)
+  if err then return nil, err end
   return c
 end
 
@@ -381,19 +425,22 @@ local function kicks(model, new_ct, old_ct)
 end
 
 -- presence_login's ARGV[9..15] on top of change_args, checked; or an error.
+local LOGIN_INTS = {
+  {9, 'ct', 'clientType', 0, 5, nil, '0..5'},
+  {13, 'client_version', 'client version', -MAX_INT, MAX_INT, 0},
+  {14, 'model', 'loginModel', 1, 4, nil, '1..4'},
+  {15, 'max_sessions', 'max sessions', 1, MAX_INT, LIMITS.maxSessions, 'at least 1'},
+}
 local function login_args(keys, args)
   local c, err = change_args('presence_login', keys, args, 7)
   if c == nil then return nil, err end
-  c.conn_id, c.ct, c.imei = c.op_id, to_int(args[9]), args[10]
-  c.broker_id, c.broker_host, c.client_version = args[11] or '', args[12] or '', to_int(args[13]) or 0
-  c.model, c.max_sessions = to_int(args[14]), to_int(args[15]) or LIMITS.maxSessions
+  c.conn_id, c.imei, c.broker_id, c.broker_host = c.op_id, args[10], args[11] or '', args[12] or ''
   if not valid_user_id(c.user_id) then return nil, param_error('userId must be ' .. USER_ID_RULE) end
-  if c.ct == nil or c.ct < 0 or c.ct > 5 then return nil, param_error('clientType must be 0..5') end
+  err = arg_ints(args, LOGIN_INTS, c)
+  if err then return nil, err end
   if not valid_imei(c.imei) then return nil, param_error('imei must be ' .. IMEI_RULE) end
   if #c.conn_id < 1 or string.find(c.conn_id, '"') then return nil, param_error('connId is required') end
   if string.find(c.broker_id, '[^%w%._:-]') then return nil, param_error('brokerId must be [A-Za-z0-9._:-]') end
-  if c.model == nil or c.model < 1 or c.model > 4 then return nil, param_error('loginModel must be 1..4') end
-  if c.max_sessions < 1 then return nil, param_error('max sessions must be at least 1') end
   c.field = c.ct .. ':' .. c.imei
   return c
 end
@@ -452,7 +499,7 @@ local function login_feed(c, plan, version, now, kicked_json)
     redis.call('HLEN', c.sessions), version, now)
   -- the devices this login kicked (their own 'kicked' entries came just before), as Tencent's KickedDevice
   fields[#fields + 1] = 'kicked'
-  fields[#fields + 1] = '[' .. table.concat(kicked_json, ',') .. ']'
+  fields[#fields + 1] = json_list(kicked_json)[RAW]
   feed_add(c.outbox, c.outbox_maxlen, c.outbox_ttl, fields)
 end
 
@@ -476,8 +523,9 @@ Reply: a status change {changed, 4004 data, version, online 1, inbox last id, ki
   device's session (a reconnect): nobody is told, friends see no second "online". Kicked sessions
   (same device on another connection, or the login model's conflicts) are removed and get a 9002
   entry. The new session's other sessions get a 4005 entry (skipping the new connection).
-Errors: PRESENCE_PARAM for a key count other than 5 or 7, a non-integer appId, a userId or imei
-  breaking the identifier rule, clientType outside 0..5, an empty connId or one with '"', a brokerId
+Errors: PRESENCE_PARAM for a key count other than 5 or 7, an inbox or outbox MAXLEN or TTL that is
+  not an integer >= 0 (the outbox ones may be '': defaults), a non-integer appId or client version, a
+  userId or imei breaking the identifier rule, clientType outside 0..5, an empty connId or one with '"', a brokerId
   outside [A-Za-z0-9._:-], loginModel outside 1..4, max sessions below 1.
   PRESENCE_LIMIT when the login would make more live sessions than ARGV[15]: the new login is
   refused and nothing is written (existing sessions are never kicked for it).
@@ -552,21 +600,31 @@ Reply: a status change {changed, 4004 data, version, online, '', 0, recipients..
   operations (ARGV[8]) applies nothing and replies changed = 1 with the current state. lastSeen
   becomes the later of its stored value and the evidence. The user's other sessions get a 4005
   entry (skipping ARGV[11]).
-Errors: PRESENCE_PARAM for a key count other than 5 or 7, a non-integer appId, a userId that is not
-  1..LIMITS.userIdBytes bytes without | { } (ids stored before the identifier rule still log out), a
-  missing clientType or imei.
+Errors: PRESENCE_PARAM for a key count other than 5 or 7, ARGV[1..5] as presence_login's, a
+  non-integer appId, a userId that is not 1..LIMITS.userIdBytes bytes without | { } (ids stored
+  before the identifier rule still log out), a missing clientType or imei, clientType outside 0..5,
+  an offline inbox TTL that is not an integer >= 0, an evidence age or time that is not '' or an
+  integer >= 0.
 ]]
+local LOGOUT_INTS = {
+  {9, 'ct', 'clientType', 0, 5, nil, '0..5'},
+  {13, 'offline_ttl', 'the offline inbox TTL ms', 0, MAX_INT},
+  {14, 'age', 'evidence age ms', 0, MAX_INT, 0},
+  {15, 'seen_at', 'evidence time ms', 0, MAX_INT, 0},
+}
 local function presence_logout(keys, args)
   local c, err = change_args('presence_logout', keys, args, 7)
   if c == nil then return err end
-  local ct, imei, conn_id = to_int(args[9]), args[10], args[11] or ''
+  local imei, conn_id = args[10], args[11] or ''
   if not stored_user_id(c.user_id) then
     return param_error('userId must be 1..' .. LIMITS.userIdBytes .. ' bytes without | { }')
   end
-  if ct == nil or imei == nil then return param_error('clientType and imei are required') end
-  local reason, offline_ttl = args[12], args[13]
+  if args[9] == nil or imei == nil then return param_error('clientType and imei are required') end
+  err = arg_ints(args, LOGOUT_INTS, c)
+  if err then return err end
+  local ct, age, seen_at, offline_ttl = c.ct, c.age, c.seen_at, args[13]
+  local reason = args[12]
   if reason == nil or reason == '' then reason = 'logout' end
-  local age, seen_at = to_int(args[14]) or 0, to_int(args[15]) or 0
   local now = now_ms()
 
   if is_recent_op(c.status, c.op_id) then
@@ -585,7 +643,7 @@ local function presence_logout(keys, args)
 
   redis.call('HDEL', c.sessions, field)
   local version = next_version(c.status, c.op_id)
-  local seen = now - math.max(age, 0)
+  local seen = now - age
   if seen_at > 0 then seen = math.min(seen_at, now) end
   local before = to_int(redis.call('HGET', c.status, 'lastSeen'))
   if before == nil or before < seen then redis.call('HSET', c.status, 'lastSeen', seen) end
@@ -621,15 +679,17 @@ ARGV[11] origin connId ('' = none: every session of the user gets the 4007 sync)
 Reply: a status change {1, 4006 data, version, online, '', 0, recipients...}
   A repeat of one of the user's recent operations (ARGV[8], even after later changes) applies
   nothing and replies the current state. The user's sessions but the origin get a 4007 entry.
-Errors: PRESENCE_PARAM for a key count other than 5 or 6, a non-integer appId, a userId breaking the
-  identifier rule, a non-integer customStatus, a customText over LIMITS.customTextBytes bytes.
+Errors: PRESENCE_PARAM for a key count other than 5 or 6, ARGV[1..5] as presence_login's, a
+  non-integer appId, a userId breaking the identifier rule, a non-integer customStatus, a customText over LIMITS.customTextBytes bytes.
 ]]
 local function presence_set_custom_status(keys, args)
   local c, err = change_args('presence_set_custom_status', keys, args, 6)
   if c == nil then return err end
-  local custom, text, origin = to_int(args[9]), args[10] or '', args[11] or ''
+  local text, origin = args[10] or '', args[11] or ''
   if not valid_user_id(c.user_id) then return param_error('userId must be ' .. USER_ID_RULE) end
-  if custom == nil then return param_error('customStatus must be an integer') end
+  local custom
+  custom, err = arg_int(args, 9, 'customStatus', -MAX_INT, MAX_INT)
+  if err then return err end
   if #text > LIMITS.customTextBytes then
     return param_error('customText must be at most ' .. LIMITS.customTextBytes .. ' bytes')
   end
@@ -677,15 +737,29 @@ Reply: {entries written, doorbells published}, and when ARGV[3] is '':
   Only recipients with an online session get an entry: offline users pull on connect.
   A recipient whose pushed HASH already holds this version or a newer one for (command, user)
   gets nothing: the newest state is never followed by an older one. Safe to repeat.
-Errors: PRESENCE_PARAM without a command and data, or when the keys are not whole triples (pairs
-  without ARGV[6..7]).
+Errors: PRESENCE_PARAM for an ARGV count other than 5 or 7 (the count alone picks pairs or triples),
+  an inbox MAXLEN or TTL that is not an integer >= 0, a command that is not a positive integer, a
+  changed userId that is not 1..LIMITS.userIdBytes bytes without | { }, a version that is not an
+  integer >= 0, or when the keys are not whole triples (pairs with 5 ARGV).
 ]]
+local FANOUT_INTS = {{4, 'command', 'command', 1, MAX_INT}}
+local FANOUT_VERSION = {{7, 'version', 'version', 0, MAX_INT}}
 local function presence_fanout(keys, args)
-  local maxlen, ttl, prefix, command, data = args[1], args[2], args[3], args[4], args[5]
-  local subject, version = args[6], to_int(args[7])
-  local step = 2
-  if subject ~= nil and version ~= nil then step = 3 end
-  if command == nil or data == nil then return param_error('presence_fanout takes inbox options, a command and data') end
+  -- The mode comes from the ARGV count alone: a bad version is an error, never pairs mode.
+  if #args ~= 5 and #args ~= 7 then
+    return param_error('presence_fanout takes inbox options, a command and data (5 ARGV), then a userId and version (7)')
+  end
+  local o = {}
+  local err = arg_ints(args, INBOX_INTS, o) or arg_ints(args, FANOUT_INTS, o)
+  if err then return err end
+  local maxlen, ttl, prefix, command, data = o.maxlen, args[2], args[3], args[4], args[5]
+  local subject, version, step = args[6], nil, 2
+  if #args == 7 then
+    if not stored_user_id(subject) then return param_error('the changed userId must be 1..' .. LIMITS.userIdBytes .. ' bytes without | { }') end
+    err = arg_ints(args, FANOUT_VERSION, o)
+    if err then return err end
+    version, step = o.version, 3
+  end
   if #keys % step ~= 0 then return param_error('presence_fanout takes sessions/inbox(/pushed) key groups') end
   local field = command .. ':' .. (subject or '')
   local by_node = {}
@@ -727,35 +801,43 @@ Reply: {expireAt ms, live subscriptions after the call}
   pushes start once that ran; repeating both converges. The reverse index
   expires (PEXPIREAT) with its latest entry.
 Errors: PRESENCE_PARAM for a key count other than 1, no target, a subscriber or target breaking the
-  identifier rule, the subscriber among the targets, subTime out of range, a limit below 1, and
-  when the call would make more live subscriptions than ARGV[3] (nothing is written then).
+  identifier rule, the subscriber among the targets, subTime out of range, a limit that is not a
+  positive integer, and when the call would make more live subscriptions than ARGV[3] (nothing is
+  written then, not even the pruning of expired entries).
 ]]
+local SUBSCRIBE_INTS = {
+  {2, 'sub_time', 'subTime', 1, LIMITS.subTimeMs, nil, 'between 1 and ' .. LIMITS.subTimeMs .. ' ms'},
+  {3, 'limit', 'limit', 1, MAX_INT, nil, 'a positive integer'},
+}
 local function presence_subscribe(keys, args)
-  local subscriber, sub_time, limit = args[1], to_int(args[2]), to_int(args[3])
+  local subscriber, o = args[1], {}
   local n = #args - 3
   if #keys ~= 1 or n < 1 then return param_error('presence_subscribe takes 1 key and at least one target') end
   if not valid_user_id(subscriber) then return param_error('subscriber userId must be ' .. USER_ID_RULE) end
-  if sub_time == nil or sub_time < 1 or sub_time > LIMITS.subTimeMs then
-    return param_error('subTime must be between 1 and ' .. LIMITS.subTimeMs .. ' ms')
-  end
-  if limit == nil or limit < 1 then return param_error('limit must be a positive integer') end
+  local err = arg_ints(args, SUBSCRIBE_INTS, o)
+  if err then return err end
+  local limit = o.limit
   local now = now_ms()
-  local expire_at = now + sub_time
+  local expire_at = now + o.sub_time
   local index = keys[1]
-  redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
+  -- Counted as after pruning the expired entries, which happens only once the call is accepted.
   local fresh = {}
   local added = 0
   for i = 1, n do
     local target = args[i + 3]
     if not valid_user_id(target) then return param_error('subUserId must be ' .. USER_ID_RULE) end
     if target == subscriber then return param_error('subUserId must not contain the subscriber itself') end
-    if not fresh[target] and not redis.call('ZSCORE', index, target) then added = added + 1 end
+    if not fresh[target] then
+      local score = redis.call('ZSCORE', index, target)
+      if not score or tonumber(score) <= now then added = added + 1 end
+    end
     fresh[target] = true
   end
-  local live = redis.call('ZCARD', index) + added
+  local live = redis.call('ZCOUNT', index, '(' .. now, '+inf') + added
   if live > limit then
     return param_error('at most ' .. limit .. ' live subscriptions per user, this call would make ' .. live)
   end
+  redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
   for i = 1, n do
     redis.call('ZADD', index, expire_at, args[i + 3])
   end
@@ -771,8 +853,9 @@ Reply: {now ms, target userId, expireAt ms, target userId, expireAt ms, ...}: th
 Errors: PRESENCE_PARAM for a key count other than 1 or a limit that is not a positive integer.
 ]]
 local function presence_subscriptions(keys, args)
-  local limit = to_int(args[1])
-  if #keys ~= 1 or limit == nil or limit < 1 then return param_error('presence_subscriptions takes 1 key and a limit') end
+  if #keys ~= 1 then return param_error('presence_subscriptions takes 1 key and a limit') end
+  local limit, err = arg_int(args, 1, 'limit', 1, MAX_INT)
+  if err then return err end
   local now = now_ms()
   local reply = {now}
   local live = redis.call('ZRANGE', keys[1], '(' .. now, '+inf', 'BYSCORE', 'LIMIT', 0, limit, 'WITHSCORES')
@@ -794,10 +877,11 @@ Errors: PRESENCE_PARAM without keys, with other than 2 ARGV, a subscriber breaki
   rule, an expireAt that is not a positive integer.
 ]]
 local function presence_subscribers_add(keys, args)
-  local subscriber, expire_at = args[1], to_int(args[2])
+  local subscriber = args[1]
   if #keys < 1 or #args ~= 2 then return param_error('presence_subscribers_add takes keys, a subscriber and expireAt') end
   if not valid_user_id(subscriber) then return param_error('subscriber userId must be ' .. USER_ID_RULE) end
-  if expire_at == nil or expire_at < 1 then return param_error('expireAt must be a positive integer') end
+  local expire_at, err = arg_int(args, 2, 'expireAt', 1, MAX_INT, nil, 'a positive integer')
+  if err then return err end
   local now = now_ms()
   local added = 0
   for i = 1, #keys do
@@ -812,10 +896,15 @@ end
 KEYS[1] the subscriber's subscriptions ZSET   ARGV[1] subscriber userId   ARGV[2..] target userIds
 Reply: number of subscriptions removed
   Then the caller runs presence_subscribers_remove on the targets' keys (per slot).
-Errors: PRESENCE_PARAM for a key count other than 1 or no target.
+Errors: PRESENCE_PARAM for a key count other than 1, no target, a subscriber or target that is not
+  1..LIMITS.userIdBytes bytes without | { }.
 ]]
 local function presence_unsubscribe(keys, args)
   if #keys ~= 1 or #args < 2 then return param_error('presence_unsubscribe takes 1 key and at least one target') end
+  -- The looser rule of stored ids: subscriptions stored before the identifier rule still go.
+  for i = 1, #args do
+    if not stored_user_id(args[i]) then return param_error(STORED_ID_RULE_ERROR) end
+  end
   local removed = 0
   for i = 2, #args do
     removed = removed + redis.call('ZREM', keys[1], args[i])
@@ -826,10 +915,12 @@ end
 --[[ presence_subscribers_remove  (the targets' side of presence_unsubscribe)
 KEYS[1..n] each target's subscribers ZSET  (one slot on a cluster)   ARGV[1] subscriber userId
 Reply: number of subscribers ZSETs the subscriber was removed from
-Errors: PRESENCE_PARAM without keys or with other than 1 ARGV.
+Errors: PRESENCE_PARAM without keys, with other than 1 ARGV, or a subscriber that is not
+  1..LIMITS.userIdBytes bytes without | { }.
 ]]
 local function presence_subscribers_remove(keys, args)
   if #keys < 1 or #args ~= 1 then return param_error('presence_subscribers_remove takes keys and a subscriber') end
+  if not stored_user_id(args[1]) then return param_error(STORED_ID_RULE_ERROR) end
   local removed = 0
   for i = 1, #keys do
     removed = removed + redis.call('ZREM', keys[i], args[1])
@@ -898,10 +989,10 @@ KEYS: pairs  sessions_1, status_1, sessions_2, status_2, ...  (one slot on a clu
 ARGV: none (the caller knows the users, in KEYS order)
 Reply: per user, in KEYS order, 5 items: {session JSON...}, customStatus, customText, lastSeen,
   version (nil when never set). Building the JSON object in Lua was most of presence_query's time.
-Errors: PRESENCE_PARAM unless the keys are whole pairs.
+Errors: PRESENCE_PARAM unless the keys are whole pairs and ARGV is empty.
 ]]
 local function presence_query_raw(keys, args)
-  if #keys % 2 ~= 0 then return param_error('presence_query_raw takes sessions/status key pairs') end
+  if #keys % 2 ~= 0 or #args ~= 0 then return param_error('presence_query_raw takes sessions/status key pairs and no ARGV') end
   local reply, n, call = {}, 0, redis.call
   for i = 1, #keys, 2 do
     local st = call('HMGET', keys[i + 1], 'customStatus', 'customText', 'lastSeen', 'version')
@@ -912,11 +1003,18 @@ local function presence_query_raw(keys, args)
   return reply
 end
 
+-- A stream entry id <ms>-<seq>, each part at most MAX_INT (formatted back exactly by next_id).
 local function parse_id(id)
-  local ms, seq = string.match(id or '', '^(%d+)-(%d+)$')
-  if not ms then return nil end
-  return {tonumber(ms), tonumber(seq)}
+  if type(id) ~= 'string' then return nil end
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  if not ms or #ms > 16 or #seq > 16 then return nil end
+  ms, seq = tonumber(ms), tonumber(seq)
+  if ms > MAX_INT or seq >= MAX_INT then return nil end
+  return {ms, seq}
 end
+
+-- The smallest id after a parsed one.
+local function next_id(p) return string.format('%d-%d', p[1], p[2] + 1) end
 
 local function id_after(a, b) return a[1] > b[1] or (a[1] == b[1] and a[2] > b[2]) end
 
@@ -931,36 +1029,43 @@ Reply: {entries appended, the cursor after the call}
   lives, in outbox order. With KEYS[3] the relayed entries are also trimmed from the outbox (else the
   caller runs presence_outbox_trim on the outbox afterwards).
 Errors: PRESENCE_PARAM for a key count other than 2 or 3, a MAXLEN or TTL that is not a positive
-  integer, an entry that is not (id, an even field count >= 2, fields).
+  integer, an entry that is not (id, an even field count >= 2, fields); all entries are checked
+  before the first is appended.
 ]]
 -- An emptied outbox is kept a minute, not deleted: a stream remembers its last id, so the user's
 -- next entry (maybe in the same millisecond) still gets an id after the relay cursor.
 local EMPTY_OUTBOX_TTL = 60000
+local FEED_INTS = {{1, 'maxlen', 'feed MAXLEN', 1, MAX_INT}, {2, 'ttl', 'cursor TTL ms', 1, MAX_INT}}
 local function presence_feed_append(keys, args)
   if #keys ~= 2 and #keys ~= 3 then return param_error('presence_feed_append takes 2 or 3 keys') end
-  local maxlen, ttl = to_int(args[1]), to_int(args[2])
-  if maxlen == nil or maxlen < 1 or ttl == nil or ttl < 1 then return param_error('MAXLEN and cursor TTL must be positive') end
+  local o = {}
+  local err = arg_ints(args, FEED_INTS, o)
+  if err then return err end
+  local maxlen, ttl = o.maxlen, o.ttl
+  -- Every entry is checked before the first XADD: {parsed id, first field index, field count}.
+  local entries = {}
+  local i = 3
+  while i <= #args do
+    local parsed, n = parse_id(args[i]), arg_int(args, i + 1, 'field count', 2, #args - i - 1)
+    if parsed == nil or n == nil or n % 2 ~= 0 then return param_error('entries are: outbox id, field count, fields') end
+    entries[#entries + 1] = {parsed, i + 2, n}
+    i = i + 2 + n
+  end
   local cursor_text = redis.call('GET', keys[2]) or '0-0'
   local cursor = parse_id(cursor_text) or {0, 0}
   local appended, last = 0, nil
-  local i = 3
-  while i <= #args do
-    local id, n = args[i], to_int(args[i + 1])
-    local parsed = parse_id(id)
-    if parsed == nil or n == nil or n < 2 or n % 2 ~= 0 then return param_error('entries are: outbox id, field count, fields') end
+  for _, e in ipairs(entries) do
+    local parsed, first, n = e[1], e[2], e[3]
     if id_after(parsed, cursor) then
-      local fields = {}
-      for j = 1, n do fields[j] = args[i + 1 + j] end
-      redis.call('XADD', keys[1], 'MAXLEN', '~', maxlen, '*', unpack(fields))
+      redis.call('XADD', keys[1], 'MAXLEN', '~', maxlen, '*', unpack(args, first, first + n - 1))
       appended = appended + 1
-      cursor, cursor_text = parsed, id
+      cursor, cursor_text = parsed, args[first - 2]
     end
     if last == nil or id_after(parsed, last) then last = parsed end
-    i = i + 2 + n
   end
   if appended > 0 then redis.call('SET', keys[2], cursor_text, 'PX', ttl) end
   if keys[3] and last then
-    redis.call('XTRIM', keys[3], 'MINID', last[1] .. '-' .. (last[2] + 1))
+    redis.call('XTRIM', keys[3], 'MINID', next_id(last))
     if redis.call('XLEN', keys[3]) == 0 then redis.call('PEXPIRE', keys[3], EMPTY_OUTBOX_TTL) end
   end
   return {appended, cursor_text}
@@ -974,7 +1079,7 @@ Errors: PRESENCE_PARAM for a key count other than 1 or an entry id that is not <
 local function presence_outbox_trim(keys, args)
   local last = parse_id(args[1])
   if #keys ~= 1 or last == nil then return param_error('presence_outbox_trim takes 1 key and an entry id') end
-  redis.call('XTRIM', keys[1], 'MINID', last[1] .. '-' .. (last[2] + 1))
+  redis.call('XTRIM', keys[1], 'MINID', next_id(last))
   local left = redis.call('XLEN', keys[1])
   if left == 0 then redis.call('PEXPIRE', keys[1], EMPTY_OUTBOX_TTL) end
   return left
@@ -996,15 +1101,16 @@ Errors: PRESENCE_PARAM for a key count other than 1, a window below 1 ms, an ent
   <ms>-<seq>.
 ]]
 local function presence_inbox_trim(keys, args)
-  local window, upto = to_int(args[1]), parse_id(args[2])
+  local window, upto = arg_int(args, 1, 'window', 1, MAX_INT), parse_id(args[2])
   -- A window of at least 1 ms keeps a deleted inbox's last id before any id the next entry can get.
-  if #keys ~= 1 or window == nil or window < 1 or upto == nil then
+  if #keys ~= 1 or window == nil or upto == nil then
     return param_error('presence_inbox_trim takes 1 key, a window of at least 1 ms and an entry id')
   end
   local horizon = now_ms() - window
-  local min_id = horizon .. '-0'
-  if upto[1] <= horizon then min_id = string.format('%d-%d', upto[1], upto[2] + 1) end
-  local last = redis.call('XREVRANGE', keys[1], '(' .. min_id, '-', 'COUNT', 1)  -- the newest to go
+  local min_id = string.format('%d-0', horizon)
+  if upto[1] <= horizon then min_id = next_id(upto) end
+  local last = {}  -- the newest to go (none when the window reaches back before the epoch)
+  if horizon > 0 or upto[1] <= horizon then last = redis.call('XREVRANGE', keys[1], '(' .. min_id, '-', 'COUNT', 1) end
   if #last > 0 then inbox_drop_through(keys[1], last[1][1], true) end
   local left = redis.call('XLEN', keys[1])
   if left == 0 then redis.call('DEL', keys[1]) end
@@ -1026,7 +1132,7 @@ Reply: {1 if the node was already registered else 0, now ms, previous beat ms (0
   claims the node id with the beat it read before (ARGV[3]): another one means a live process beat it.
   Without KEYS[2] (callers before 4.1) no incarnation is read or written.
 Errors: PRESENCE_PARAM for a key count other than 1 or 2, an empty node id, KEYS[2] without an
-  incarnation (or an incarnation without KEYS[2]), or an ARGV[3] that is not an integer.
+  incarnation (or an incarnation without KEYS[2]), or an ARGV[3] that is not an integer >= 0.
 ]]
 local function presence_node_heartbeat(keys, args)
   local node, incarnation, claim = args[1], args[2], args[3]
@@ -1035,7 +1141,7 @@ local function presence_node_heartbeat(keys, args)
     return param_error('presence_node_heartbeat takes 1 key and a node id, or 2 keys, a node id and an incarnation')
   end
   if claim ~= nil then
-    claim = to_int(claim)
+    claim = arg_int(args, 3, 'claim', 0, MAX_INT)
     if claim == nil or #keys ~= 2 then
       return param_error('presence_node_heartbeat: a claim is the last beat in ms, after an incarnation')
     end
@@ -1056,12 +1162,12 @@ end
 --[[ presence_nodes_expired  (no-writes)
 KEYS[1] nodes ZSET   ARGV[1] node TTL ms
 Reply: ids of nodes whose last heartbeat is older than the TTL
-Errors: PRESENCE_PARAM for a key count other than 1 or a TTL that is not an integer.
+Errors: PRESENCE_PARAM for a key count other than 1 or a TTL that is not an integer >= 0.
 ]]
 local function presence_nodes_expired(keys, args)
-  local ttl = to_int(args[1])
+  local ttl = arg_int(args, 1, 'TTL', 0, MAX_INT)
   if #keys ~= 1 or ttl == nil then return param_error('presence_nodes_expired takes 1 key and a TTL in ms') end
-  return redis.call('ZRANGEBYSCORE', keys[1], '-inf', '(' .. (now_ms() - ttl))
+  return redis.call('ZRANGEBYSCORE', keys[1], '-inf', string.format('(%d', now_ms() - ttl))
 end
 
 --[[ presence_version  (no-writes)

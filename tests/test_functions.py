@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
 import pytest
 from redis.asyncio import Redis
+from redis.crc import key_slot
+from redis.exceptions import ResponseError
 
 from presence import functions
 from presence.errors import ParamError
+from presence.keys import FeedKeys
 from presence.library import ensure_library, library_source
 from presence.models import (
     KickPack,
@@ -46,7 +49,7 @@ async def inbox(p: Presence, user: str) -> list[dict[str, Any]]:
 
 async def test_library_loads_once_and_reports_version(any_redis: Redis) -> None:
     assert await ensure_library(any_redis) is False  # the fixture loaded this exact code already
-    assert (await any_redis.fcall_ro("presence_version", 0)) == b"4.1.0"
+    assert (await any_redis.fcall_ro("presence_version", 0)) == b"4.1.1"
 
 
 async def test_login_writes_session_and_friend_gets_4004(presence: Presence) -> None:
@@ -402,7 +405,7 @@ def test_redis_cli_loads_the_file_as_is(redis_url: str) -> None:
     out = subprocess.run(
         ["redis-cli", "-u", redis_url, "FCALL", "presence_version", "0"], capture_output=True, check=True
     )
-    assert out.stdout.strip() == b"4.1.0"
+    assert out.stdout.strip() == b"4.1.1"
 
 
 # --- issue 10: versions, ordered fan-out, operation ids, lastSeen evidence (every store) ---
@@ -541,3 +544,201 @@ async def test_a_custom_status_of_53_bits_reaches_friends_exactly(presence: Pres
         await presence.set_custom_status(APP, "alice", value, "big")
         assert (await inbox(presence, "bob"))[-1]["d"]["customStatus"] == value
         assert (await presence.query_users(APP, ["alice"]))["alice"].customStatus == value
+
+
+# --- every ARGV is checked before the first write: a bad one is PRESENCE_PARAM and changes nothing ---
+
+
+def _same_slot_as(user: str) -> str:
+    """Another userId whose keys share ``user``'s cluster slot (two recipients in one fan-out call)."""
+    slot = key_slot(f"presence:{{{APP}:{user}}}:x".encode())
+    return next(u for u in (f"r{i}" for i in range(100_000)) if key_slot(f"presence:{{{APP}:{u}}}:x".encode()) == slot)
+
+
+BOB_NEIGHBOUR = _same_slot_as("bob")
+
+
+async def _argv_state(p: Presence) -> None:
+    """Keys with content for every case below: sessions, versions, inboxes, pushed records, an outbox and
+    counters, subscriptions with an expired entry, friends, a feed cursor, a node."""
+    await p.add_friend(APP, "alice", "bob")
+    await p.subscribe(APP, "carol", ["alice"], 60_000)
+    await p.redis.zadd(p.user(APP, "carol").subscriptions, {"gone": 1})  # expired: a write would prune it
+    for user in ("bob", BOB_NEIGHBOUR, "carol", "dave"):
+        await login(p, user)
+    await login(p, "alice", IOS, "phone")
+    await login(p, "alice", WINDOWS, "pc")
+    await p.set_custom_status(APP, "alice", 1, "hi")
+    feed = p.feed.feed_keys(APP, "alice")
+    await p.fn.call(_change_login(p, feed, conn="seed", ct=ANDROID, imei="tab"))
+    await p.redis.xadd("presence:feed:{x}", {"f": "v"})
+    await p.redis.set("presence:cursor:{x}", "1-0", px=60_000)
+    await p.nodes.beat("n1", "inc-1")
+
+
+def _change_login(
+    p: Presence, feed: FeedKeys | None, *, conn: str = "new", ct: int = MAC, imei: str = "mac"
+) -> functions.Call[functions.StatusChange]:
+    """A login of alice that writes (kicks under model 3, syncs her other sessions, feed entries)."""
+    return functions.login(
+        p.user(APP, "alice"), feed, p.options, app_id=APP, user_id="alice", conn_id=conn, client_type=ct, imei=imei
+    )
+
+
+def _logout(p: Presence, user: str, ct: int, imei: str) -> functions.Call[functions.StatusChange]:
+    return functions.logout(
+        p.user(APP, user), p.feed.feed_keys(APP, user), p.options, app_id=APP, user_id=user, client_type=ct, imei=imei
+    )
+
+
+def _custom(p: Presence) -> functions.Call[functions.StatusChange]:
+    return functions.set_custom_status(
+        p.user(APP, "alice"),
+        p.feed.feed_keys(APP, "alice"),
+        p.options,
+        app_id=APP,
+        user_id="alice",
+        custom_status=2,
+        custom_text="busy",
+        origin_conn_id="c-alice-2-phone",
+    )
+
+
+def _fanout(p: Presence, *, ordered: bool = True) -> functions.Call[functions.FanoutReply]:
+    make = p.keys.recipient if ordered else p.keys.recipient_unordered
+    users = ("bob", BOB_NEIGHBOUR)
+    return functions.fanout(
+        [make(APP, u) for u in users], p.options, 4004, b'{"v":9}', user_id="alice" if ordered else "", version=9
+    )
+
+
+def _feed_append(p: Presence) -> functions.Call[functions.FeedAppendReply]:
+    entries = [("5-0", ["a", "1"]), ("6-0", ["b", "2"])]
+    return functions.feed_append("presence:feed:{x}", "presence:cursor:{x}", None, 10, 60_000, entries)
+
+
+ArgvCase = tuple[Callable[[Presence], functions.Call[Any]], int, str]
+ARGV_CASES: dict[str, ArgvCase] = {
+    # (the call on the state above, the 1-based ARGV index to spoil, the bad value)
+    "login inbox MAXLEN abc": (lambda p: _change_login(p, p.feed.feed_keys(APP, "alice")), 1, "abc"),
+    "login inbox MAXLEN -1": (lambda p: _change_login(p, None), 1, "-1"),
+    "login inbox MAXLEN 1.5": (lambda p: _change_login(p, None), 1, "1.5"),
+    "login inbox MAXLEN inf": (lambda p: _change_login(p, None), 1, "inf"),
+    "login inbox TTL abc": (lambda p: _change_login(p, None), 2, "abc"),
+    "login inbox TTL 20 digits": (lambda p: _change_login(p, None), 2, "9" * 20),
+    "login outbox MAXLEN abc": (lambda p: _change_login(p, p.feed.feed_keys(APP, "alice")), 4, "abc"),
+    "login outbox TTL -5": (lambda p: _change_login(p, p.feed.feed_keys(APP, "alice")), 5, "-5"),
+    "login appId 1e3": (lambda p: _change_login(p, None), 6, "1e3"),
+    "login client version v2": (lambda p: _change_login(p, None), 13, "v2"),
+    "login max sessions many": (lambda p: _change_login(p, None), 15, "many"),
+    "logout inbox MAXLEN abc": (lambda p: _logout(p, "alice", WINDOWS, "pc"), 1, "abc"),
+    "logout inbox TTL abc": (lambda p: _logout(p, "alice", WINDOWS, "pc"), 2, "abc"),
+    "logout outbox MAXLEN abc": (lambda p: _logout(p, "alice", WINDOWS, "pc"), 4, "abc"),
+    "logout clientType x": (lambda p: _logout(p, "alice", WINDOWS, "pc"), 9, "x"),
+    "logout offline TTL abc": (lambda p: _logout(p, "dave", IOS, "dev"), 13, "abc"),
+    "logout offline TTL -1": (lambda p: _logout(p, "dave", IOS, "dev"), 13, "-1"),
+    "logout evidence age x": (lambda p: _logout(p, "alice", WINDOWS, "pc"), 14, "x"),
+    "logout evidence time x": (lambda p: _logout(p, "alice", WINDOWS, "pc"), 15, "x"),
+    "custom status inbox MAXLEN abc": (_custom, 1, "abc"),
+    "custom status inbox TTL abc": (_custom, 2, "abc"),
+    "custom status outbox TTL x": (_custom, 5, "x"),
+    "custom status 1.5": (_custom, 9, "1.5"),
+    "fanout inbox MAXLEN abc": (_fanout, 1, "abc"),
+    "fanout inbox TTL abc": (_fanout, 2, "abc"),
+    "fanout command x": (_fanout, 4, "x"),
+    "fanout version abc": (_fanout, 7, "abc"),
+    "fanout version -1": (_fanout, 7, "-1"),
+    "fanout pairs inbox MAXLEN abc": (lambda p: _fanout(p, ordered=False), 1, "abc"),
+    "subscribe subTime abc": (
+        lambda p: functions.subscribe(p.user(APP, "carol").subscriptions, "carol", ["x"], 1, 9),
+        2,
+        "abc",
+    ),
+    "subscribe limit abc": (
+        lambda p: functions.subscribe(p.user(APP, "carol").subscriptions, "carol", ["x"], 1, 9),
+        3,
+        "abc",
+    ),
+    "subscribe target": (
+        lambda p: functions.subscribe(p.user(APP, "carol").subscriptions, "carol", ["x", "y"], 1, 9),
+        5,
+        "a|b",
+    ),
+    "subscribe over the limit": (
+        lambda p: functions.subscribe(p.user(APP, "carol").subscriptions, "carol", ["x", "y"], 1, 9),
+        3,
+        "2",
+    ),
+    "subscribers_add expireAt inf": (
+        lambda p: functions.subscribers_add([p.user(APP, "alice").subscribers], "carol", 1),
+        2,
+        "inf",
+    ),
+    "unsubscribe subscriber": (
+        lambda p: functions.unsubscribe(p.user(APP, "carol").subscriptions, "carol", ["alice"]),
+        1,
+        "",
+    ),
+    "subscribers_remove subscriber": (
+        lambda p: functions.subscribers_remove([p.user(APP, "alice").subscribers], "carol"),
+        1,
+        "",
+    ),
+    "friends_remove friend": (
+        lambda p: functions.friends_remove([p.user(APP, "alice").friends], [("alice", "bob")]),
+        2,
+        "",
+    ),
+    "feed_append TTL inf": (_feed_append, 2, "inf"),
+    "feed_append second entry": (_feed_append, 8, "3"),
+    "outbox_trim id of 21 digits": (
+        lambda p: functions.outbox_trim(p.user(APP, "alice").outbox, "1-0"),
+        1,
+        "9" * 21 + "-0",
+    ),
+    "inbox_trim window inf": (lambda p: functions.inbox_trim(p.user(APP, "bob").inbox, 1, "9-0"), 1, "inf"),
+    "node_heartbeat claim inf": (
+        lambda p: functions.node_heartbeat(p.keys.nodes, "n1", p.keys.node_incarnations, "inc-2", 0),
+        3,
+        "inf",
+    ),
+}
+
+
+async def _dump(p: Presence, keys: Sequence[str]) -> dict[str, tuple[Any, Any]]:
+    """Each key's serialized value (streams with their deletion records) and absolute expiry."""
+    return {k: (await p.redis.dump(k), await p.redis.pexpiretime(k)) for k in dict.fromkeys(keys)}
+
+
+@pytest.mark.parametrize("case", ARGV_CASES)
+async def test_a_bad_argument_is_presence_param_and_changes_no_key(presence: Presence, case: str) -> None:
+    """Other services call the library directly: every ARGV is checked before the first write (a bad number
+    once stored a login, or recorded a push in `pushed` and then failed with Redis's own ERR)."""
+    build, index, bad = ARGV_CASES[case]
+    await _argv_state(presence)
+    call = build(presence)
+    args = list(call.args)
+    args[index - 1] = bad
+    keys = [k for k in call.keys if k]
+    before = await _dump(presence, keys)
+    with pytest.raises(ResponseError, match=r"^PRESENCE_PARAM "):
+        await presence.store.one(keys[0], *functions.fcall(call.name, keys, args))
+    assert await _dump(presence, keys) == before
+    # the untouched call is valid: it is the bad argument that was refused
+    await presence.fn.call(functions.Call(call.name, keys, call.args, call.parse))
+
+
+async def test_a_bad_number_through_the_call_layer_is_a_param_error(presence: Presence) -> None:
+    """presence/functions.py maps the library's PRESENCE_PARAM to ParamError; the keys stay as they were."""
+    await _argv_state(presence)
+    bad = msgspec.structs.replace(presence.options, inbox_maxlen=-1)
+    login = functions.login(
+        presence.user(APP, "alice"), None, bad, app_id=APP, user_id="alice", conn_id="new", client_type=MAC, imei="m"
+    )
+    fanout = functions.fanout([presence.keys.recipient(APP, "bob")], bad, 4004, b"{}", user_id="alice", version=9)
+    calls: list[functions.Call[Any]] = [login, fanout]
+    for call in calls:
+        before = await _dump(presence, call.keys)
+        with pytest.raises(ParamError, match="inbox MAXLEN"):
+            await presence.fn.call(call)
+        assert await _dump(presence, call.keys) == before, call.name
