@@ -545,6 +545,14 @@ def map_error(exc: ResponseError) -> PresenceError:
     return PresenceError(f"redis: {message}")
 
 
+def unavailable(exc: RedisUnavailable) -> UnavailableError:
+    """Redis away for the whole retry window (``Store``'s RedisUnavailable) as ours: UnavailableError (503).
+
+    Raise it ``from exc``; also for reads that bypass ``Batch`` for speed (``Inboxes.read``'s raw XREAD).
+    """
+    return UnavailableError("redis is unavailable")
+
+
 def raise_mapped(exc: BaseException) -> NoReturn:
     """Raise ``exc`` as ours (``map_error``) when it is a Redis error reply, else as it is."""
     if not isinstance(exc, ResponseError):
@@ -576,6 +584,12 @@ class Pending(Generic[R]):
     @property
     def failed(self) -> bool:
         return isinstance(self._reply, BaseException)
+
+    @property
+    def refused(self) -> bool:
+        """Whether Redis answered it with an error reply (a key of another type, a bad argument, a library
+        error), rather than it failing on the way."""
+        return isinstance(self._reply, ResponseError)
 
     @property
     def error(self) -> BaseException | None:
@@ -631,7 +645,7 @@ class Batch:
         try:
             replies = await (self._send_atomic() if self._atomic else self._store.run(self._commands))
         except RedisUnavailable as exc:
-            raise UnavailableError("redis is unavailable") from exc
+            raise unavailable(exc) from exc
         except ResponseError as exc:  # MULTI/EXEC: the first error stands for the whole transaction
             replies = [exc] * len(self._commands)
         finally:
