@@ -22,6 +22,7 @@ from yarl import URL
 
 from presence.errors import ParamError
 from presence.ids import MAX_USER_ID_BYTES, check_user_id
+from presence.limits import MAX_SESSIONS
 
 DEV_APP_ID = 10000
 DEFAULT_ADMINS = ("admin",)
@@ -44,7 +45,7 @@ class AppConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     login_model: Annotated[int, msgspec.Meta(ge=1, le=4)] = 3
     unsigned_login: bool = False
     # Live sessions per user, WEBAPI included; a login beyond it is refused (code 90005).
-    max_sessions: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 10
+    max_sessions: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = MAX_SESSIONS
     # Seconds without a frame before a connection of this app is closed; None = the global setting, 0 = never.
     heartbeat_timeout: _Seconds | None = None
     # Every change feed entry of the app is POSTed to each of these (gateway/FEED.md).

@@ -188,7 +188,7 @@ class FeedRelay:
         between the two steps and whose user changes no more. ``cursors`` (primary -> SCAN cursor) is
         kept by the caller between rounds; a full pass visits every key once. Returns entries relayed.
         """
-        pattern = f"{self.keys.prefix}:{{*}}:outbox"
+        pattern = self.keys.outbox_pattern
         relayed = 0
         for node in self.store.primaries():
             try:
@@ -203,7 +203,7 @@ class FeedRelay:
                 continue
             cursors[node] = int(cursor)
             for raw in keys:
-                parsed = outbox_user(self.keys.prefix, _text(raw))
+                parsed = self.keys.outbox_user(_text(raw))
                 if parsed is not None:
                     relayed += await self.relay_user(*parsed)
         return relayed
@@ -228,15 +228,6 @@ class FeedRelay:
             await then.run()
         self.relayed(relay, appended, trimmed)
         return 0 if appended.failed else appended.result().appended
-
-
-def outbox_user(prefix: str, key: str) -> tuple[int, str] | None:
-    """(appId, userId) of ``<prefix>:{appId:userId}:outbox``, or None for another key."""
-    head, tail = f"{prefix}:{{", "}:outbox"
-    if not (key.startswith(head) and key.endswith(tail)):
-        return None
-    app, sep, user = key[len(head) : -len(tail)].partition(":")
-    return (int(app), user) if sep and app.isdigit() and user else None
 
 
 def _text(value: object) -> str:

@@ -7,7 +7,8 @@ or a plain value). Keys come in built (``presence/keys.py`` spells them); builde
 
 ``Functions`` runs calls: ``call`` for one call on its own, ``batch`` to queue calls and plain Redis
 commands into one ``Store.run`` (one pipeline per primary, the primaries in parallel) or, on one server,
-one MULTI/EXEC. Only here are latencies observed (``presence_redis_call_seconds{function}``) and Redis
+one MULTI/EXEC, ``call_on`` for a keyless call on one given server (the health check asks every
+primary). Only here are latencies observed (``presence_redis_call_seconds{function}``) and Redis
 errors mapped to ours: ``PRESENCE_PARAM`` -> ParamError (90001), ``PRESENCE_LIMIT`` -> LimitError
 (90005), any other error -> PresenceError (its message quotes Redis: transports log it, clients see
 "system error"), Redis away for the whole retry window -> UnavailableError (503). A reply of another
@@ -19,12 +20,13 @@ Loading the library on the servers is ``presence/library.py``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, NoReturn, TypeVar
 
 import msgspec
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import ResponseError
 
 from presence.errors import LimitError, ParamError, PresenceError, ReplyError, UnavailableError
@@ -32,7 +34,7 @@ from presence.keys import FeedKeys, UserKeys
 from presence.limits import MAX_SESSIONS, LibraryLimits
 from presence.metrics import REDIS_LATENCY
 from presence.models import Subscription, SubscriptionList, UserOnlineStatus
-from presence.store import Command, RedisUnavailable, Store
+from presence.store import Command, RedisUnavailable, Store, is_function_missing
 
 Arg = str | bytes | int
 """One ARGV item as redis-py sends it."""
@@ -545,6 +547,14 @@ def map_error(exc: ResponseError) -> PresenceError:
     return PresenceError(f"redis: {message}")
 
 
+def unavailable(exc: RedisUnavailable) -> UnavailableError:
+    """Redis away for the whole retry window (``Store``'s RedisUnavailable) as ours: UnavailableError (503).
+
+    Raise it ``from exc``; also for reads that bypass ``Batch`` for speed (``Inboxes.read``'s raw XREAD).
+    """
+    return UnavailableError("redis is unavailable")
+
+
 def raise_mapped(exc: BaseException) -> NoReturn:
     """Raise ``exc`` as ours (``map_error``) when it is a Redis error reply, else as it is."""
     if not isinstance(exc, ResponseError):
@@ -576,6 +586,12 @@ class Pending(Generic[R]):
     @property
     def failed(self) -> bool:
         return isinstance(self._reply, BaseException)
+
+    @property
+    def refused(self) -> bool:
+        """Whether Redis answered it with an error reply (a key of another type, a bad argument, a library
+        error), rather than it failing on the way."""
+        return isinstance(self._reply, ResponseError)
 
     @property
     def error(self) -> BaseException | None:
@@ -631,7 +647,7 @@ class Batch:
         try:
             replies = await (self._send_atomic() if self._atomic else self._store.run(self._commands))
         except RedisUnavailable as exc:
-            raise UnavailableError("redis is unavailable") from exc
+            raise unavailable(exc) from exc
         except ResponseError as exc:  # MULTI/EXEC: the first error stands for the whole transaction
             replies = [exc] * len(self._commands)
         finally:
@@ -677,6 +693,30 @@ class Functions:
         pending = batch.add(call)
         await batch.run()
         return pending.result()
+
+    async def call_on(
+        self, node: ClusterNode | None, call: Call[R], *, load: Callable[[], Awaitable[object]] | None = None
+    ) -> R:
+        """One keyless call (``version``, ``limits``) on one given server: a cluster primary, or None (the
+        one server). Sent once, without the retry window: its caller asks every primary (a health check)
+        and reports the one that fails. A server without the library runs ``load()`` and is asked again.
+        Errors mapped as ``call``'s; a failure on the way (connection, timeout) is raised as redis-py raised it.
+        """
+        command = fcall(call.name, call.keys, call.args, read_only=call.read_only)
+        started = time.perf_counter()
+        try:
+            try:
+                reply = await self.store.on_node(node, *command)
+            except ResponseError as exc:
+                if load is None or not is_function_missing(exc):
+                    raise
+                await load()
+                reply = await self.store.on_node(node, *command)
+        except ResponseError as exc:
+            raise_mapped(exc)
+        finally:
+            REDIS_LATENCY.labels(call.name).observe(time.perf_counter() - started)
+        return call.parse(reply)
 
     async def command(self, key: str | None, *args: Arg) -> Any:
         """One plain Redis command (SMEMBERS, TIME, ...), errors mapped as the calls' are."""

@@ -26,11 +26,11 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 from redis.typing import KeyT, StreamIdT
 
-from presence.errors import ParamError, UnavailableError
-from presence.functions import inbox_trim
+from presence.errors import ParamError
+from presence.functions import Functions, Pending, inbox_trim, raise_mapped, unavailable
 from presence.keys import KeySchema
 from presence.metrics import DOORBELLS
-from presence.store import Command, RedisUnavailable, Store
+from presence.store import RedisUnavailable, Store
 
 log = logging.getLogger("presence.gateway")
 
@@ -135,17 +135,13 @@ def parse_doorbell(message: bytes) -> list[str]:
     return _doorbell_decoder.decode(message)
 
 
-def _trim_command(inbox: str, window_ms: int, cursor: EventId) -> Command:
-    """The one call of ``presence_inbox_trim`` (its reply, entries left, is not read)."""
-    return inbox_trim(inbox, window_ms, str(cursor)).command()
-
-
 class Inboxes:
     """The inboxes and doorbell channels of one key schema, read through one store (standalone or cluster)."""
 
     def __init__(self, store: Store, keys: KeySchema) -> None:
         self.store = store
         self.keys = keys
+        self.fn = Functions(store)
         self._raw_reader: Redis | None = None
         client = store.client
         if isinstance(client, Redis):
@@ -169,8 +165,10 @@ class Inboxes:
         """Up to ``count`` entries after each inbox's cursor: one XREAD for all inboxes on one server; on a cluster
         one XREAD per slot (XREAD may name one slot only), pipelined per primary, primaries in parallel.
 
-        Raises UnavailableError when Redis stays away for the retry window; a refused read (a key of another
-        type) as Redis raised it; KeyError/ValueError for an entry that is not the library's.
+        Raises UnavailableError when Redis stays away for the retry window; PresenceError quoting Redis for a
+        refused read (a key of another type); KeyError/ValueError for an entry that is not the library's.
+        Errors are mapped by ``presence/functions.py``: on one server the XREAD skips ``Batch`` (and
+        redis-py's reply parsing) for speed, so no latency is observed for it.
         """
         if not cursors:
             return []
@@ -180,15 +178,22 @@ class Inboxes:
             try:
                 reply = await self.store.retrying(lambda: reader.xread(streams, count=count))
             except RedisUnavailable as exc:
-                raise UnavailableError("redis is unavailable") from exc
+                raise unavailable(exc) from exc
+            except ResponseError as exc:
+                raise_mapped(exc)
             return _parse_raw_xread(reply)
         keys = list(cursors)
-        commands: list[Command] = []
+        batch = self.fn.batch()
+        reads: list[Pending[Any]] = []
         for group in self.store.group(keys):
             names = [keys[i] for i in group]
-            commands.append((names[0], ["XREAD", "COUNT", count, "STREAMS", *names, *(str(cursors[k]) for k in names)]))
+            reads.append(
+                batch.command(names[0], "XREAD", "COUNT", count, "STREAMS", *names, *(str(cursors[k]) for k in names))
+            )
+        await batch.run()
         out: list[InboxRead] = []
-        for answer in await self._run(commands, raise_errors=True):
+        for read in reads:
+            answer = read.result()
             items = answer.items() if isinstance(answer, dict) else answer or []
             for key, entries in items:
                 name = key.decode() if isinstance(key, bytes) else key
@@ -201,8 +206,14 @@ class Inboxes:
         goes. A refused call is skipped (the next round tries again); UnavailableError when Redis is away."""
         items = list(cursors.items())
         for start in range(0, len(items), batch):
-            commands = [_trim_command(inbox, window_ms, cursor) for inbox, cursor in items[start : start + batch]]
-            await self._run(commands, raise_errors=False)
+            calls = self.fn.batch()
+            trims = [
+                calls.add(inbox_trim(inbox, window_ms, str(cursor))) for inbox, cursor in items[start : start + batch]
+            ]
+            await calls.run()
+            for trim in trims:
+                if not trim.failed:
+                    trim.result()  # entries left: unused, but a reply of another shape is a ReplyError
 
     async def can_resume(self, app_id: int, user_id: str, after: EventId) -> bool:
         """Whether the user's inbox still holds every entry after ``after`` (else the client must re-pull).
@@ -228,11 +239,12 @@ class Inboxes:
         Raises UnavailableError when Redis stays away for the retry window.
         """
         inbox = self.key(app_id, user_id)
-        (info,) = await self._run([(inbox, ["XINFO STREAM", inbox])], raise_errors=False)
-        if isinstance(info, ResponseError):  # no such key (or not a stream): nothing to show it
+        batch = self.fn.batch()
+        stream = batch.command(inbox, "XINFO STREAM", inbox)
+        await batch.run()
+        if stream.refused:  # no such key (or not a stream): nothing to show it
             return False
-        if isinstance(info, BaseException):
-            raise info
+        info = stream.result()
         if EventId.parse(info["last-generated-id"]) < after:
             return False
         if int(info["entries-added"]) == int(info["length"]):
@@ -242,12 +254,6 @@ class Inboxes:
             return deleted <= after
         first = info.get("first-entry")
         return first is not None and EventId.parse(first[0]) <= after
-
-    async def _run(self, commands: list[Command], *, raise_errors: bool) -> list[Any]:
-        try:
-            return await self.store.run(commands, raise_errors=raise_errors)
-        except RedisUnavailable as exc:
-            raise UnavailableError("redis is unavailable") from exc
 
 
 def _parse_raw_xread(reply: Any) -> list[InboxRead]:

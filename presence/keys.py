@@ -71,6 +71,19 @@ class KeySchema:
             outbox=base + "outbox",
         )
 
+    @property
+    def outbox_pattern(self) -> str:
+        """A SCAN MATCH pattern of every user's feed outbox (``user(...).outbox``): the sweep's."""
+        return f"{self.prefix}:{{*}}:outbox"
+
+    def outbox_user(self, key: str) -> tuple[int, str] | None:
+        """(appId, userId) of a user's feed outbox key (``user(...).outbox``), or None for another key."""
+        head, tail = f"{self.prefix}:{{", "}:outbox"
+        if not (key.startswith(head) and key.endswith(tail)):
+            return None
+        app, sep, user = key[len(head) : -len(tail)].partition(":")
+        return (int(app), user) if sep and app.isdigit() and user else None
+
     def feed_shard(self, app_id: int, shard: int) -> str:
         """The app's change feed, partition ``shard`` (a STREAM; consumers read it with XREADGROUP)."""
         return f"{self.prefix}:feed:{{{app_id}:{shard}}}"

@@ -8,7 +8,6 @@ import re
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.exceptions import ResponseError
 
 from presence import functions
 from presence.resources import resource_path
@@ -56,18 +55,11 @@ async def library_health(store: Store, timeout: float) -> list[tuple[str, str | 
 
     A primary without the library gets it loaded (an empty restart, FUNCTION FLUSH) and is asked again.
     """
-    version = functions.version()
+    fn = functions.Functions(store)
 
     async def ask(node: Node) -> str | BaseException:
         try:
-            try:
-                reply = await store.on_node(node, *version.command()[1])
-            except ResponseError as exc:
-                if "Function not found" not in str(exc):
-                    raise
-                await ensure_library_on(store, node)
-                reply = await store.on_node(node, *version.command()[1])
-            return version.parse(reply)
+            return await fn.call_on(node, functions.version(), load=lambda: ensure_library_on(store, node))
         except Exception as exc:
             return exc
 

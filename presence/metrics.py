@@ -20,7 +20,7 @@ FANOUT_ENTRIES = Counter("presence_fanout_entries_total", "Inbox entries written
 # Pushes written to client sockets: one per inbox entry per local connection it reaches. Not the inbox entries
 # a change wrote (FANOUT_ENTRIES, a status change's ``delivered``: one per recipient user, whatever its devices).
 PUSHES_WRITTEN = Counter(
-    "presence_deliveries_total",
+    "presence_pushes_written_total",
     "Pushes written to client connections (one per entry per connection)",
     registry=REGISTRY,
 )

@@ -99,7 +99,9 @@ class Presence:
         # Called (no arguments) when a Redis node turned out to have lost its data (no library: an empty
         # restart); a gateway re-asserts its sessions then.
         self.on_data_lost: Callable[[], object] | None = None
-        redis = self.redis = self.store.client
+        # The raw client, for tests that look at keys directly (tests/test_functions.py and others); the
+        # service itself goes through ``self.fn`` (presence/functions.py).
+        self.redis = self.store.client
         self.keys = KeySchema(self.settings.prefix)
         self.fn = Functions(self.store)
         inbox_ttl_ms = int(self.settings.inbox_ttl * 1000)

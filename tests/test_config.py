@@ -12,6 +12,7 @@ import pytest
 
 from presence.config import DEV_APP_ID, describe_apps, load_settings, with_dev_app
 from presence.errors import ParamError
+from presence.limits import MAX_SESSIONS
 from presence.webhooks import group_name
 
 
@@ -49,6 +50,11 @@ def test_precedence_toml_env_flags(tmp_path: Path) -> None:
     assert (s.tcp_port, s.ws_port, s.node_ttl, s.redis_url) == (1, 20, 7, "redis://a")
     assert s.apps[10001].admins == ("root",) and s.apps[10001].login_model == 1 and s.apps[10001].unsigned_login
     assert s.apps[10000].private_key == "k0" and s.apps[10000].login_model == 3
+
+
+def test_an_app_without_max_sessions_gets_the_librarys_default() -> None:
+    s = load_settings(env={"PRESENCE_APPS": "10000:k0"})
+    assert s.apps[10000].max_sessions == MAX_SESSIONS  # what presence_login defaults to (tests/test_limits.py)
 
 
 def test_every_setting_reads_its_documented_environment_variable() -> None:

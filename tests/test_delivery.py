@@ -86,7 +86,7 @@ def entry(entry_id: str, command: int = Command.NOTIFY, data: bytes = b'{"n":1}'
 
 
 def pushes_written() -> float:
-    return REGISTRY.get_sample_value("presence_deliveries_total") or 0.0
+    return REGISTRY.get_sample_value("presence_pushes_written_total") or 0.0
 
 
 def test_an_entry_reaches_every_connection_of_the_inbox_encoded_once() -> None:

@@ -10,7 +10,7 @@ import pytest
 from redis.asyncio import Redis
 
 from presence.config import Settings
-from presence.errors import ParamError
+from presence.errors import ParamError, PresenceError
 from presence.inbox import NO_EVENT, DoorbellSubscription, EventId, InboxEntry, Inboxes, parse_doorbell
 from presence.service import Presence
 from tests.clients import APP
@@ -246,5 +246,19 @@ async def test_read_refuses_an_inbox_that_is_not_a_stream(real_redis: Redis) -> 
     presence = Presence(real_redis)
     inboxes = Inboxes(presence.store, presence.keys)
     await real_redis.set(inboxes.key(APP, "bob"), "not a stream")
-    with pytest.raises(Exception, match="WRONGTYPE"):
+    with pytest.raises(PresenceError, match="WRONGTYPE"):  # mapped as every Redis error is
         await inboxes.read({inboxes.key(APP, "bob"): NO_EVENT})
+
+
+async def test_trim_skips_an_inbox_redis_refuses_and_trims_the_others(presence: Presence) -> None:
+    inboxes = Inboxes(presence.store, presence.keys)
+    await presence.add_friend(APP, "alice", "bob")
+    cursor = await _online(presence, "bob", "phone")
+    entries = await _changes(presence, inboxes, "bob", ["one", "two"])
+    broken = inboxes.key(APP, "carol")
+    await presence.store.one(broken, "SET", broken, "not a stream")
+    await asyncio.sleep(0.01)  # the entries are now older than a 1 ms window
+    await inboxes.trim({broken: cursor, inboxes.key(APP, "bob"): entries[0]}, window_ms=1)
+    ((_, left),) = await inboxes.read({inboxes.key(APP, "bob"): NO_EVENT})
+    assert [e.id for e in left] == [entries[1]]
+    assert await presence.store.one(broken, "GET", broken) == b"not a stream"

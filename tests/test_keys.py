@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+
 from redis.crc import key_slot
 
 from presence.keys import KeySchema
@@ -30,3 +32,12 @@ def test_node_incarnations_share_the_slot_of_the_nodes_zset() -> None:
         schema = KeySchema(prefix)
         assert key_slot(schema.node_incarnations.encode()) == key_slot(schema.nodes.encode()), prefix
     assert KeySchema().node_incarnations == "{presence:nodes}:incarnations"
+
+
+def test_outbox_keys_match_the_sweep_pattern_and_parse_back_to_their_user() -> None:
+    keys = KeySchema("p")
+    outbox = keys.user(10001, "al:ice").outbox
+    assert fnmatch.fnmatchcase(outbox, keys.outbox_pattern)  # SCAN MATCH globs as fnmatch does here
+    assert keys.outbox_user(outbox) == (10001, "al:ice")
+    for other in (keys.user(10001, "alice").inbox, KeySchema("q").user(10001, "alice").outbox, "p:{x:alice}:outbox"):
+        assert keys.outbox_user(other) is None

@@ -19,6 +19,7 @@ import msgspec
 
 from presence.bounded import MAX_JSON_DEPTH, too_deep
 from presence.errors import Code
+from presence.limits import IMEI_BYTES
 
 
 class Command(IntEnum):
@@ -46,7 +47,9 @@ CLIENT_COMMANDS = frozenset(
 
 HEADER = struct.Struct(">7i")  # command, version, clientType, messageType, appId, imeiLength, bodyLength
 SERVER_HEADER = struct.Struct(">2i")  # command, length
-MAX_IMEI = 128
+MAX_IMEI = IMEI_BYTES  # the library's limit: a longer imei could never log in, so the frame is refused early
+# A frame's body. REST has its own bound on a request body (presence/http/app.py MAX_BODY_BYTES): the same
+# 64 KiB today, but the two bound different transports' buffers and may change apart.
 MAX_BODY = 64 * 1024
 
 _INT32 = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)]  # text frames: same range as binary ones

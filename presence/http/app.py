@@ -49,6 +49,8 @@ from presence.service import Presence
 
 log = logging.getLogger("presence.http")
 
+# A REST request's body (aiohttp's client_max_size). The gateway bounds a frame's body on its own
+# (presence/gateway/codec.py MAX_BODY): the same 64 KiB today, another transport's buffer.
 MAX_BODY_BYTES = 64 * 1024
 HEALTH_TIMEOUT_S = 2.0
 # Pinned to the text-format version every scraper accepts (prometheus_client's CONTENT_TYPE_LATEST now says 1.0.0).
