@@ -401,39 +401,39 @@ async def test_client_treats_an_unasked_loginack_as_a_lost_server_state(server: 
     restarted (lower) versions, on the same socket."""
     errors = PageErrors()
     page = await client_page(browser, server, errors)
-    await make_friends(server, "lena", "milo")
+    await make_friends(server, "lara", "moss")
     options = {
         "url": server.ws_url,
         "appId": server.app_id,
-        "userId": "lena",
-        "userSign": await user_sign(server, "lena"),
-        "imei": "lena-tab",
+        "userId": "lara",
+        "userSign": await user_sign(server, "lara"),
+        "imei": "lara-tab",
     }
     await page.evaluate("(o) => make('l', o)", options)
     await wait_js(page, "() => l.state === 'open'")
-    milo = await WsClient.connect(server.ws_port, imei="milo-phone", client_type=3)
+    moss = await WsClient.connect(server.ws_port, imei="moss-phone", client_type=3)
     try:
-        await milo.login("milo", app=server.app_id, key=server.key)
-        await wait_js(page, "() => l.log.some((e) => e.type === 'online' && e.detail.userId === 'milo')")
+        await moss.login("moss", app=server.app_id, key=server.key)
+        await wait_js(page, "() => l.log.some((e) => e.type === 'online' && e.detail.userId === 'moss')")
         await page.evaluate("() => { window.sock = l._ws; }")
         cursor = await page.evaluate("() => l.lastEventId")
         assert cursor and cursor != "1-0"
         before = len(await events(page, "l"))
         await page.evaluate("""() => l._ws.dispatchEvent(new MessageEvent('message', {data: JSON.stringify({
-            command: 9001, appId: 1, data: {userId: 'lena', lastEventId: '1-0', resumed: false}})}))""")
+            command: 9001, appId: 1, data: {userId: 'lara', lastEventId: '1-0', resumed: false}})}))""")
         after = (await events(page, "l"))[before:]
         assert [e["type"] for e in after] == ["open", "resync"], after
-        assert after[0]["detail"] == {"userId": "lena", "lastEventId": "1-0", "resumed": False, "reconnected": True}
+        assert after[0]["detail"] == {"userId": "lara", "lastEventId": "1-0", "resumed": False, "reconnected": True}
         assert after[1]["detail"] == {"reason": "not-resumed"}
         assert await page.evaluate("() => l.lastEventId") == "1-0"  # the new cursor, though lower
         # A version 1 push after the new cursor is shown (the versions held before are forgotten).
         await page.evaluate("""() => l._ws.dispatchEvent(new MessageEvent('message', {data: JSON.stringify({
             command: 4004, eventId: '2-0', appId: 1,
-            data: {appId: 1, userId: 'milo', status: 2, client: [], version: 1}})}))""")
+            data: {appId: 1, userId: 'moss', status: 2, client: [], version: 1}})}))""")
         await wait_js(page, "() => l.log.some((e) => e.type === 'offline' && e.detail.version === 1)")
         assert await page.evaluate("() => l._ws === window.sock && l.state === 'open'"), "the same socket, open"
     finally:
-        await milo.close()
+        await moss.close()
     await page.evaluate("() => l.close()")
     errors.check()
 
