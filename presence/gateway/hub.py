@@ -579,7 +579,7 @@ class Hub:
         if cursor is not None and record is not None and record.session == session:
             self.delivery.attach(conn, session, cursor)
 
-    # --- the change feed ---
+    # --- background work ---
 
     def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
         task: asyncio.Future[object] = asyncio.ensure_future(coro)
