@@ -17,8 +17,8 @@ Their replies share one layout (a status change):
   {changed 0|1, pack JSON, version, online 1|2, inbox last id, kicked count, recipient userIds...}
   pack: the 4004 data (login, logout) or the 4006 data (set_custom_status), '' when a logout
   changed nothing; version: the user's version the pack carries (0 with no pack); online: 1 while
-  the user has a live session, else 2; inbox last id: the newest entry of the user's inbox (login
-  only: where the new session starts; '' from the others); kicked: sessions the login kicked (0 from
+  the user has a live session, else 2; inbox last id: the newest entry of the user's inbox before the
+  call's own entries, '0-0' with no inbox (login only: where the new session starts; '' from the others); kicked: sessions the login kicked (0 from
   the others); recipients: the friends and live subscribers to fan the pack out to (none when
   changed = 0).
 
@@ -59,7 +59,7 @@ per-user limit is reached; the call changed nothing). presence/functions.py maps
 (90001) and LimitError (90005); any other error is Redis's own (a system error).
 ]]
 
-local VERSION = '4.1.1'
+local VERSION = '4.1.2'
 
 -- The library's limits. presence/limits.py holds the same values (tests/test_limits.py compares
 -- them with presence_limits and probes each one), so Python refuses what the library would refuse.
@@ -266,7 +266,10 @@ local function inbox_add(inbox, keep, ttl_ms, command, data, skip, target)
   else
     id = redis.call('XADD', inbox, '*', 'c', command, 'd', data)
   end
-  local excess = redis.call('XLEN', inbox) - keep
+  -- A kick (a targeted entry) drops nothing: a same-device reconnect writes one for its dead predecessor
+  -- right before it resumes, and it must not push out a push the device missed. The next entry trims.
+  local excess = 0
+  if not target then excess = redis.call('XLEN', inbox) - keep end
   if excess > 0 then
     local oldest = redis.call('XRANGE', inbox, '-', '+', 'COUNT', excess)
     inbox_drop_through(inbox, oldest[#oldest][1], excess > 1)
@@ -552,6 +555,9 @@ local function presence_login(keys, args)
   -- version others hold. Otherwise the version moves once, for the login and the kicks it causes.
   local changed = 1
   if plan.replaced and plan.others == 0 then changed = 0 end
+  -- Where the new session starts: before this login's own entries (kicks, 4005), none of which is for
+  -- it; '0-0' when there is no inbox, so a resume from an older id is refused (it may have been trimmed).
+  local start = last_id(c.inbox)
   local version
   if changed == 1 then
     version = next_version(c.status, c.conn_id)
@@ -577,7 +583,7 @@ local function presence_login(keys, args)
   ring(c.prefix, by_node)
   local who = nil
   if changed == 1 then who = recipients(c.friends, c.subscribers, c.user_id, now) end
-  return change_reply(changed, pack, version, online, last_id(c.inbox), #plan.kick, who)
+  return change_reply(changed, pack, version, online, start, #plan.kick, who)
 end
 
 --[[ presence_logout

@@ -76,9 +76,10 @@ class StatusChange(msgspec.Struct, frozen=True, kw_only=True):
 
     ``data`` is the pack (4004 data from login/logout, 4006 from custom status; b"" when a logout changed
     nothing); ``version`` the user's version it carries (0 without a pack); ``online`` whether the user has
-    a live session after the call; ``inbox_last_id`` the newest entry of the user's inbox (a login's only:
-    where its session starts; "" from the others); ``kicked`` sessions a login kicked; ``recipients`` the
-    friends and live subscribers to fan ``data`` out to (none when nothing changed).
+    a live session after the call; ``inbox_last_id`` the newest entry of the user's inbox before the login's
+    own entries, "0-0" with no inbox (a login's only: where its session starts; "" from the others);
+    ``kicked`` sessions a login kicked; ``recipients`` the friends and live subscribers to fan ``data`` out
+    to (none when nothing changed).
     """
 
     changed: bool

@@ -49,7 +49,7 @@ async def inbox(p: Presence, user: str) -> list[dict[str, Any]]:
 
 async def test_library_loads_once_and_reports_version(any_redis: Redis) -> None:
     assert await ensure_library(any_redis) is False  # the fixture loaded this exact code already
-    assert (await any_redis.fcall_ro("presence_version", 0)) == b"4.1.1"
+    assert (await any_redis.fcall_ro("presence_version", 0)) == b"4.1.2"
 
 
 async def test_login_writes_session_and_friend_gets_4004(presence: Presence) -> None:
@@ -332,11 +332,12 @@ async def test_status_changes_reply_in_one_layout(presence: Presence) -> None:
         )
 
     await raw(log_in(IOS, "phone", "c-phone"))
-    login = await raw(log_in(WINDOWS, "pc", "c-pc"))  # the phone's session gets a 4005: the newest inbox entry
+    login = await raw(log_in(WINDOWS, "pc", "c-pc"))  # the phone's session gets a 4005, written after the start
+    assert login[0] == 1 and login[2:4] == [2, 1] and login[4] == b"0-0" and login[5:] == [0, b"bob"]
     (newest,) = stream_entries(await presence.redis.xrevrange(keys.inbox, count=1))
-    assert login[0] == 1 and login[2:4] == [2, 1] and login[4] == newest[0] and login[5:] == [0, b"bob"]
     relogin = await raw(log_in(WINDOWS, "pc", "c-pc-2"))  # a reconnect: no change for others, the old one kicked
     assert relogin[0] == 0 and relogin[2:4] == [2, 1] and relogin[5:] == [1]
+    assert relogin[4] == newest[0], "the session starts before its own kick entry, after what was there"
     status = await raw(
         functions.set_custom_status(
             keys, None, presence.options, app_id=APP, user_id="alice", custom_status=1, custom_text="hi"
@@ -405,7 +406,7 @@ def test_redis_cli_loads_the_file_as_is(redis_url: str) -> None:
     out = subprocess.run(
         ["redis-cli", "-u", redis_url, "FCALL", "presence_version", "0"], capture_output=True, check=True
     )
-    assert out.stdout.strip() == b"4.1.1"
+    assert out.stdout.strip() == b"4.1.2"
 
 
 # --- issue 10: versions, ordered fan-out, operation ids, lastSeen evidence (every store) ---

@@ -331,6 +331,53 @@ async def test_resume_after_more_changes_than_the_inbox_keeps_asks_for_a_pull(
     await bob.close()
 
 
+async def test_resume_after_exactly_as_many_changes_as_the_inbox_keeps_replays_them_all(
+    make_node: MakeNode, store_redis: Any
+) -> None:
+    """The reconnect's own kick entry (9002 for its dead predecessor) must not push out a push the device
+    missed: ``inbox_maxlen`` missed pushes still resume, all of them replayed."""
+    node = await make_node(offline_grace=30, inbox_maxlen=3)
+    changes = Presence(store_redis, Settings(inbox_maxlen=3))
+    await changes.add_friend(APP, "alice", "bob")
+    bob = await WsClient.connect(node.ws_port, imei="bob-tab")
+    await bob.login("bob", lastEventId=None)
+    await changes.set_custom_status(APP, "alice", 1, "one")
+    seen = await expect(bob, Command.CUSTOM_NOTIFY)
+    await bob.close()  # dropped: bob stays online for the grace
+    for text in ("two", "three", "four"):  # exactly what the inbox keeps
+        await changes.set_custom_status(APP, "alice", 1, text)
+    bob = await WsClient.connect(node.ws_port, imei="bob-tab")
+    ack = await bob.login("bob", lastEventId=ws_pack(seen)["eventId"])
+    assert ack.data["resumed"] is True
+    missed = [await expect(bob, Command.CUSTOM_NOTIFY) for _ in range(3)]
+    assert [m.data["customText"] for m in missed] == ["two", "three", "four"]
+    await bob.close()
+
+
+async def test_resume_from_an_old_id_after_the_inbox_was_trimmed_empty_asks_for_a_pull(
+    make_node: MakeNode, facade: Presence
+) -> None:
+    """The gateway trimmed the inbox empty and deleted it; the device comes back with an id older than what
+    was trimmed (a saved cursor): its login's own kick entry makes a new inbox, which must not pass for one
+    that lost nothing."""
+    node = await make_node(offline_grace=30)
+    await facade.add_friend(APP, "alice", "bob")
+    bob = await WsClient.connect(node.ws_port, imei="bob-tab")
+    await bob.login("bob", lastEventId=None)
+    await facade.set_custom_status(APP, "alice", 1, "one")
+    old = await expect(bob, Command.CUSTOM_NOTIFY)
+    await facade.set_custom_status(APP, "alice", 1, "two")
+    last = await expect(bob, Command.CUSTOM_NOTIFY)
+    inbox = facade.keys.user(APP, "bob").inbox
+    await node.hub.inboxes.trim({inbox: EventId.parse(ws_pack(last)["eventId"])}, window_ms=1)
+    assert await facade.redis.exists(inbox) == 0, "trimmed empty and deleted"
+    await bob.close()
+    bob = await WsClient.connect(node.ws_port, imei="bob-tab")
+    ack = await bob.login("bob", lastEventId=ws_pack(old)["eventId"])  # "two" came after it, and is gone
+    assert ack.data["resumed"] is False
+    await bob.close()
+
+
 async def test_resume_after_the_trim_dropped_what_the_device_missed_asks_for_a_pull(
     make_node: MakeNode, facade: Presence
 ) -> None:

@@ -290,9 +290,11 @@ class Hub:
         asked = request.resume_after
         if asked is not None:
             # Only a device whose session survived (a reconnect within the grace) can have missed nothing.
-            # An id beyond the inbox's last entry was never delivered: no resume from the future.
+            # An id beyond the inbox's last entry was never delivered: no resume from the future. No inbox
+            # before this login (cursor 0-0) cannot tell "never written" from "trimmed empty" or "expired".
             resumed = (
                 not result.changed
+                and cursor != NO_EVENT
                 and asked <= cursor
                 and await self.inboxes.can_resume(session.app_id, session.user_id, asked)
             )
