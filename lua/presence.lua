@@ -395,7 +395,7 @@ local INBOX_INTS = {{1, 'maxlen', 'inbox MAXLEN', 0, MAX_INT}, {2, 'ttl_checked'
 local CHANGE_INTS = {
   {4, 'outbox_maxlen', 'outbox MAXLEN', 0, MAX_INT, DEFAULT_OUTBOX_MAXLEN},
   {5, 'outbox_ttl', 'outbox TTL ms', 0, MAX_INT, DEFAULT_OUTBOX_TTL},
-  {6, 'app_id', 'appId', -MAX_INT, MAX_INT},
+  {6, 'app_id', 'appId', 1, 2147483647},
 }
 
 -- ARGV[1..8] of the user's own functions (the layout in the header above), checked; or an error.
@@ -527,7 +527,7 @@ Reply: a status change {changed, 4004 data, version, online 1, inbox last id, ki
   (same device on another connection, or the login model's conflicts) are removed and get a 9002
   entry. The new session's other sessions get a 4005 entry (skipping the new connection).
 Errors: PRESENCE_PARAM for a key count other than 5 or 7, an inbox or outbox MAXLEN or TTL that is
-  not an integer >= 0 (the outbox ones may be '': defaults), a non-integer appId or client version, a
+  not an integer >= 0 (the outbox ones may be '': defaults), an appId outside 1..2147483647, a non-integer client version, a
   userId or imei breaking the identifier rule, clientType outside 0..5, an empty connId or one with '"', a brokerId
   outside [A-Za-z0-9._:-], loginModel outside 1..4, max sessions below 1.
   PRESENCE_LIMIT when the login would make more live sessions than ARGV[15]: the new login is
@@ -607,7 +607,7 @@ Reply: a status change {changed, 4004 data, version, online, '', 0, recipients..
   becomes the later of its stored value and the evidence. The user's other sessions get a 4005
   entry (skipping ARGV[11]).
 Errors: PRESENCE_PARAM for a key count other than 5 or 7, ARGV[1..5] as presence_login's, a
-  non-integer appId, a userId that is not 1..LIMITS.userIdBytes bytes without | { } (ids stored
+  an appId outside 1..2147483647, a userId that is not 1..LIMITS.userIdBytes bytes without | { } (ids stored
   before the identifier rule still log out), a missing clientType or imei, clientType outside 0..5,
   an offline inbox TTL that is not an integer >= 0, an evidence age or time that is not '' or an
   integer >= 0.
@@ -686,7 +686,7 @@ Reply: a status change {1, 4006 data, version, online, '', 0, recipients...}
   A repeat of one of the user's recent operations (ARGV[8], even after later changes) applies
   nothing and replies the current state. The user's sessions but the origin get a 4007 entry.
 Errors: PRESENCE_PARAM for a key count other than 5 or 6, ARGV[1..5] as presence_login's, a
-  non-integer appId, a userId breaking the identifier rule, a non-integer customStatus, a customText over LIMITS.customTextBytes bytes.
+  an appId outside 1..2147483647, a userId breaking the identifier rule, a non-integer customStatus, a customText over LIMITS.customTextBytes bytes.
 ]]
 local function presence_set_custom_status(keys, args)
   local c, err = change_args('presence_set_custom_status', keys, args, 6)

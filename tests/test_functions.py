@@ -630,6 +630,8 @@ ARGV_CASES: dict[str, ArgvCase] = {
     "login outbox MAXLEN abc": (lambda p: _change_login(p, p.feed.feed_keys(APP, "alice")), 4, "abc"),
     "login outbox TTL -5": (lambda p: _change_login(p, p.feed.feed_keys(APP, "alice")), 5, "-5"),
     "login appId 1e3": (lambda p: _change_login(p, None), 6, "1e3"),
+    "login appId -1": (lambda p: _change_login(p, None), 6, "-1"),
+    "login appId 2^31": (lambda p: _change_login(p, None), 6, str(2**31)),
     "login client version v2": (lambda p: _change_login(p, None), 13, "v2"),
     "login max sessions many": (lambda p: _change_login(p, None), 15, "many"),
     "logout inbox MAXLEN abc": (lambda p: _logout(p, "alice", WINDOWS, "pc"), 1, "abc"),
