@@ -59,7 +59,7 @@ per-user limit is reached; the call changed nothing). presence/functions.py maps
 (90001) and LimitError (90005); any other error is Redis's own (a system error).
 ]]
 
-local VERSION = '4.1.2'
+local VERSION = '4.1.3'
 
 -- The library's limits. presence/limits.py holds the same values (tests/test_limits.py compares
 -- them with presence_limits and probes each one), so Python refuses what the library would refuse.
@@ -121,6 +121,10 @@ end
 local USER_ID_RULE = '1..' .. LIMITS.userIdBytes .. ' bytes of UTF-8 without control characters, | { }'
 local IMEI_RULE = '1..' .. LIMITS.imeiBytes .. ' bytes without control characters or |'
 
+-- A gateway node id: what a session records as its brokerId (presence/config.py's node_id rule).
+local function valid_node_id(s)
+  return type(s) == 'string' and s ~= '' and #s <= 100 and not string.find(s, '[^%w%._:-]')
+end
 local function valid_user_id(u) return valid_id(u, LIMITS.userIdBytes, '|{}') end
 local function valid_imei(s) return valid_id(s, LIMITS.imeiBytes, '|') end
 
@@ -399,10 +403,11 @@ local CHANGE_INTS = {
 }
 
 -- ARGV[1..8] of the user's own functions (the layout in the header above), checked; or an error.
-local function change_args(name, keys, args, most_keys)
+local function change_args(name, keys, args, most_keys, most_args)
   if #keys ~= 5 and #keys ~= most_keys then
     return nil, param_error(name .. ' takes 5 or ' .. most_keys .. ' keys')
   end
+  if #args > most_args then return nil, param_error(name .. ' takes at most ' .. most_args .. ' ARGV') end
   local c = {
     ttl = args[2], prefix = args[3], user_id = args[7], op_id = args[8] or '',
     sessions = keys[1], status = keys[2], subscribers = keys[3], inbox = keys[4], friends = keys[5],
@@ -435,7 +440,7 @@ local LOGIN_INTS = {
   {15, 'max_sessions', 'max sessions', 1, MAX_INT, LIMITS.maxSessions, 'at least 1'},
 }
 local function login_args(keys, args)
-  local c, err = change_args('presence_login', keys, args, 7)
+  local c, err = change_args('presence_login', keys, args, 7, 15)
   if c == nil then return nil, err end
   c.conn_id, c.imei, c.broker_id, c.broker_host = c.op_id, args[10], args[11] or '', args[12] or ''
   if not valid_user_id(c.user_id) then return nil, param_error('userId must be ' .. USER_ID_RULE) end
@@ -619,7 +624,7 @@ local LOGOUT_INTS = {
   {15, 'seen_at', 'evidence time ms', 0, MAX_INT, 0},
 }
 local function presence_logout(keys, args)
-  local c, err = change_args('presence_logout', keys, args, 7)
+  local c, err = change_args('presence_logout', keys, args, 7, 15)
   if c == nil then return err end
   local imei, conn_id = args[10], args[11] or ''
   if not stored_user_id(c.user_id) then
@@ -689,7 +694,7 @@ Errors: PRESENCE_PARAM for a key count other than 5 or 6, ARGV[1..5] as presence
   an appId outside 1..2147483647, a userId breaking the identifier rule, a non-integer customStatus, a customText over LIMITS.customTextBytes bytes.
 ]]
 local function presence_set_custom_status(keys, args)
-  local c, err = change_args('presence_set_custom_status', keys, args, 6)
+  local c, err = change_args('presence_set_custom_status', keys, args, 6, 11)
   if c == nil then return err end
   local text, origin = args[10] or '', args[11] or ''
   if not valid_user_id(c.user_id) then return param_error('userId must be ' .. USER_ID_RULE) end
@@ -859,7 +864,7 @@ Reply: {now ms, target userId, expireAt ms, target userId, expireAt ms, ...}: th
 Errors: PRESENCE_PARAM for a key count other than 1 or a limit that is not a positive integer.
 ]]
 local function presence_subscriptions(keys, args)
-  if #keys ~= 1 then return param_error('presence_subscriptions takes 1 key and a limit') end
+  if #keys ~= 1 or #args ~= 1 then return param_error('presence_subscriptions takes 1 key and a limit') end
   local limit, err = arg_int(args, 1, 'limit', 1, MAX_INT)
   if err then return err end
   local now = now_ms()
@@ -1084,7 +1089,7 @@ Errors: PRESENCE_PARAM for a key count other than 1 or an entry id that is not <
 ]]
 local function presence_outbox_trim(keys, args)
   local last = parse_id(args[1])
-  if #keys ~= 1 or last == nil then return param_error('presence_outbox_trim takes 1 key and an entry id') end
+  if #keys ~= 1 or #args ~= 1 or last == nil then return param_error('presence_outbox_trim takes 1 key and an entry id') end
   redis.call('XTRIM', keys[1], 'MINID', next_id(last))
   local left = redis.call('XLEN', keys[1])
   if left == 0 then redis.call('PEXPIRE', keys[1], EMPTY_OUTBOX_TTL) end
@@ -1109,7 +1114,7 @@ Errors: PRESENCE_PARAM for a key count other than 1, a window below 1 ms, an ent
 local function presence_inbox_trim(keys, args)
   local window, upto = arg_int(args, 1, 'window', 1, MAX_INT), parse_id(args[2])
   -- A window of at least 1 ms keeps a deleted inbox's last id before any id the next entry can get.
-  if #keys ~= 1 or window == nil or upto == nil then
+  if #keys ~= 1 or #args ~= 2 or window == nil or upto == nil then
     return param_error('presence_inbox_trim takes 1 key, a window of at least 1 ms and an entry id')
   end
   local horizon = now_ms() - window
@@ -1137,12 +1142,13 @@ Reply: {1 if the node was already registered else 0, now ms, previous beat ms (0
   incarnation other than ARGV[2] means another process beats the same node id. A starting process
   claims the node id with the beat it read before (ARGV[3]): another one means a live process beat it.
   Without KEYS[2] (callers before 4.1) no incarnation is read or written.
-Errors: PRESENCE_PARAM for a key count other than 1 or 2, an empty node id, KEYS[2] without an
-  incarnation (or an incarnation without KEYS[2]), or an ARGV[3] that is not an integer >= 0.
+Errors: PRESENCE_PARAM for a key count other than 1 or 2, more than 3 ARGV, a node id that is not
+  1..100 of [A-Za-z0-9._:-] (the brokerId rule), KEYS[2] without an incarnation (or an incarnation without
+  KEYS[2]), or an ARGV[3] that is not an integer >= 0.
 ]]
 local function presence_node_heartbeat(keys, args)
   local node, incarnation, claim = args[1], args[2], args[3]
-  if (#keys ~= 1 and #keys ~= 2) or node == nil or node == ''
+  if (#keys ~= 1 and #keys ~= 2) or #args > 3 or not valid_node_id(node)
       or (#keys == 2) ~= (incarnation ~= nil and incarnation ~= '') then
     return param_error('presence_node_heartbeat takes 1 key and a node id, or 2 keys, a node id and an incarnation')
   end
@@ -1172,7 +1178,7 @@ Errors: PRESENCE_PARAM for a key count other than 1 or a TTL that is not an inte
 ]]
 local function presence_nodes_expired(keys, args)
   local ttl = arg_int(args, 1, 'TTL', 0, MAX_INT)
-  if #keys ~= 1 or ttl == nil then return param_error('presence_nodes_expired takes 1 key and a TTL in ms') end
+  if #keys ~= 1 or #args ~= 1 or ttl == nil then return param_error('presence_nodes_expired takes 1 key and a TTL in ms') end
   return redis.call('ZRANGEBYSCORE', keys[1], '-inf', string.format('(%d', now_ms() - ttl))
 end
 

@@ -32,6 +32,8 @@ _Admin = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_USER_ID_BYTES)
 DAY = 86_400.0
 _Seconds = Annotated[float, msgspec.Meta(ge=0, le=DAY)]
 _Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+# A node id names the node's doorbell channel and is every session's brokerId: the library's brokerId rule.
+_NodeId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,100}$")]
 # Frames carry the app id as a signed 32-bit integer; ids are written in ASCII digits.
 MAX_APP_ID = (1 << 31) - 1
 _APP_ID = re.compile(r"[0-9]{1,10}")
@@ -104,7 +106,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     tcp_port: _Port = 9000
     ws_port: _Port = 19000
     http_port: _Port = 8000
-    node_id: str | None = None
+    node_id: _NodeId | None = None
     heartbeat_timeout: _Seconds = 30.0
     node_ttl: _Seconds = 10.0
     offline_grace: _Seconds = 3.0

@@ -43,7 +43,7 @@ def test_functions_load_loads_once(redis_url: str) -> None:
     second = run("functions", "load", "--redis", redis_url)
     assert first.returncode == 0 and "loaded library presence" in first.stdout
     assert second.returncode == 0 and "already up to date" in second.stdout
-    assert client.fcall("presence_version", 0) == b"4.1.2"
+    assert client.fcall("presence_version", 0) == b"4.1.3"
     client.close()
 
 
@@ -64,7 +64,7 @@ def test_functions_load_and_show_on_every_cluster_primary(cluster: Cluster) -> N
     assert first.returncode == 0 and "loaded library presence" in first.stdout, first.stderr
     for node in cluster.primaries():
         with node.client() as c:
-            assert c.fcall("presence_version", 0) == b"4.1.2"
+            assert c.fcall("presence_version", 0) == b"4.1.3"
     with cluster.primaries()[1].client() as c:
         c.function_flush()  # a primary that restarted empty
     shown = run("functions", "show", "--redis", cluster.url)

@@ -212,6 +212,15 @@ def test_bad_app_heartbeat_timeout(tmp_path: Path, value: str, message: str) -> 
         load_settings(conf, env={})
 
 
+@pytest.mark.parametrize("node_id", ["gw 1", "a|b", "", "x" * 101])
+def test_a_node_id_outside_the_brokerid_rule_is_refused_at_start(node_id: str) -> None:
+    """Every session records its node id as brokerId ([A-Za-z0-9._:-]): a node whose logins would all be
+    refused does not start."""
+    with pytest.raises(ParamError, match="node_id"):
+        load_settings(env={}, node_id=node_id)
+    assert load_settings(env={}, node_id="gw-1.eu:a_b").node_id == "gw-1.eu:a_b"
+
+
 # --- issue 12 follow-ups C and D: app ids, admins and numbers that used to crash or mean something else ---
 
 

@@ -49,7 +49,7 @@ async def inbox(p: Presence, user: str) -> list[dict[str, Any]]:
 
 async def test_library_loads_once_and_reports_version(any_redis: Redis) -> None:
     assert await ensure_library(any_redis) is False  # the fixture loaded this exact code already
-    assert (await any_redis.fcall_ro("presence_version", 0)) == b"4.1.2"
+    assert (await any_redis.fcall_ro("presence_version", 0)) == b"4.1.3"
 
 
 async def test_login_writes_session_and_friend_gets_4004(presence: Presence) -> None:
@@ -296,6 +296,7 @@ def _login(p: Presence, **overrides: Any) -> functions.Call[functions.StatusChan
         ),
         (lambda p: functions.friends_add([p.user(APP, "a").friends], [("a", "a")]), "toId must differ"),
         (lambda p: functions.node_heartbeat(p.keys.nodes, ""), "takes 1 key and a node id"),
+        (lambda p: functions.node_heartbeat(p.keys.nodes, "a|b"), "node id"),  # login refuses it as brokerId
         (
             lambda p: functions.node_heartbeat(p.keys.nodes, "n1", p.keys.node_incarnations, ""),
             "or 2 keys, a node id and an incarnation",
@@ -406,7 +407,7 @@ def test_redis_cli_loads_the_file_as_is(redis_url: str) -> None:
     out = subprocess.run(
         ["redis-cli", "-u", redis_url, "FCALL", "presence_version", "0"], capture_output=True, check=True
     )
-    assert out.stdout.strip() == b"4.1.2"
+    assert out.stdout.strip() == b"4.1.3"
 
 
 # --- issue 10: versions, ordered fan-out, operation ids, lastSeen evidence (every store) ---
@@ -729,6 +730,34 @@ async def test_a_bad_argument_is_presence_param_and_changes_no_key(presence: Pre
     assert await _dump(presence, keys) == before
     # the untouched call is valid: it is the bad argument that was refused
     await presence.fn.call(functions.Call(call.name, keys, call.args, call.parse))
+
+
+SURPLUS_CASES: dict[str, Callable[[Presence], functions.Call[Any]]] = {  # the builders give every ARGV
+    "login": lambda p: _change_login(p, None),
+    "logout": lambda p: _logout(p, "alice", WINDOWS, "pc"),
+    "set_custom_status": _custom,
+    "outbox_trim": lambda p: functions.outbox_trim(p.user(APP, "alice").outbox, "1-0"),
+    "inbox_trim": lambda p: functions.inbox_trim(p.user(APP, "bob").inbox, 1, "9-0"),
+    "node_heartbeat": lambda p: functions.node_heartbeat(p.keys.nodes, "n1", p.keys.node_incarnations, "inc-2", 0),
+    "nodes_expired": lambda p: functions.nodes_expired(p.keys.nodes, 1000),
+    "subscriptions": lambda p: functions.subscriptions(p.user(APP, "alice").subscriptions, 10),
+}
+
+
+@pytest.mark.parametrize("case", list(SURPLUS_CASES))
+async def test_an_argv_beyond_what_a_function_takes_is_presence_param(presence: Presence, case: str) -> None:
+    """A caller whose ARGV does not match the documented layout (a stray or shifted argument) is told so,
+    instead of the library ignoring what it did not expect."""
+    await _argv_state(presence)
+    call = SURPLUS_CASES[case](presence)
+    keys = [k for k in call.keys if k]
+    args = list(call.args)
+    before = await _dump(presence, keys)
+    with pytest.raises(ResponseError, match=r"^PRESENCE_PARAM "):
+        await presence.store.one(keys[0], *functions.fcall(call.name, keys, [*args, "1"], read_only=call.read_only))
+    assert await _dump(presence, keys) == before
+    # the same call without the surplus argument is valid: it is the count that was refused
+    await presence.store.one(keys[0], *functions.fcall(call.name, keys, args, read_only=call.read_only))
 
 
 async def test_a_bad_number_through_the_call_layer_is_a_param_error(presence: Presence) -> None:
